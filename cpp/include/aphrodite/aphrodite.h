@@ -1,0 +1,8 @@
+// Umbrella header of the aphrodite core library.
+#pragma once
+
+#include "aphrodite/backend.h"
+#include "aphrodite/buffer.h"
+#include "aphrodite/error.h"
+#include "aphrodite/parallel.h"
+#include "aphrodite/tensor.h"

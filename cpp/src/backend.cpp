@@ -1,0 +1,115 @@
+#include "aphrodite/backend.h"
+
+#include <cstdlib>
+#include <new>
+
+#include "aphrodite/parallel.h"
+
+#ifdef APHRODITE_WITH_CUDA
+#include "internal/cuda_backend.h"
+#endif
+
+#ifndef APHRODITE_VERSION
+#error "APHRODITE_VERSION must be defined by the build"
+#endif
+
+namespace aphrodite {
+
+namespace {
+
+std::vector<std::string> cpu_features() {
+  std::vector<std::string> features;
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2")) features.emplace_back("avx2");
+  if (__builtin_cpu_supports("fma")) features.emplace_back("fma");
+  if (__builtin_cpu_supports("avx512f")) features.emplace_back("avx512f");
+#endif
+  return features;
+}
+
+class CpuBackend final : public Backend {
+ public:
+  DeviceType type() const override { return DeviceType::kCPU; }
+  int device_count() const override { return 1; }
+
+  BackendInfo info() const override {
+    BackendInfo info;
+    info.name = "cpu";
+    info.compiled = true;
+    info.archs = cpu_features();
+    DeviceInfo dev;
+    dev.name = "cpu (" + std::to_string(num_threads()) + " threads)";
+    info.devices.push_back(dev);
+    return info;
+  }
+
+  void* allocate(std::size_t bytes, int) override {
+    // 64-byte alignment: a cache line, and what AVX-512 loads would want.
+    std::size_t rounded = (bytes + 63) / 64 * 64;
+    void* p = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
+    if (p == nullptr) throw std::bad_alloc();
+    return p;
+  }
+  void deallocate(void* ptr, int) noexcept override { std::free(ptr); }
+  void synchronize(StreamHandle, int) override {}
+};
+
+CpuBackend& cpu_backend() {
+  static CpuBackend instance;
+  return instance;
+}
+
+}  // namespace
+
+bool cuda_compiled() {
+#ifdef APHRODITE_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+Backend& backend(DeviceType type) {
+  if (type == DeviceType::kCPU) return cpu_backend();
+#ifdef APHRODITE_WITH_CUDA
+  return detail::cuda_backend();
+#else
+  throw DeviceError(
+      "a CUDA tensor or device was requested, but this build of aphrodite has no CUDA backend "
+      "(rebuild with APHRODITE_CUDA=ON and a CUDA toolkit)");
+#endif
+}
+
+Backend& backend_for(Device device) {
+  Backend& b = backend(device.type);
+  if (device.is_cuda()) {
+    int count = b.device_count();
+    if (device.index < 0 || device.index >= count) {
+      std::string why = count == 0 ? "no CUDA device is available" :
+                                     "only " + std::to_string(count) + " CUDA device(s) exist";
+      std::string status = b.info().status;
+      throw DeviceError("cannot use " + device_name(device) + ": " + why +
+                        (status.empty() ? "" : " (" + status + ")"));
+    }
+  }
+  return b;
+}
+
+std::vector<BackendInfo> backends_info() {
+  std::vector<BackendInfo> infos{cpu_backend().info()};
+#ifdef APHRODITE_WITH_CUDA
+  infos.push_back(detail::cuda_backend().info());
+#else
+  BackendInfo cuda;
+  cuda.name = "cuda";
+  cuda.compiled = false;
+  cuda.status = "not compiled (built with APHRODITE_CUDA=OFF or without a CUDA compiler)";
+  infos.push_back(cuda);
+#endif
+  return infos;
+}
+
+const char* version() { return APHRODITE_VERSION; }
+
+}  // namespace aphrodite

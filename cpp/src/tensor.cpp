@@ -1,0 +1,186 @@
+#include "aphrodite/tensor.h"
+
+#include <sstream>
+
+namespace aphrodite {
+
+std::size_t dtype_size(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+    case DType::kInt32:
+      return 4;
+    case DType::kFloat16:
+    case DType::kBFloat16:
+      return 2;
+    case DType::kInt64:
+      return 8;
+    case DType::kUInt8:
+      return 1;
+  }
+  return 0;
+}
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return "float32";
+    case DType::kFloat16:
+      return "float16";
+    case DType::kBFloat16:
+      return "bfloat16";
+    case DType::kInt32:
+      return "int32";
+    case DType::kInt64:
+      return "int64";
+    case DType::kUInt8:
+      return "uint8";
+  }
+  return "unknown";
+}
+
+std::string device_name(Device device) {
+  if (device.is_cpu()) return "cpu";
+  return "cuda:" + std::to_string(device.index);
+}
+
+TensorView::TensorView(void* data, DType dtype, Device device,
+                       std::initializer_list<std::int64_t> shape)
+    : data_(data), dtype_(dtype), device_(device), ndim_(static_cast<int>(shape.size())) {
+  if (ndim_ > kMaxDims) throw ValueError("tensor has more than 8 dimensions");
+  int d = 0;
+  for (std::int64_t s : shape) shape_[d++] = s;
+  std::int64_t stride = 1;
+  for (int i = ndim_ - 1; i >= 0; --i) {
+    strides_[i] = stride;
+    stride *= shape_[i];
+  }
+}
+
+TensorView::TensorView(void* data, DType dtype, Device device, int ndim, const std::int64_t* shape,
+                       const std::int64_t* strides)
+    : data_(data), dtype_(dtype), device_(device), ndim_(ndim) {
+  if (ndim < 0 || ndim > kMaxDims) {
+    throw ValueError("tensor must have 0 to 8 dimensions, got " + std::to_string(ndim));
+  }
+  std::int64_t stride = 1;
+  for (int i = ndim - 1; i >= 0; --i) {
+    shape_[i] = shape[i];
+    strides_[i] = strides != nullptr ? strides[i] : stride;
+    stride *= shape[i];
+  }
+}
+
+int TensorView::normalize_dim(int d) const {
+  int n = d < 0 ? d + ndim_ : d;
+  if (n < 0 || n >= ndim_) {
+    throw ValueError("dimension " + std::to_string(d) + " out of range for a " +
+                     std::to_string(ndim_) + "-d tensor");
+  }
+  return n;
+}
+
+std::int64_t TensorView::numel() const {
+  std::int64_t n = 1;
+  for (int i = 0; i < ndim_; ++i) n *= shape_[i];
+  return n;
+}
+
+bool TensorView::is_contiguous() const {
+  std::int64_t expected = 1;
+  for (int i = ndim_ - 1; i >= 0; --i) {
+    if (shape_[i] != 1 && strides_[i] != expected) return false;
+    expected *= shape_[i];
+  }
+  return true;
+}
+
+std::string TensorView::describe() const {
+  std::ostringstream os;
+  os << dtype_name(dtype_) << "[";
+  for (int i = 0; i < ndim_; ++i) os << (i ? ", " : "") << shape_[i];
+  os << "]";
+  if (!is_contiguous()) {
+    os << " (strides [";
+    for (int i = 0; i < ndim_; ++i) os << (i ? ", " : "") << strides_[i];
+    os << "])";
+  }
+  os << " on " << device_name(device_);
+  return os.str();
+}
+
+void check_dtype(const TensorView& t, const char* name, std::initializer_list<DType> allowed) {
+  check_dtype(t, name, std::vector<DType>(allowed));
+}
+
+void check_dtype(const TensorView& t, const char* name, const std::vector<DType>& allowed) {
+  for (DType d : allowed) {
+    if (t.dtype() == d) return;
+  }
+  std::string expected;
+  for (DType d : allowed) {
+    if (!expected.empty()) expected += " or ";
+    expected += dtype_name(d);
+  }
+  throw TypeError(std::string("'") + name + "' must have dtype " + expected + ", got " +
+                  t.describe());
+}
+
+void check_dim(const TensorView& t, const char* name, int ndim) {
+  if (t.dim() != ndim) {
+    throw ValueError(std::string("'") + name + "' must be " + std::to_string(ndim) +
+                     "-dimensional, got " + t.describe());
+  }
+}
+
+void check_shape(const TensorView& t, const char* name, std::initializer_list<std::int64_t> shape) {
+  check_shape(t, name, std::vector<std::int64_t>(shape));
+}
+
+void check_shape(const TensorView& t, const char* name, const std::vector<std::int64_t>& shape) {
+  bool ok = t.dim() == static_cast<int>(shape.size());
+  int d = 0;
+  for (std::int64_t s : shape) {
+    if (!ok) break;
+    ok = s < 0 || t.size(d) == s;
+    ++d;
+  }
+  if (ok) return;
+  std::string expected = "[";
+  d = 0;
+  for (std::int64_t s : shape) {
+    expected += (d++ ? ", " : "") + (s < 0 ? std::string("*") : std::to_string(s));
+  }
+  expected += "]";
+  throw ValueError(std::string("'") + name + "' must have shape " + expected + ", got " +
+                   t.describe());
+}
+
+void check_contiguous(const TensorView& t, const char* name) {
+  if (!t.is_contiguous()) {
+    throw ValueError(std::string("'") + name + "' must be contiguous, got " + t.describe());
+  }
+}
+
+void check_last_dim_contiguous(const TensorView& t, const char* name) {
+  if (t.dim() > 0 && t.size(-1) != 1 && t.stride(-1) != 1) {
+    throw ValueError(std::string("'") + name + "' must have a contiguous last dimension, got " +
+                     t.describe());
+  }
+}
+
+void check_device(const TensorView& t, const char* name, Device expected) {
+  if (t.device() != expected) {
+    throw ValueError(std::string("'") + name + "' must be on " + device_name(expected) + ", got " +
+                     t.describe());
+  }
+}
+
+void check_same_device(const TensorView& a, const char* a_name, const TensorView& b,
+                       const char* b_name) {
+  if (a.device() != b.device()) {
+    throw ValueError(std::string("'") + b_name + "' must be on the same device as '" + a_name +
+                     "' (" + device_name(a.device()) + "), got " + b.describe());
+  }
+}
+
+}  // namespace aphrodite
