@@ -76,4 +76,8 @@ PYBIND11_MODULE(_C, m) {
       "used by this build on this machine.");
 
   aphrodite::bindings::bind_tensor(m);
+
+  // Ops: every area binds its ops into this submodule (cpp/bindings/*_ops.cpp).
+  py::module_ ops = m.def_submodule("ops", "The core's ops; backend chosen by the tensors' device");
+  (void)ops;
 }

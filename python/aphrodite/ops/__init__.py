@@ -1,0 +1,5 @@
+"""Typed Python wrappers over the core's ops (``aphrodite._C.ops``).
+
+Each op takes torch tensors (or anything with ``__dlpack__``), picks its backend from the
+tensors' device and, on CUDA, runs on the caller's current torch stream.
+"""
