@@ -117,13 +117,13 @@ __global__ void __launch_bounds__(kThreads)
   const float neg_inf = -INFINITY;
 
   extern __shared__ __align__(16) unsigned char smem[];
-  T* q_s = reinterpret_cast<T*>(smem);                      // [kMaxRows][D]
-  T* k_s = q_s + kMaxRows * D;                              // [KT][KP]
-  T* v_s = k_s + KT * KP;                                   // [KT][D]
-  float* p_s = reinterpret_cast<float*>(v_s + KT * D);      // [kMaxRows][KT] scores, then probs
-  float* m_s = p_s + kMaxRows * KT;                         // running max per row
-  float* l_s = m_s + kMaxRows;                              // running sum per row
-  float* alpha_s = l_s + kMaxRows;                          // rescale of this tile per row
+  T* q_s = reinterpret_cast<T*>(smem);                  // [kMaxRows][D]
+  T* k_s = q_s + kMaxRows * D;                          // [KT][KP]
+  T* v_s = k_s + KT * KP;                               // [KT][D]
+  float* p_s = reinterpret_cast<float*>(v_s + KT * D);  // [kMaxRows][KT] scores, then probs
+  float* m_s = p_s + kMaxRows * KT;                     // running max per row
+  float* l_s = m_s + kMaxRows;                          // running sum per row
+  float* alpha_s = l_s + kMaxRows;                      // rescale of this tile per row
 
   // Sequence and tokens of this tile (see the file comment for the numbering).
   const int tile = blockIdx.x;
@@ -181,7 +181,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int b = 0; b < DPT; ++b) acc[r][b] = 0.0f;
 
-  const std::int32_t* table = p.block_tables + static_cast<std::int64_t>(seq) * p.max_blocks_per_seq;
+  const std::int32_t* table =
+      p.block_tables + static_cast<std::int64_t>(seq) * p.max_blocks_per_seq;
   const T* key_cache = static_cast<const T*>(p.key_cache);
   const T* value_cache = static_cast<const T*>(p.value_cache);
   const int warp = threadIdx.x / 32;
@@ -351,13 +352,12 @@ Geometry make_geometry(int num_tokens, int num_seqs, int num_heads, int num_kv_h
   g.tokens_per_block = kMaxRows / g.heads_per_block;
   g.head_chunks = group / g.heads_per_block;
   g.num_tiles = num_tokens / g.tokens_per_block + num_seqs;
-  const std::int64_t blocks =
-      static_cast<std::int64_t>(g.num_tiles) * num_kv_heads * g.head_chunks;
+  const std::int64_t blocks = static_cast<std::int64_t>(g.num_tiles) * num_kv_heads * g.head_chunks;
   const std::int64_t wanted = 2 * static_cast<std::int64_t>(sms);
   std::int64_t splits = 1;
   if (blocks < wanted && max_context > kSplitKeys) {
-    splits = std::min<std::int64_t>({(max_context + kSplitKeys - 1) / kSplitKeys,
-                                     (wanted + blocks - 1) / blocks, kMaxSplits});
+    splits = std::min<std::int64_t>(
+        {(max_context + kSplitKeys - 1) / kSplitKeys, (wanted + blocks - 1) / blocks, kMaxSplits});
   }
   g.num_splits = static_cast<int>(std::max<std::int64_t>(1, splits));
   const std::int64_t per_split = (max_context + g.num_splits - 1) / g.num_splits;
@@ -377,11 +377,12 @@ void launch_attention(const PagedAttentionParams& p, const Geometry& g, float* p
   const dim3 grid(static_cast<unsigned>(g.num_tiles),
                   static_cast<unsigned>(p.num_kv_heads * g.head_chunks),
                   static_cast<unsigned>(g.num_splits));
-  paged_attention_kernel<T, D><<<grid, kThreads, Tile<D>::kSmemBytes, stream>>>(p, g, part_acc,
-                                                                                 part_ml);
+  paged_attention_kernel<T, D>
+      <<<grid, kThreads, Tile<D>::kSmemBytes, stream>>>(p, g, part_acc, part_ml);
   check_launch("paged_attention_kernel");
   if (g.num_splits > 1) {
-    const dim3 combine_grid(static_cast<unsigned>(p.num_tokens), static_cast<unsigned>(p.num_heads));
+    const dim3 combine_grid(static_cast<unsigned>(p.num_tokens),
+                            static_cast<unsigned>(p.num_heads));
     combine_splits_kernel<T, D><<<combine_grid, D, 0, stream>>>(p, g.num_splits, part_acc, part_ml);
     check_launch("combine_splits_kernel");
   }
@@ -420,11 +421,11 @@ void reshape_and_cache_cuda(const ReshapeAndCacheParams& p, int device, StreamHa
   const cudaStream_t s = to_cuda_stream(stream);
   const unsigned grid = static_cast<unsigned>(p.num_tokens);
   if (vectorised) {
-    reshape_and_cache_kernel<uint4><<<grid, 128, 0, s>>>(
-        static_cast<const uint4*>(p.key), static_cast<const uint4*>(p.value),
-        static_cast<uint4*>(p.key_cache), static_cast<uint4*>(p.value_cache), p.slot_mapping,
-        p.slot_mapping_is_int64, p.key_token_stride / 8, p.value_token_stride / 8, row / 8,
-        p.num_slots);
+    reshape_and_cache_kernel<uint4>
+        <<<grid, 128, 0, s>>>(static_cast<const uint4*>(p.key), static_cast<const uint4*>(p.value),
+                              static_cast<uint4*>(p.key_cache), static_cast<uint4*>(p.value_cache),
+                              p.slot_mapping, p.slot_mapping_is_int64, p.key_token_stride / 8,
+                              p.value_token_stride / 8, row / 8, p.num_slots);
   } else {
     reshape_and_cache_kernel<std::uint16_t><<<grid, 128, 0, s>>>(
         static_cast<const std::uint16_t*>(p.key), static_cast<const std::uint16_t*>(p.value),
@@ -456,8 +457,7 @@ void paged_attention_cuda(const PagedAttentionParams& p, void* workspace,
   const std::size_t needed = workspace_bytes_for(g, p.num_tokens, p.num_heads, p.head_size);
   float* part_acc = nullptr;
   float* part_ml = nullptr;
-  if (needed > 0 && workspace != nullptr && workspace_bytes >= needed &&
-      aligned16(workspace)) {
+  if (needed > 0 && workspace != nullptr && workspace_bytes >= needed && aligned16(workspace)) {
     part_acc = static_cast<float*>(workspace);
     part_ml = part_acc + static_cast<std::size_t>(p.num_tokens) * p.num_heads * g.num_splits *
                              static_cast<std::size_t>(p.head_size);
