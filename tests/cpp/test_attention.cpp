@@ -53,14 +53,17 @@ TEST(AttentionCpuKernels, AttendBlocksMatchDoubleReference) {
         std::vector<float> m(rows, -std::numeric_limits<float>::infinity()), l(rows, 0.0f);
         std::vector<float> acc(q.size(), 0.0f);
         std::vector<float> scratch(
-            static_cast<std::size_t>(detail::attend_block_scratch_floats(rows, block, head_size)));
+            static_cast<std::size_t>(detail::attend_block_scratch_floats(rows, block)));
+        std::vector<float> packed(
+            static_cast<std::size_t>(detail::packed_query_floats(rows, head_size)));
+        k.pack_query(q.data(), rows, head_size, packed.data());
         for (int b = 0; b < 2; ++b) {
           std::vector<int> kb(rows), ke(rows);
           for (int r = 0; r < rows; ++r) {
             kb[r] = std::min(std::max(begin[r] - b * block, 0), block);
             ke[r] = std::min(std::max(end[r] - b * block, 0), block);
           }
-          k.attend_block(q.data(), rows, head_size, keys.data() + b * block * stride,
+          k.attend_block(packed.data(), rows, head_size, keys.data() + b * block * stride,
                          values.data() + b * block * stride, stride, block, kb.data(), ke.data(),
                          m.data(), l.data(), acc.data(), scratch.data());
         }
