@@ -25,13 +25,14 @@ HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 32, 8, 128, 16
 
 
 def time_cpu(fn, iterations: int) -> float:
+    """Best of `iterations` runs: on a shared machine the minimum is the least disturbed one."""
     fn()
     times = []
     for _ in range(iterations):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def time_cuda(fn, iterations: int) -> float:

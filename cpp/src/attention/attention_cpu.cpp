@@ -224,6 +224,9 @@ struct WorkItem {
   int kv_head_end;
 };
 
+// How far ahead (in cache blocks) run_item prefetches K/V.
+constexpr int kPrefetchBlocks = 2;
+
 struct Scratch {
   std::vector<float> q_rows, q, acc, m, l, kf, vf, block;
   std::vector<int> pos_begin, pos_end, key_begin, key_end;
@@ -295,11 +298,13 @@ void run_item(const PagedAttentionParams& p, const AttentionCpuKernels& kern, co
   for (std::int64_t bi = first_key / bs; bi * bs < last_key; ++bi) {
     const std::int64_t base = bi * bs;
     const int n = static_cast<int>(std::min<std::int64_t>(bs, last_key - base));
-    if ((bi + 1) * bs < last_key) {
-      // Blocks are scattered and each holds short runs: prefetch the next one while this one is
-      // computed.
+    if ((bi + kPrefetchBlocks) * bs < last_key) {
+      // Blocks are scattered and each holds short runs: prefetch one a few blocks ahead while
+      // this one is computed.
       const std::int64_t next =
-          (static_cast<std::int64_t>(table[bi + 1]) * bs * p.num_kv_heads + item.kv_head_begin) * D;
+          (static_cast<std::int64_t>(table[bi + kPrefetchBlocks]) * bs * p.num_kv_heads +
+           item.kv_head_begin) *
+          D;
       for (int j = 0; j < bs; ++j) {
         const std::int64_t at = (next + j * key_stride) * static_cast<std::int64_t>(esize);
         for (std::int64_t b = 0; b < run_bytes; b += 64) {
