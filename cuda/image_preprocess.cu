@@ -50,8 +50,7 @@ __device__ __forceinline__ void horizontal_pixel(const ImagePlan& ip, const std:
                                                  const std::uint8_t* row, int p,
                                                  std::int32_t s[3]) {
   const std::int32_t* bounds = tables + ip.x_table;
-  const std::int32_t* k =
-      bounds + 2 * (ip.x1 - ip.x0) + static_cast<std::int64_t>(p) * ip.ksize_x;
+  const std::int32_t* k = bounds + 2 * (ip.x1 - ip.x0) + static_cast<std::int64_t>(p) * ip.ksize_x;
   const int xmin = bounds[2 * p];
   const int taps = bounds[2 * p + 1];
   const std::uint8_t* px = row + static_cast<std::int64_t>(xmin) * 3;
@@ -117,9 +116,9 @@ __global__ void second_pass_kernel(DeviceArgs args, Bits* out) {
     const std::uint8_t* src = args.images + ip.src_offset;
     const std::int64_t src_stride = static_cast<std::int64_t>(ip.width) * 3;
     const std::uint8_t* mid = args.scratch + ip.mid_offset;
-    const std::int64_t stride = ip.vertical_first  ? static_cast<std::int64_t>(ip.col1 - ip.col0) * 3
-                                : ip.resample_x    ? static_cast<std::int64_t>(ip.x1 - ip.x0) * 3
-                                                   : src_stride;
+    const std::int64_t stride = ip.vertical_first ? static_cast<std::int64_t>(ip.col1 - ip.col0) * 3
+                                : ip.resample_x   ? static_cast<std::int64_t>(ip.x1 - ip.x0) * 3
+                                                  : src_stride;
     // Without horizontal resampling (horizontal first), "mid" is the source at the crop's
     // first column.
     const std::uint8_t* mid0 =
@@ -221,7 +220,8 @@ void preprocess_images_cuda(const PreprocessPlan& plan,
 
   std::int64_t first_work = 0;
   for (const ImagePlan& ip : plan.images) {
-    const std::int64_t rows = ip.vertical_first ? ip.y1 - ip.y0 : (ip.resample_x ? ip.row1 - ip.row0 : 0);
+    const std::int64_t rows =
+        ip.vertical_first ? ip.y1 - ip.y0 : (ip.resample_x ? ip.row1 - ip.row0 : 0);
     const std::int64_t width = ip.vertical_first ? ip.col1 - ip.col0 : ip.x1 - ip.x0;
     first_work = std::max(first_work, rows * width);
   }

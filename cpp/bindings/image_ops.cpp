@@ -18,9 +18,8 @@ void bind_image_ops(py::module_& ops) {
   ops.def(
       "preprocess_images",
       [](const py::list& images, py::handle out, std::int64_t shortest_edge,
-         std::array<std::int64_t, 2> crop_size, std::array<float, 3> mean,
-         std::array<float, 3> std, double rescale_factor, bool do_resize, bool do_center_crop,
-         StreamHandle stream) {
+         std::array<std::int64_t, 2> crop_size, std::array<float, 3> mean, std::array<float, 3> std,
+         double rescale_factor, bool do_resize, bool do_center_crop, StreamHandle stream) {
         std::vector<ImportedTensor> imported;
         imported.reserve(images.size());
         for (std::size_t i = 0; i < images.size(); ++i) {

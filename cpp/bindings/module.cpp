@@ -72,9 +72,7 @@ PYBIND11_MODULE(_C, m) {
         "Sets the number of threads used by the core's CPU kernels.");
   m.def(
       "require_device",
-      [](py::object device) {
-        aphrodite::backend_for(aphrodite::bindings::parse_device(device));
-      },
+      [](py::object device) { aphrodite::backend_for(aphrodite::bindings::parse_device(device)); },
       py::arg("device"),
       "Raises RuntimeError with the reason when `device` ('cpu', 'cuda', 'cuda:N') cannot be "
       "used by this build on this machine.");

@@ -108,17 +108,17 @@ std::pair<std::int64_t, std::int64_t> shortest_edge_resize_size(std::int64_t hei
                                                                 std::int64_t width,
                                                                 std::int64_t shortest_edge) {
   if (height <= 0 || width <= 0 || shortest_edge <= 0) {
-    throw ValueError("shortest_edge_resize_size: sizes must be positive, got height=" +
-                     std::to_string(height) + " width=" + std::to_string(width) +
-                     " shortest_edge=" + std::to_string(shortest_edge));
+    throw ValueError(
+        "shortest_edge_resize_size: sizes must be positive, got height=" + std::to_string(height) +
+        " width=" + std::to_string(width) + " shortest_edge=" + std::to_string(shortest_edge));
   }
   const bool portrait = width <= height;
   const std::int64_t short_side = portrait ? width : height;
   const std::int64_t long_side = portrait ? height : width;
   // Python's int(size * long / short): an exact product, a correctly rounded true division, a
   // truncation.
-  const double ratio = static_cast<double>(shortest_edge * long_side) /
-                       static_cast<double>(short_side);
+  const double ratio =
+      static_cast<double>(shortest_edge * long_side) / static_cast<double>(short_side);
   const auto new_long = static_cast<std::int64_t>(ratio);
   return portrait ? std::make_pair(new_long, shortest_edge)
                   : std::make_pair(shortest_edge, new_long);
@@ -137,8 +137,7 @@ PreprocessPlan plan_preprocess(const std::vector<TensorView>& images, const Tens
                      out.describe());
   }
   if (params.do_resize && params.shortest_edge <= 0) {
-    throw ValueError("shortest_edge must be positive, got " +
-                     std::to_string(params.shortest_edge));
+    throw ValueError("shortest_edge must be positive, got " + std::to_string(params.shortest_edge));
   }
   constexpr std::int64_t kMaxSide = std::numeric_limits<std::int32_t>::max() / 4;
   PreprocessPlan plan;
@@ -168,11 +167,10 @@ PreprocessPlan plan_preprocess(const std::vector<TensorView>& images, const Tens
                        std::to_string(rh) + "x" + std::to_string(rw) + ", too large");
     }
     if (!params.do_center_crop && (rh != plan.crop_h || rw != plan.crop_w)) {
-      throw ValueError(name + ": without center crop the " +
-                       std::string(params.do_resize ? "resized " : "") + "image must be " +
-                       std::to_string(plan.crop_h) + "x" + std::to_string(plan.crop_w) +
-                       " (out's last dimensions), got " + std::to_string(rh) + "x" +
-                       std::to_string(rw));
+      throw ValueError(
+          name + ": without center crop the " + std::string(params.do_resize ? "resized " : "") +
+          "image must be " + std::to_string(plan.crop_h) + "x" + std::to_string(plan.crop_w) +
+          " (out's last dimensions), got " + std::to_string(rh) + "x" + std::to_string(rw));
     }
     const AxisPlan ax = plan_axis(w, rw, plan.crop_w, plan.tables);
     const AxisPlan ay = plan_axis(h, rh, plan.crop_h, plan.tables);

@@ -124,9 +124,9 @@ struct ImageContext {
         // "mid" rows are source rows from row0 on: the first pass's output, or the source
         // itself at the crop's first column.
         const std::uint8_t* mid0 =
-            ip.resample_x ? mid
-                          : src + ip.row0 * src_stride() +
-                                static_cast<std::int64_t>(ip.x0 + ip.left) * 3;
+            ip.resample_x
+                ? mid
+                : src + ip.row0 * src_stride() + static_cast<std::int64_t>(ip.x0 + ip.left) * 3;
         if (ip.resample_y) {
           vertical_row(mid0, stride, ip.row0, i, pixels.data(), count * 3);
         } else {
@@ -205,9 +205,12 @@ void preprocess_images_cpu(const PreprocessPlan& plan,
   const bool avx2 = cpu_has_avx2();
   const auto n = static_cast<std::int64_t>(plan.images.size());
   auto context = [&](std::int64_t i, std::uint8_t* mid) {
-    return ImageContext{plan, plan.images[static_cast<std::size_t>(i)],
-                        sources[static_cast<std::size_t>(i)], mid,
-                        out_bytes + i * image_elems * static_cast<std::int64_t>(elem), avx2};
+    return ImageContext{plan,
+                        plan.images[static_cast<std::size_t>(i)],
+                        sources[static_cast<std::size_t>(i)],
+                        mid,
+                        out_bytes + i * image_elems * static_cast<std::int64_t>(elem),
+                        avx2};
   };
   if (n >= num_threads()) {
     // Whole images per thread: no synchronisation between the two passes.

@@ -26,7 +26,8 @@ void resample_row_horizontal_avx2(const std::uint8_t* src, const std::uint8_t* s
                                   const std::int32_t* bounds, const std::int32_t* coeffs) {
   // Two taps per 256-bit vector: lanes [R0 G0 B0 0 R1 G1 B1 0] times [k0 x4, k1 x4].
   const __m128i spread01 = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, -1, -1, -1, -1, -1, -1, -1, -1);
-  const __m128i spread23 = _mm_setr_epi8(6, 7, 8, -1, 9, 10, 11, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m128i spread23 =
+      _mm_setr_epi8(6, 7, 8, -1, 9, 10, 11, -1, -1, -1, -1, -1, -1, -1, -1, -1);
   const __m256i pick01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
   const __m256i pick23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
   for (int i = 0; i < count; ++i) {
@@ -39,22 +40,26 @@ void resample_row_horizontal_avx2(const std::uint8_t* src, const std::uint8_t* s
     int x = 0;
     for (; x + 4 <= taps && p + 3 * x + 16 <= src_end; x += 4) {
       const __m128i px = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 3 * x));
-      const __m256i k4 = _mm256_castsi128_si256(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(k + x)));
+      const __m256i k4 =
+          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k + x)));
       const __m256i v01 = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(px, spread01));
       const __m256i v23 = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(px, spread23));
-      acc0 = _mm256_add_epi32(acc0, _mm256_mullo_epi32(v01, _mm256_permutevar8x32_epi32(k4, pick01)));
-      acc1 = _mm256_add_epi32(acc1, _mm256_mullo_epi32(v23, _mm256_permutevar8x32_epi32(k4, pick23)));
+      acc0 =
+          _mm256_add_epi32(acc0, _mm256_mullo_epi32(v01, _mm256_permutevar8x32_epi32(k4, pick01)));
+      acc1 =
+          _mm256_add_epi32(acc1, _mm256_mullo_epi32(v23, _mm256_permutevar8x32_epi32(k4, pick23)));
     }
     for (; x + 2 <= taps && p + 3 * x + 8 <= src_end; x += 2) {
       const __m128i px = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 3 * x));
-      const __m256i k2 = _mm256_castsi128_si256(
-          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(k + x)));
+      const __m256i k2 =
+          _mm256_castsi128_si256(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(k + x)));
       const __m256i v01 = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(px, spread01));
-      acc0 = _mm256_add_epi32(acc0, _mm256_mullo_epi32(v01, _mm256_permutevar8x32_epi32(k2, pick01)));
+      acc0 =
+          _mm256_add_epi32(acc0, _mm256_mullo_epi32(v01, _mm256_permutevar8x32_epi32(k2, pick01)));
     }
     const __m256i acc = _mm256_add_epi32(acc0, acc1);
-    const __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    const __m128i sum =
+        _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
     std::int32_t s0 = kBias + _mm_extract_epi32(sum, 0);
     std::int32_t s1 = kBias + _mm_extract_epi32(sum, 1);
     std::int32_t s2 = kBias + _mm_extract_epi32(sum, 2);
@@ -94,7 +99,8 @@ void resample_row_vertical_avx2(const std::uint8_t* mid, std::int64_t mid_stride
     a1 = _mm256_srai_epi32(a1, kResamplePrecisionBits);
     a2 = _mm256_srai_epi32(a2, kResamplePrecisionBits);
     a3 = _mm256_srai_epi32(a3, kResamplePrecisionBits);
-    const __m256i packed = _mm256_packus_epi16(_mm256_packs_epi32(a0, a1), _mm256_packs_epi32(a2, a3));
+    const __m256i packed =
+        _mm256_packus_epi16(_mm256_packs_epi32(a0, a1), _mm256_packs_epi32(a2, a3));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
                         _mm256_permutevar8x32_epi32(packed, unshuffle));
   }

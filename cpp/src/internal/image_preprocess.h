@@ -32,9 +32,9 @@ struct ImagePlan {
   std::int64_t x_table;     // int32 offset of the x bounds (2 per column) then the x coefficients
   std::int64_t y_table;     // same for y (2 per row, then the coefficients)
   std::int32_t height, width;
-  std::int32_t top, left;  // resized coordinates of output pixel (0, 0); may be negative
-  std::int32_t y0, y1;     // output rows that fall inside the resized image
-  std::int32_t x0, x1;     // output columns that fall inside the resized image
+  std::int32_t top, left;   // resized coordinates of output pixel (0, 0); may be negative
+  std::int32_t y0, y1;      // output rows that fall inside the resized image
+  std::int32_t x0, x1;      // output columns that fall inside the resized image
   std::int32_t row0, row1;  // source rows the vertical pass reads
   std::int32_t col0, col1;  // source columns the horizontal pass reads
   std::int32_t ksize_x, ksize_y;
@@ -44,9 +44,9 @@ struct ImagePlan {
 
 struct PreprocessPlan {
   std::vector<ImagePlan> images;
-  std::vector<std::int32_t> tables;   // bounds (xmin, count) and coefficients, PIL's layout
-  std::int64_t scratch_bytes = 0;     // sum of the first passes' outputs ("mid" images)
-  std::int64_t max_mid_bytes = 0;     // the largest single one
+  std::vector<std::int32_t> tables;  // bounds (xmin, count) and coefficients, PIL's layout
+  std::int64_t scratch_bytes = 0;    // sum of the first passes' outputs ("mid" images)
+  std::int64_t max_mid_bytes = 0;    // the largest single one
   std::int64_t crop_h = 0, crop_w = 0;
   // Normalised value of every (channel, uint8) pair, as the output dtype's bits (float16 and
   // bfloat16 in the low 16 bits).
@@ -83,8 +83,7 @@ void resample_row_horizontal_avx2(const std::uint8_t* src, const std::uint8_t* s
                                   std::uint8_t* dst, int count, int ksize,
                                   const std::int32_t* bounds, const std::int32_t* coeffs);
 void resample_row_vertical_avx2(const std::uint8_t* mid, std::int64_t mid_stride, int ymin,
-                                int taps, const std::int32_t* coeffs, std::uint8_t* dst,
-                                int bytes);
+                                int taps, const std::int32_t* coeffs, std::uint8_t* dst, int bytes);
 #endif
 
 #ifdef APHRODITE_WITH_CUDA

@@ -51,7 +51,8 @@ def convert_to_rgb(image: Any) -> np.ndarray:
             rgba = image.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, rgba)
-        return np.asarray(image.convert("RGB"))
+        # An RGB image needs no conversion (convert() would copy it once more).
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     array = np.asarray(image)
     if array.dtype != np.uint8:
         raise TypeError(f"numpy images must be uint8, got {array.dtype}")
