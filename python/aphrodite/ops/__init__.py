@@ -3,3 +3,7 @@
 Each op takes torch tensors (or anything with ``__dlpack__``), picks its backend from the
 tensors' device and, on CUDA, runs on the caller's current torch stream.
 """
+
+from aphrodite.ops.image import clip_preprocess, convert_to_rgb, preprocess_images
+
+__all__ = ["clip_preprocess", "convert_to_rgb", "preprocess_images"]
