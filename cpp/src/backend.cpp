@@ -17,13 +17,15 @@ namespace aphrodite {
 
 namespace {
 
+// The instruction sets the CPU kernels dispatch to at run time (and this CPU supports).
 std::vector<std::string> cpu_features() {
   std::vector<std::string> features;
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2")) features.emplace_back("avx2");
-  if (__builtin_cpu_supports("fma")) features.emplace_back("fma");
-  if (__builtin_cpu_supports("avx512f")) features.emplace_back("avx512f");
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    features.emplace_back("avx2");
+    features.emplace_back("fma");
+  }
 #endif
   return features;
 }

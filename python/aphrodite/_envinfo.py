@@ -1,4 +1,4 @@
-"""Build and environment report, shown by ``python -m aphrodite.env`` and :func:`aphrodite.env_info`."""
+"""Build and environment report (``python -m aphrodite.env``, :func:`aphrodite.env_info`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``python -m aphrodite.env``: prints the version, the backends compiled in and the devices found."""
+"""``python -m aphrodite.env``: prints the version, the backends compiled in and the devices."""
 
 from aphrodite._envinfo import env_info, format_env_info
 

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from aphrodite import _C
 
 DTYPES = [

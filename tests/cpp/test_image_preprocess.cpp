@@ -1,0 +1,106 @@
+// preprocess_images in C++: the AVX2 row kernels equal the scalar ones, and the public op's
+// shapes, padding and argument checks.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "aphrodite/buffer.h"
+#include "aphrodite/error.h"
+#include "aphrodite/image.h"
+#include "internal/image_preprocess.h"
+
+namespace {
+
+using aphrodite::DType;
+using aphrodite::OwnedTensor;
+using aphrodite::TensorView;
+
+#if defined(__x86_64__) || defined(_M_X64)
+TEST(ImagePreprocess, Avx2RowKernelsEqualScalar) {
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
+    GTEST_SKIP() << "CPU without AVX2/FMA";
+  }
+  std::mt19937 rng(1234);
+  const int sizes[][2] = {{1, 1}, {7, 3}, {100, 336}, {1920, 597}, {50, 400}, {5, 2}};
+  for (const auto& size : sizes) {
+    const int in = size[0];
+    const int outn = size[1];
+    const int ksize = aphrodite::detail::bicubic_ksize(in, outn);
+    std::vector<std::int32_t> bounds(2 * outn), coeffs(static_cast<std::size_t>(outn) * ksize);
+    aphrodite::detail::bicubic_coeffs(in, outn, 0, outn, ksize, bounds.data(), coeffs.data());
+    std::vector<std::uint8_t> row(static_cast<std::size_t>(in) * 3);
+    for (auto& v : row) v = static_cast<std::uint8_t>(rng() & 255);
+    std::vector<std::uint8_t> a(static_cast<std::size_t>(outn) * 3), b(a.size());
+    aphrodite::detail::resample_row_horizontal_scalar(row.data(), a.data(), outn, ksize,
+                                                      bounds.data(), coeffs.data());
+    aphrodite::detail::resample_row_horizontal_avx2(row.data(), row.data() + row.size(), b.data(),
+                                                    outn, ksize, bounds.data(), coeffs.data());
+    EXPECT_EQ(a, b) << in << " -> " << outn;
+
+    const int width = 77;  // bytes per row: exercises the 32-byte blocks and the tail
+    std::vector<std::uint8_t> rows(static_cast<std::size_t>(in) * width);
+    for (auto& v : rows) v = static_cast<std::uint8_t>(rng() & 255);
+    for (int i = 0; i < outn; ++i) {
+      std::vector<std::uint8_t> va(width), vb(width);
+      const std::int32_t* k = coeffs.data() + static_cast<std::int64_t>(i) * ksize;
+      aphrodite::detail::resample_row_vertical_scalar(rows.data(), width, bounds[2 * i],
+                                                      bounds[2 * i + 1], k, va.data(), width);
+      aphrodite::detail::resample_row_vertical_avx2(rows.data(), width, bounds[2 * i],
+                                                    bounds[2 * i + 1], k, vb.data(), width);
+      ASSERT_EQ(va, vb) << in << " -> " << outn << " row " << i;
+    }
+  }
+}
+#endif
+
+TEST(ImagePreprocess, ShortestEdgeSizeTruncatesLikeHf) {
+  EXPECT_EQ(aphrodite::shortest_edge_resize_size(480, 640, 336), std::make_pair(336L, 448L));
+  EXPECT_EQ(aphrodite::shortest_edge_resize_size(1080, 1920, 336), std::make_pair(336L, 597L));
+  EXPECT_EQ(aphrodite::shortest_edge_resize_size(7, 3, 336), std::make_pair(784L, 336L));
+  EXPECT_EQ(aphrodite::shortest_edge_resize_size(5, 5, 2), std::make_pair(2L, 2L));
+}
+
+TEST(ImagePreprocess, UniformImageStaysUniformAndPads) {
+  // A constant image resamples to the same constant (the coefficients sum to one); a 4x2 image
+  // resized to shortest edge 2 stays 4x2 and is padded to 4x4 with HF's zero pixels.
+  std::vector<std::uint8_t> pixels(4 * 2 * 3, 200);
+  TensorView img(pixels.data(), DType::kUInt8, aphrodite::Device::cpu(), {4, 2, 3});
+  OwnedTensor out = OwnedTensor::empty({1, 3, 4, 4}, DType::kFloat32);
+  aphrodite::ImagePreprocessParams params;
+  params.shortest_edge = 2;
+  params.mean[0] = params.mean[1] = params.mean[2] = 0.0f;
+  params.std[0] = params.std[1] = params.std[2] = 1.0f;
+  params.rescale_factor = 1.0;
+  aphrodite::preprocess_images({img}, out.view, params);
+  const float* o = out.view.data_as<float>();
+  for (int c = 0; c < 3; ++c) {
+    for (int y = 0; y < 4; ++y) {
+      for (int x = 0; x < 4; ++x) {
+        EXPECT_EQ(o[(c * 4 + y) * 4 + x], (x == 1 || x == 2) ? 200.0f : 0.0f);
+      }
+    }
+  }
+}
+
+TEST(ImagePreprocess, RejectsBadArguments) {
+  std::vector<std::uint8_t> pixels(6 * 6 * 3, 0);
+  TensorView img(pixels.data(), DType::kUInt8, aphrodite::Device::cpu(), {6, 6, 3});
+  TensorView bad_channels(pixels.data(), DType::kUInt8, aphrodite::Device::cpu(), {6, 9, 2});
+  OwnedTensor out = OwnedTensor::empty({1, 3, 4, 4}, DType::kFloat32);
+  OwnedTensor out_int = OwnedTensor::empty({1, 3, 4, 4}, DType::kInt32);
+  aphrodite::ImagePreprocessParams params;
+  params.shortest_edge = 4;
+  EXPECT_THROW(aphrodite::preprocess_images({bad_channels}, out.view, params),
+               aphrodite::ValueError);
+  EXPECT_THROW(aphrodite::preprocess_images({img, img}, out.view, params), aphrodite::ValueError);
+  EXPECT_THROW(aphrodite::preprocess_images({img}, out_int.view, params), aphrodite::TypeError);
+  params.shortest_edge = 0;
+  EXPECT_THROW(aphrodite::preprocess_images({img}, out.view, params), aphrodite::ValueError);
+  params.shortest_edge = 5;
+  params.do_center_crop = false;
+  EXPECT_THROW(aphrodite::preprocess_images({img}, out.view, params), aphrodite::ValueError);
+}
+
+}  // namespace
