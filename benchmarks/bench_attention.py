@@ -6,7 +6,8 @@ decode against SDPA over contiguous K/V. CUDA (bfloat16, when a GPU is usable): 
 against torch's flash SDPA. K/V for torch are contiguous and GQA-expanded outside the timed region,
 so torch reads no block table and does no gather.
 
-Usage: python benchmarks/bench_attention.py [--iterations N] [--skip-cpu] [--skip-cuda]
+Usage: python benchmarks/bench_attention.py [--iterations N] [--device all|cpu|cuda]
+The last line is a one-line summary of the ratios.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from aphrodite import _C, ops
 
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 32, 8, 128, 16
@@ -70,7 +70,8 @@ class Case:
             self.value_cache.view(-1, KV_HEADS, HEAD_SIZE)[slot] = v[s]
         self.key_cache = self.key_cache.to(device)
         self.value_cache = self.value_cache.to(device)
-        self.query = torch.randn(batch * q_len, HEADS, HEAD_SIZE, generator=gen).to(dtype).to(device)
+        self.query = torch.randn(batch * q_len, HEADS, HEAD_SIZE, generator=gen)
+        self.query = self.query.to(dtype).to(device)
         self.out = torch.empty_like(self.query)
         self.seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
         self.qsl = torch.arange(0, batch * q_len + 1, q_len, dtype=torch.int32, device=device)
@@ -84,13 +85,22 @@ class Case:
         self.q_len = q_len
 
     def ours(self) -> None:
-        ops.paged_attention(self.out, self.query, self.key_cache, self.value_cache,
-                            self.block_tables, self.seq_lens, self.qsl, self.scale)
+        ops.paged_attention(
+            self.out,
+            self.query,
+            self.key_cache,
+            self.value_cache,
+            self.block_tables,
+            self.seq_lens,
+            self.qsl,
+            self.scale,
+        )
 
     def torch_sdpa(self) -> torch.Tensor:
         # A decode token sees the whole context: no mask. A full prefill is causal.
-        return F.scaled_dot_product_attention(self.t_q, self.t_k, self.t_v,
-                                              is_causal=self.q_len > 1, scale=self.scale)
+        return F.scaled_dot_product_attention(
+            self.t_q, self.t_k, self.t_v, is_causal=self.q_len > 1, scale=self.scale
+        )
 
     def check(self) -> float:
         self.ours()
@@ -107,62 +117,85 @@ def header(title: str) -> None:
     print(f"{'':<44} {'ours ms':>10} {'peer ms':>10} {'speedup':>8}")
 
 
-def bench_cpu(iterations: int) -> None:
-    header(f"CPU float32, {_C.num_threads()} threads (torch {torch.get_num_threads()} threads); "
-           f"heads {HEADS}/{KV_HEADS}, head {HEAD_SIZE}, block {BLOCK}; peer: torch SDPA")
+def bench_cpu(iterations: int) -> list[str]:
+    header(
+        f"CPU float32, {_C.num_threads()} threads (torch {torch.get_num_threads()} threads); "
+        f"heads {HEADS}/{KV_HEADS}, head {HEAD_SIZE}, block {BLOCK}; peer: torch SDPA"
+    )
+    summary = []
     for batch, context in ((1, 1024), (4, 512)):
         case = Case(batch, context, context, torch.float32, "cpu")
         err = case.check()
-        row(f"prefill {batch} x {context} tokens (causal)", time_cpu(case.ours, iterations),
-            time_cpu(case.torch_sdpa, iterations), f"max rel diff {err:.1e}")
+        ours, peer = time_cpu(case.ours, iterations), time_cpu(case.torch_sdpa, iterations)
+        row(f"prefill {batch} x {context} tokens (causal)", ours, peer, f"max rel diff {err:.1e}")
+        summary.append(f"cpu prefill {batch}x{context} {peer / ours:.2f}x sdpa")
     case = Case(32, 1024, 1, torch.float32, "cpu")
     err = case.check()
     ours = time_cpu(case.ours, iterations)
-    row("decode 32 x 1 token, context 1024", ours, time_cpu(case.torch_sdpa, iterations),
-        f"max rel diff {err:.1e}, K/V read {case.kv_bytes / ours / 1e9:.2f} GB/s")
+    row(
+        "decode 32 x 1 token, context 1024",
+        ours,
+        time_cpu(case.torch_sdpa, iterations),
+        f"max rel diff {err:.1e}, K/V read {case.kv_bytes / ours / 1e9:.2f} GB/s",
+    )
+    return summary
 
 
-def bench_cuda(iterations: int) -> None:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    name = torch.cuda.get_device_name()
+def device_copy_bandwidth(iterations: int) -> float:
+    """Read + write bytes per second of a 1 GiB device-to-device copy."""
     size = 1 << 30
     src = torch.empty(size, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    copy_s = time_cuda(lambda: dst.copy_(src), iterations)
-    copy_bw = 2 * size / copy_s
-    del src, dst
+    return 2 * size / time_cuda(lambda: dst.copy_(src), iterations)
+
+
+def bench_cuda(iterations: int) -> list[str]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    name = torch.cuda.get_device_name()
+    copy_bw = device_copy_bandwidth(iterations)
     print(f"CUDA bfloat16 on {name}; heads {HEADS}/{KV_HEADS}, head {HEAD_SIZE}, block {BLOCK}")
     print(f"device copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s")
     case = Case(64, 2048, 1, torch.bfloat16, "cuda")
     err = case.check()
     ours = time_cuda(case.ours, iterations)
     bw = case.kv_bytes / ours
-    print(f"decode 64 x 1 token, context 2048: {ours * 1e3:.3f} ms, K/V read {bw / 1e9:.1f} GB/s "
-          f"= {bw / copy_bw:.2f} of copy bandwidth (target >= 0.80), max rel diff {err:.1e}")
+    print(
+        f"decode 64 x 1 token, context 2048: {ours * 1e3:.3f} ms, K/V read {bw / 1e9:.1f} GB/s "
+        f"= {bw / copy_bw:.2f} of copy bandwidth (target >= 0.80), max rel diff {err:.1e}"
+    )
+    summary = [f"cuda decode {bw / copy_bw:.2f} of copy bw"]
     header("prefill; peer: torch flash SDPA")
     for batch, context in ((1, 4096), (4, 2048)):
         case = Case(batch, context, context, torch.bfloat16, "cuda")
         err = case.check()
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             peer = time_cuda(case.torch_sdpa, iterations)
-        row(f"prefill {batch} x {context} tokens (causal)", time_cuda(case.ours, iterations), peer,
-            f"max rel diff {err:.1e} (target speedup >= 0.8)")
+        ours = time_cuda(case.ours, iterations)
+        row(
+            f"prefill {batch} x {context} tokens (causal)",
+            ours,
+            peer,
+            f"max rel diff {err:.1e} (target speedup >= 0.8)",
+        )
+        summary.append(f"cuda prefill {batch}x{context} {peer / ours:.2f}x flash")
+    return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--skip-cpu", action="store_true")
-    parser.add_argument("--skip-cuda", action="store_true")
+    parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all")
     args = parser.parse_args()
-    if not args.skip_cpu:
-        bench_cpu(args.iterations)
-    if not args.skip_cuda:
+    summary = []
+    if args.device in ("all", "cpu"):
+        summary += bench_cpu(args.iterations)
+    if args.device in ("all", "cuda"):
         if _C.cuda_compiled() and torch.cuda.is_available():
-            bench_cuda(args.iterations)
+            summary += bench_cuda(args.iterations)
         else:
-            print("CUDA: not benchmarked (no CUDA build or no usable GPU)")
+            summary.append("cuda not benchmarked (no CUDA build or no usable GPU)")
+    print("summary: " + "; ".join(summary))
 
 
 if __name__ == "__main__":
