@@ -188,25 +188,42 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
 
-  for (int kt0 = key_lo; kt0 < key_hi; kt0 += KT) {
-    __syncthreads();  // the previous tile's readers are done (and q_s/m_s/l_s are initialised)
-    for (int i = threadIdx.x; i < KT * DV; i += kThreads) {
-      const int j = i / DV;
-      const int c = i % DV;
-      const int kpos = kt0 + j;
-      uint4 kv = make_uint4(0, 0, 0, 0);
-      uint4 vv = make_uint4(0, 0, 0, 0);
-      if (kpos < key_hi) {
+  // K/V tiles are software-pipelined through registers: the loads of tile t + 1 are issued
+  // before tile t is computed, so their latency overlaps the arithmetic.
+  constexpr int kLoads = (KT * DV + kThreads - 1) / kThreads;  // uint4 of K (and of V) per thread
+  uint4 k_next[kLoads];
+  uint4 v_next[kLoads];
+  const auto fetch = [&](int tile_start) {
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int i = threadIdx.x + u * kThreads;
+      const int kpos = tile_start + i / DV;
+      k_next[u] = make_uint4(0, 0, 0, 0);
+      v_next[u] = make_uint4(0, 0, 0, 0);
+      if (i < KT * DV && kpos < key_hi) {
         const std::int64_t block = table[kpos / p.block_size];
         const std::int64_t row =
-            ((block * p.block_size + kpos % p.block_size) * p.num_kv_heads + kv_head) * D + c * 8;
-        kv = *reinterpret_cast<const uint4*>(key_cache + row);
-        vv = *reinterpret_cast<const uint4*>(value_cache + row);
+            ((block * p.block_size + kpos % p.block_size) * p.num_kv_heads + kv_head) * D +
+            (i % DV) * 8;
+        k_next[u] = *reinterpret_cast<const uint4*>(key_cache + row);
+        v_next[u] = *reinterpret_cast<const uint4*>(value_cache + row);
       }
-      *reinterpret_cast<uint4*>(k_s + j * KP + c * 8) = kv;
-      *reinterpret_cast<uint4*>(v_s + j * D + c * 8) = vv;
+    }
+  };
+  if (key_lo < key_hi) fetch(key_lo);
+
+  for (int kt0 = key_lo; kt0 < key_hi; kt0 += KT) {
+    __syncthreads();  // the previous tile's readers are done (and q_s/m_s/l_s are initialised)
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int i = threadIdx.x + u * kThreads;
+      if (i < KT * DV) {
+        *reinterpret_cast<uint4*>(k_s + (i / DV) * KP + (i % DV) * 8) = k_next[u];
+        *reinterpret_cast<uint4*>(v_s + (i / DV) * D + (i % DV) * 8) = v_next[u];
+      }
     }
     __syncthreads();
+    if (kt0 + KT < key_hi) fetch(kt0 + KT);
 
     // Scores, masked by position (causal and sliding window).
     for (int i = threadIdx.x; i < kMaxRows * KT; i += kThreads) {
