@@ -1,7 +1,8 @@
 // CUDA reshape_and_cache and paged_attention (float16 / bfloat16, float32 accumulation).
 //
-// paged_attention, one launch for a mixed batch:
-// - A thread block owns a tile of query rows: up to kMaxRows rows made of `heads_per_block` query
+// paged_attention, one call for a mixed batch (two or three kernels on the caller's stream):
+// - paged_attention_kernel serves decode tokens and short chunks. A thread block owns a tile of
+// query rows: up to kMaxRows rows made of `heads_per_block` query
 //   heads of one GQA group times `tokens_per_block` consecutive tokens of one sequence. All of
 //   them share each K/V tile the block reads through the block table (16-byte loads into shared
 //   memory), so a KV head's cache is read once per tile of tokens, not once per query head.
@@ -13,6 +14,9 @@
 //   range of split_keys keys, partial (max, sum, unnormalised output) go to the workspace and a
 //   second kernel merges them. The split count depends on shapes only (and the device's SM
 //   count), so replays of a captured CUDA graph see the same launch configuration.
+// - prefill_mma_kernel serves sequences with >= kTensorCoreMinTokens query tokens (head sizes up
+//   to 128) on tensor cores; the other kernels skip those sequences. Which kernel owns a
+//   sequence is decided on the device from query_start_loc, so the host needs no batch plan.
 // The host reads no device data and allocates nothing: safe to capture in a CUDA graph.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
