@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 # Default KV-cache size on CPU, in GiB (vLLM's APHRODITE/VLLM_CPU_KVCACHE_SPACE default).
 DEFAULT_CPU_KV_CACHE_GB = 4.0
@@ -43,21 +42,21 @@ class EngineArgs:
     """
 
     model: str
-    tokenizer: Optional[str] = None
-    revision: Optional[str] = None
+    tokenizer: str | None = None
+    revision: str | None = None
     dtype: str = "auto"
     device: str = "auto"
     seed: int = 0
-    max_model_len: Optional[int] = None
+    max_model_len: int | None = None
     max_num_seqs: int = 256
-    max_num_batched_tokens: Optional[int] = None
+    max_num_batched_tokens: int | None = None
     block_size: int = 16
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     gpu_memory_utilization: float = 0.9
-    kv_cache_memory_gb: Optional[float] = None
-    num_kv_blocks: Optional[int] = None
-    limit_mm_per_prompt: Optional[dict[str, int]] = None
+    kv_cache_memory_gb: float | None = None
+    num_kv_blocks: int | None = None
+    limit_mm_per_prompt: dict[str, int] | None = None
     max_logprobs: int = 20
 
     def __post_init__(self) -> None:
