@@ -10,6 +10,10 @@
 
 namespace py = pybind11;
 
+namespace aphrodite::bindings {
+void bind_attention_ops(py::module_& ops);
+}  // namespace aphrodite::bindings
+
 namespace {
 
 py::dict backend_info_to_dict(const aphrodite::BackendInfo& info) {
@@ -68,9 +72,7 @@ PYBIND11_MODULE(_C, m) {
         "Sets the number of threads used by the core's CPU kernels.");
   m.def(
       "require_device",
-      [](py::object device) {
-        aphrodite::backend_for(aphrodite::bindings::parse_device(device));
-      },
+      [](py::object device) { aphrodite::backend_for(aphrodite::bindings::parse_device(device)); },
       py::arg("device"),
       "Raises RuntimeError with the reason when `device` ('cpu', 'cuda', 'cuda:N') cannot be "
       "used by this build on this machine.");
@@ -79,5 +81,5 @@ PYBIND11_MODULE(_C, m) {
 
   // Ops: every area binds its ops into this submodule (cpp/bindings/*_ops.cpp).
   py::module_ ops = m.def_submodule("ops", "The core's ops; backend chosen by the tensors' device");
-  (void)ops;
+  aphrodite::bindings::bind_attention_ops(ops);
 }
