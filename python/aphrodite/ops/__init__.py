@@ -5,5 +5,12 @@ tensors' device and, on CUDA, runs on the caller's current torch stream.
 """
 
 from aphrodite.ops.attention import paged_attention, reshape_and_cache
+from aphrodite.ops.image import clip_preprocess, convert_to_rgb, preprocess_images
 
-__all__ = ["paged_attention", "reshape_and_cache"]
+__all__ = [
+    "clip_preprocess",
+    "convert_to_rgb",
+    "paged_attention",
+    "preprocess_images",
+    "reshape_and_cache",
+]
