@@ -10,6 +10,10 @@
 
 namespace py = pybind11;
 
+namespace aphrodite::bindings {
+void bind_linear_ops(py::module_& ops);
+}  // namespace aphrodite::bindings
+
 namespace {
 
 py::dict backend_info_to_dict(const aphrodite::BackendInfo& info) {
@@ -79,5 +83,5 @@ PYBIND11_MODULE(_C, m) {
 
   // Ops: every area binds its ops into this submodule (cpp/bindings/*_ops.cpp).
   py::module_ ops = m.def_submodule("ops", "The core's ops; backend chosen by the tensors' device");
-  (void)ops;
+  aphrodite::bindings::bind_linear_ops(ops);
 }
