@@ -13,6 +13,7 @@ namespace py = pybind11;
 namespace aphrodite::bindings {
 void bind_attention_ops(py::module_& ops);
 void bind_image_ops(py::module_& ops);
+void bind_linear_ops(py::module_& ops);
 }  // namespace aphrodite::bindings
 
 namespace {
@@ -84,4 +85,5 @@ PYBIND11_MODULE(_C, m) {
   py::module_ ops = m.def_submodule("ops", "The core's ops; backend chosen by the tensors' device");
   aphrodite::bindings::bind_attention_ops(ops);
   aphrodite::bindings::bind_image_ops(ops);
+  aphrodite::bindings::bind_linear_ops(ops);
 }
