@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
-# Default KV-cache size on CPU, in GiB (vLLM's APHRODITE/VLLM_CPU_KVCACHE_SPACE default).
-DEFAULT_CPU_KV_CACHE_GB = 4.0
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
 
@@ -97,15 +94,6 @@ class EngineArgs:
                 f"max_model_len ({max_model_len}) so that every prompt fits in one step"
             )
         return value
-
-    def cpu_kv_cache_bytes(self) -> int:
-        gb = self.kv_cache_memory_gb
-        if gb is None:
-            env = os.environ.get("APHRODITE_CPU_KVCACHE_SPACE")
-            gb = float(env) if env else DEFAULT_CPU_KV_CACHE_GB
-            if gb <= 0:
-                raise ValueError(f"APHRODITE_CPU_KVCACHE_SPACE must be > 0, got {env!r}")
-        return int(gb * (1 << 30))
 
     def max_useful_blocks(self, max_model_len: int) -> int:
         """Blocks beyond this can never be used at once (every sequence at full length), plus

@@ -168,32 +168,26 @@ class LLMEngine:
         return cls(args)
 
     def _num_kv_blocks(self, encoder_budget: int) -> int:
+        """KV blocks: num_kv_blocks if given, else what gpu_memory_utilization leaves after a
+        profiled worst-case step (CUDA) or kv_cache_memory_gb / APHRODITE_CPU_KVCACHE_SPACE
+        (CPU), capped at what max_num_seqs sequences of max_model_len tokens can use."""
         args = self.args
-        block_bytes = self.runner.kv_block_bytes(args.block_size)
         if args.num_kv_blocks is not None:
             return args.num_kv_blocks
-        if self.device.type == "cuda":
-            max_images = max(1, encoder_budget // max(1, self.model_config.num_image_tokens))
-            peak = self.runner.profile_peak_memory(
-                self.max_num_batched_tokens, args.max_num_seqs, max_images
-            )
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            budget = int(total * args.gpu_memory_utilization) - peak
-            source = (
-                f"gpu_memory_utilization={args.gpu_memory_utilization} of "
-                f"{total / 2**30:.1f} GiB minus a {peak / 2**30:.2f} GiB peak step"
-            )
-        else:
-            budget = args.cpu_kv_cache_bytes()
-            source = "kv_cache_memory_gb / APHRODITE_CPU_KVCACHE_SPACE"
-        num_blocks = min(budget // block_bytes, args.max_useful_blocks(self.max_model_len))
-        blocks_per_seq = -(-self.max_model_len // args.block_size)
-        if num_blocks < 2:
-            raise ValueError(
-                f"no room for the KV cache: {source} leaves {max(budget, 0)} bytes, one block "
-                f"takes {block_bytes}"
-            )
-        if num_blocks - 1 < blocks_per_seq:
+        from aphrodite.worker.model_runner import determine_num_kv_blocks
+
+        num_image_tokens = max(1, self.model_config.num_image_tokens)
+        num_blocks = determine_num_kv_blocks(
+            self.runner,
+            args.block_size,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            max_images=max(1, encoder_budget // num_image_tokens),
+            cpu_kvcache_space_gib=args.kv_cache_memory_gb,
+        )
+        num_blocks = min(num_blocks, args.max_useful_blocks(self.max_model_len))
+        if num_blocks - 1 < -(-self.max_model_len // args.block_size):
             logger.warning(
                 "the KV cache holds %d tokens, less than max_model_len=%d: long requests "
                 "will be rejected",
