@@ -62,6 +62,8 @@ class ContextHashRunner:
     """Stands in for ModelRunner (same methods). Token j's "hidden state" is the index of a
     logit-table row chosen by hashing every value in its context, read from the cache slots."""
 
+    device = torch.device("cpu")
+
     def __init__(self) -> None:
         self.encoded: dict[tuple[str, int], list[int]] = {}
         self.dropped: list[str] = []
@@ -119,7 +121,7 @@ def _engine(**kwargs) -> LLMEngine:
         hidden_size=4,
         chat_template=None,
     )
-    args = dict(model="stand-in", block_size=4, max_num_seqs=8, max_num_batched_tokens=32)
+    args = dict(model="stand-in", block_size=8, max_num_seqs=8, max_num_batched_tokens=32)
     args.update(kwargs)
     return LLMEngine(EngineArgs(**args), model_config=config, runner=ContextHashRunner())
 
@@ -267,7 +269,7 @@ def test_stop_strings_and_stop_tokens_end_exactly():
 
 
 def test_prefix_cache_reuses_blocks_only_for_the_same_image():
-    engine = _engine(block_size=4)
+    engine = _engine(block_size=8)
     question = "USER: <image>\nwhat is it? ASSISTANT:"
     prompt_a = {"prompt": question, "multi_modal_data": {"image": _image(11)}}
     first = _run(engine, [prompt_a], GREEDY)[0]
@@ -278,13 +280,13 @@ def test_prefix_cache_reuses_blocks_only_for_the_same_image():
     )[0]
     hits1 = engine.stats()["prefix_cache_hits"]
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
-    assert hits1 - hits0 >= (len(first.prompt_token_ids) - 1) // 4 * 4 - 4
+    assert hits1 - hits0 >= (len(first.prompt_token_ids) - 1) // 8 * 8 - 8
     assert second.num_cached_tokens == hits1 - hits0 > 0
     other = _run(engine, [{"prompt": question, "multi_modal_data": {"image": _image(12)}}], GREEDY)[
         0
     ]
     image_start = other.multi_modal_placeholders[0][0]
-    assert other.num_cached_tokens <= image_start // 4 * 4
+    assert other.num_cached_tokens <= image_start // 8 * 8
     assert engine.runner.encoder_calls > calls0
     expected = _reference_greedy(
         _prompt_values(engine, {"prompt": question, "multi_modal_data": {"image": _image(12)}}), 12

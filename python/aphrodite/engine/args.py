@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+SUPPORTED_BLOCK_SIZES = (8, 16, 32)
 
 
 @dataclass
@@ -24,7 +25,7 @@ class EngineArgs:
         max_num_seqs: the most sequences in one step.
         max_num_batched_tokens: the token budget of one step (default 2048; with chunked
             prefill disabled at least max_model_len).
-        block_size: tokens per KV-cache block.
+        block_size: tokens per KV-cache block: 8, 16 or 32.
         enable_prefix_caching: reuse the KV blocks of identical prompt prefixes (images
             included, by content hash).
         enable_chunked_prefill: split long prompts over several steps.
@@ -59,8 +60,11 @@ class EngineArgs:
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.block_size not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(
+                f"block_size must be one of {SUPPORTED_BLOCK_SIZES} (what paged attention "
+                f"supports), got {self.block_size}"
+            )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
