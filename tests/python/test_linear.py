@@ -53,7 +53,9 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double().cpu() - ref.cpu()).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def make(shape: tuple[int, ...], dtype: torch.dtype, device: str, gen: torch.Generator) -> torch.Tensor:
+def make(
+    shape: tuple[int, ...], dtype: torch.dtype, device: str, gen: torch.Generator
+) -> torch.Tensor:
     return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
 
 

@@ -88,6 +88,12 @@ def test_projector_rejects_bad_arguments(device: str) -> None:
         ops.llava_projector(x, w1, b1, w2, b2.to(torch.float64))
     with pytest.raises(ValueError, match="workspace"):
         _C.ops.llava_projector(
-            torch.empty(4, 6, dtype=dtype, device=device), x, w1, b1, w2, b2, "gelu",
+            torch.empty(4, 6, dtype=dtype, device=device),
+            x,
+            w1,
+            b1,
+            w2,
+            b2,
+            "gelu",
             workspace=torch.empty(4, 11, dtype=dtype, device=device),
         )

@@ -19,8 +19,8 @@
 
 namespace aphrodite::detail {
 
-constexpr int kGemmMr = 6;    // rows of a register tile
-constexpr int kGemmNr = 16;   // columns of a register tile = features per packed panel
+constexpr int kGemmMr = 6;   // rows of a register tile
+constexpr int kGemmNr = 16;  // columns of a register tile = features per packed panel
 static_assert(kGemmNr == PackedWeight::kPanelWidth, "packed weights use the kernel's panels");
 
 // Activation codes as the kernels see them (same values as aphrodite::Activation).
@@ -32,19 +32,19 @@ enum GemmActivation : int {
 
 // One K chunk of one task: rows [0, m) of `a`, `num_panels` packed panels.
 struct GemmBlock {
-  const float* a;           // A at (first row, first k of the chunk)
+  const float* a;  // A at (first row, first k of the chunk)
   std::int64_t lda;
-  const float* panels;      // first panel at (first k of the chunk)
+  const float* panels;        // first panel at (first k of the chunk)
   std::int64_t panel_stride;  // floats between consecutive panels
-  std::int64_t m;           // rows
-  std::int64_t n;           // valid columns across the panels (<= num_panels * kGemmNr)
-  std::int64_t kc;          // depth of the chunk
-  float* c;                 // C at (first row, first column of the slab)
+  std::int64_t m;             // rows
+  std::int64_t n;             // valid columns across the panels (<= num_panels * kGemmNr)
+  std::int64_t kc;            // depth of the chunk
+  float* c;                   // C at (first row, first column of the slab)
   std::int64_t ldc;
-  const float* bias;        // bias at the slab's first column, or nullptr
-  int accumulate;           // add to C (an earlier chunk wrote it) instead of overwriting
-  int finish;               // last chunk: apply bias and activation
-  int act;                  // GemmActivation
+  const float* bias;  // bias at the slab's first column, or nullptr
+  int accumulate;     // add to C (an earlier chunk wrote it) instead of overwriting
+  int finish;         // last chunk: apply bias and activation
+  int act;            // GemmActivation
 };
 
 using GemmBlockFn = void (*)(const GemmBlock& block);
