@@ -4,6 +4,7 @@ rejection path."""
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -173,6 +174,15 @@ def test_packed_weight_matches_reference(activation: str) -> None:
         y = ops.linear(x, packed, b, activation)
         assert y.shape == (m, n)
         assert rel_err(y, ref) < 1e-5
+
+
+def test_packed_weight_owns_one_buffer_until_dropped() -> None:
+    start = _C.live_buffers()
+    packed = ops.pack_linear_weight(torch.randn(40, 24))
+    assert _C.live_buffers() == start + 1
+    del packed
+    gc.collect()
+    assert _C.live_buffers() == start
 
 
 def test_packed_weight_rejects_mismatched_input() -> None:
