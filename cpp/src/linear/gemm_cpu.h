@@ -8,6 +8,9 @@
 // bias and applies the activation before it stores the tile, so C is written once per chunk and
 // never re-read for the epilogue.
 //
+// Decode-sized calls (few rows) run through the same kernels; with a prepacked weight each panel
+// is streamed once per call, with packing per call the packing costs as much as the product.
+//
 // The kernels exist twice with one contract: *_scalar (portable, gemm_cpu.cpp) and *_avx2
 // (AVX2/FMA, gemm_f32_avx2.cpp). The structs here are plain data so that the AVX2 file needs no
 // templates shared with the rest of the library.
@@ -30,7 +33,8 @@ enum GemmActivation : int {
   kGemmActGeluTanh = static_cast<int>(Activation::kGeluTanh),
 };
 
-// One K chunk of one task: rows [0, m) of `a`, `num_panels` packed panels.
+// One K chunk of one task: rows [0, m) of `a` against columns [0, n) of the slab, which span
+// ceil(n / kGemmNr) packed panels.
 struct GemmBlock {
   const float* a;  // A at (first row, first k of the chunk)
   std::int64_t lda;
