@@ -328,7 +328,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
         usable = _C.cuda_compiled() and torch.cuda.is_available()
         return torch.device("cuda" if usable else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}") from e
     if dev.type == "cuda":
         from aphrodite import _C
 
@@ -342,19 +345,27 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str | None, device: torch.device):
-    """`auto` takes the checkpoint's dtype (float32 when it names none); on CPU a float16
-    checkpoint runs in bfloat16, since the CPU kernels and torch's CPU GEMMs favour it."""
+    """`auto` takes the checkpoint's dtype (float32 when it names none), except that on the CPU
+    a float16 checkpoint runs in bfloat16 (torch's CPU GEMMs favour it) and on CUDA a float32
+    one runs in bfloat16 (the CUDA attention and GEMM kernels are 16-bit only)."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
             raise ValueError(f"dtype {dtype} is not one of float32, float16, bfloat16")
-        return dtype
-    if dtype != "auto":
+        resolved = dtype
+    elif dtype != "auto":
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be 'auto', 'float32', 'float16' or 'bfloat16', not {dtype!r}")
-        return _DTYPES[dtype]
-    resolved = _DTYPES.get(str(checkpoint_dtype).replace("torch.", ""), torch.float32)
-    if resolved == torch.float16 and device.type == "cpu":
-        return torch.bfloat16
+            raise ValueError(
+                f"dtype must be 'auto', 'float32', 'float16' or 'bfloat16', not {dtype!r}"
+            )
+        resolved = _DTYPES[dtype]
+    else:
+        resolved = _DTYPES.get(str(checkpoint_dtype).replace("torch.", ""), torch.float32)
+        if resolved == torch.float16 and device.type == "cpu":
+            return torch.bfloat16
+        if resolved == torch.float32 and device.type == "cuda":
+            return torch.bfloat16
+    if resolved == torch.float32 and device.type == "cuda":
+        raise ValueError("float32 is not supported on CUDA (the kernels are float16/bfloat16)")
     return resolved
 
 
