@@ -133,7 +133,8 @@ def _parse_rope(text: dict[str, Any], max_position_embeddings: int) -> RopeConfi
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(
-            f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+            f"rope type {rope_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
         )
     if float(_get(params, "partial_rotary_factor", _get(text, "partial_rotary_factor", 1.0))) != 1:
         raise ValueError("partial_rotary_factor != 1 is not supported for Llama")
@@ -263,9 +264,13 @@ def parse_image_processor(pp: dict[str, Any]) -> dict[str, Any]:
     else:
         shortest_edge = int(size)
     crop = pp.get("crop_size", {"height": 224, "width": 224})
-    crop_size = (int(crop["height"]), int(crop["width"])) if isinstance(crop, dict) else (
-        int(crop),
-        int(crop),
+    crop_size = (
+        (int(crop["height"]), int(crop["width"]))
+        if isinstance(crop, dict)
+        else (
+            int(crop),
+            int(crop),
+        )
     )
     do_normalize = bool(pp.get("do_normalize", True))
     resample = int(pp.get("resample", 3))
@@ -301,7 +306,9 @@ def resolve_model_path(model: str | os.PathLike, revision: str | None = None) ->
         from huggingface_hub import snapshot_download
         from huggingface_hub.constants import HF_HUB_CACHE
     except ImportError as e:  # pragma: no cover - huggingface_hub is a dependency
-        raise ValueError(f"model {model!r} is not a local folder and huggingface_hub is missing") from e
+        raise ValueError(
+            f"model {model!r} is not a local folder and huggingface_hub is missing"
+        ) from e
     try:
         return Path(
             snapshot_download(

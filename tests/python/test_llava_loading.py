@@ -10,14 +10,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from llava_plans import Planner, image_spans
-from PIL import Image
-
 from aphrodite.config import ModelConfig, parse_image_processor, parse_llava_config
 from aphrodite.modeling.weights import canonical_name, iterate_weights, safetensors_files
 from aphrodite.testing import build_tiny_llava
 from aphrodite.testing.hf_reference import hf_greedy, hf_llava_model, hf_llava_processor
 from aphrodite.worker.model_runner import ModelRunner, determine_num_kv_blocks
+from llava_plans import Planner, image_spans
+from PIL import Image
 
 # config.json of llava-hf/llava-1.5-7b-hf: most fields are left to transformers' defaults.
 LLAVA_15_7B = {
@@ -76,11 +75,18 @@ def test_rope_layouts_agree():
     old = json.loads(json.dumps(LLAVA_15_7B))
     old["text_config"].update(rope_theta=5e5, rope_scaling={"type": "linear", "factor": 4.0})
     new = json.loads(json.dumps(LLAVA_15_7B))
-    new["text_config"]["rope_parameters"] = {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5}
+    new["text_config"]["rope_parameters"] = {
+        "rope_type": "linear",
+        "factor": 4.0,
+        "rope_theta": 5e5,
+    }
     assert parse_llava_config(old).text.rope == parse_llava_config(new).text.rope
     llama3 = json.loads(json.dumps(LLAVA_15_7B))
     llama3["text_config"]["rope_scaling"] = {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
     }
     # original_max_position_embeddings falls back to max_position_embeddings, as in HF.
     assert parse_llava_config(llama3).text.rope.original_max_position_embeddings == 4096
@@ -123,7 +129,9 @@ def test_model_config_load(tiny):
     assert cfg.tokenizer.convert_tokens_to_ids("<image>") == cfg.image_token_id
     assert cfg.num_image_tokens == 4 and cfg.chat_template.startswith("{% for message")
     assert cfg.image_processor["crop_size"] == (28, 28)
-    assert ModelConfig.load(tiny, dtype="bfloat16", device="cpu", max_model_len=64).max_model_len == 64
+    assert (
+        ModelConfig.load(tiny, dtype="bfloat16", device="cpu", max_model_len=64).max_model_len == 64
+    )
     with pytest.raises(ValueError, match="max_model_len"):
         ModelConfig.load(tiny, device="cpu", max_model_len=4096)
     with pytest.raises(ValueError, match="dtype"):
@@ -165,16 +173,25 @@ def test_hub_id_resolved_from_cache(tiny, tmp_path, monkeypatch):
 
 
 def test_canonical_names_of_both_layouts():
-    pairs = {
-        "language_model.model.layers.0.self_attn.q_proj.weight": "language_model.layers.0.self_attn.q_proj.weight",
-        "model.language_model.layers.0.mlp.up_proj.weight": "language_model.layers.0.mlp.up_proj.weight",
-        "language_model.lm_head.weight": "lm_head.weight",
-        "lm_head.weight": "lm_head.weight",
-        "vision_tower.vision_model.encoder.layers.1.mlp.fc1.bias": "vision_tower.encoder.layers.1.mlp.fc1.bias",
-        "model.vision_tower.embeddings.class_embedding": "vision_tower.embeddings.class_embedding",
-        "model.multi_modal_projector.linear_1.weight": "multi_modal_projector.linear_1.weight",
-    }
-    for name, canonical in pairs.items():
+    pairs = [
+        (
+            "language_model.model.layers.0.self_attn.q_proj.weight",
+            "layers.0.self_attn.q_proj.weight",
+        ),
+        ("model.language_model.layers.0.mlp.up_proj.weight", "layers.0.mlp.up_proj.weight"),
+        ("language_model.model.norm.weight", "norm.weight"),
+    ]
+    pairs = [(old, f"language_model.{new}") for old, new in pairs] + [
+        ("language_model.lm_head.weight", "lm_head.weight"),
+        ("lm_head.weight", "lm_head.weight"),
+        ("vision_tower.vision_model.pre_layrnorm.bias", "vision_tower.pre_layrnorm.bias"),
+        (
+            "model.vision_tower.embeddings.class_embedding",
+            "vision_tower.embeddings.class_embedding",
+        ),
+        ("model.multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_1.weight"),
+    ]
+    for name, canonical in pairs:
         assert canonical_name(name) == canonical
 
 
@@ -236,8 +253,6 @@ def tiny64(tmp_path_factory):
 def test_bfloat16_matches_hf_on_device(tiny64, device):
     """bf16 on each device against HF in bf16 on the same device, teacher-forced on HF's greedy
     tokens (so that one bf16 near-tie cannot derail the rest): logprobs within bf16 tolerance."""
-    if device == "cuda":
-        torch.cuda.init()
     processor = hf_llava_processor(tiny64)
     model = hf_llava_model(tiny64, dtype=torch.bfloat16, device=device)
     image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 52, 3), dtype=np.uint8))
@@ -246,7 +261,9 @@ def test_bfloat16_matches_hf_on_device(tiny64, device):
     runner = ModelRunner(ModelConfig.load(tiny64, dtype="bfloat16", device=device))
     runner.allocate_kv_cache(num_blocks=16, block_size=16)
     planner = Planner(block_size=16, blocks_per_request=4, chunk=64)
-    planner.add("r", ref.prompt_ids, image_spans(ref.prompt_ids, runner.model_config.image_token_id))
+    planner.add(
+        "r", ref.prompt_ids, image_spans(ref.prompt_ids, runner.model_config.image_token_id)
+    )
     array = np.asarray(image)
     worst = 0.0
     for step in range(len(ref.token_ids)):

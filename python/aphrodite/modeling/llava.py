@@ -33,16 +33,12 @@ class LlavaMultiModalProjector(nn.Module):
     casts the result back to the model dtype.
     """
 
-    def __init__(
-        self, in_features: int, hidden: int, bias: bool, act: str, dtype, device
-    ) -> None:
+    def __init__(self, in_features: int, hidden: int, bias: bool, act: str, dtype, device) -> None:
         super().__init__()
         self.linear_1 = Linear(in_features, hidden, bias, dtype, device)
         self.linear_2 = Linear(hidden, hidden, bias, dtype, device)
         self.activation = PROJECTOR_ACTIVATIONS[act]
-        self.compute_dtype = (
-            torch.float32 if torch.device(device).type == "cpu" else dtype
-        )
+        self.compute_dtype = torch.float32 if torch.device(device).type == "cpu" else dtype
         self._op_weights: tuple[torch.Tensor, ...] | None = None
 
     def op_weights(self) -> tuple[torch.Tensor, ...]:
@@ -100,7 +96,7 @@ class LlavaForConditionalGeneration(nn.Module):
         return self.lm_head.weight
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [n, 3, size, size] -> image embeddings [n, num_image_tokens, text_hidden]."""
+        """pixel_values [n, 3, size, size] -> embeddings [n, num_image_tokens, text_hidden]."""
         states = self.vision_tower(pixel_values, self.feature_layers)
         if self.config.vision_feature_select_strategy == "default":
             states = [s[:, 1:] for s in states]  # drop CLS
@@ -159,7 +155,8 @@ class LlavaForConditionalGeneration(nn.Module):
                 raise ValueError(f"unexpected tensor {name!r} in the checkpoint")
             if target.shape != tensor.shape:
                 raise ValueError(
-                    f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
+                    f"tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(target.shape)}"
                 )
             target.copy_(tensor)
         missing = [
