@@ -10,6 +10,10 @@
 
 namespace py = pybind11;
 
+namespace aphrodite::bindings {
+void bind_engine(py::module_& m);
+}  // namespace aphrodite::bindings
+
 namespace {
 
 py::dict backend_info_to_dict(const aphrodite::BackendInfo& info) {
@@ -76,6 +80,7 @@ PYBIND11_MODULE(_C, m) {
       "used by this build on this machine.");
 
   aphrodite::bindings::bind_tensor(m);
+  aphrodite::bindings::bind_engine(m);
 
   // Ops: every area binds its ops into this submodule (cpp/bindings/*_ops.cpp).
   py::module_ ops = m.def_submodule("ops", "The core's ops; backend chosen by the tensors' device");
