@@ -170,18 +170,15 @@ class ChatTemplate:
         return text
 
 
-def resolve_chat_template(cli_value: str | None, tokenizer: Any) -> ChatTemplate:
-    """The template given on the command line, else the tokenizer's own; an error if neither."""
-    source = load_chat_template(cli_value)
-    if source is None:
-        source = getattr(tokenizer, "chat_template", None)
-        if isinstance(source, dict):  # a named set of templates: the default one
-            source = source.get("default")
+def resolve_chat_template(cli_value: str | None, model_template: str | None) -> ChatTemplate:
+    """The template given on the command line, else the checkpoint's own (tokenizer config,
+    chat_template.jinja or chat_template.json); an error if neither exists."""
+    source = load_chat_template(cli_value) or model_template
     if not source:
         raise ChatTemplateError(
-            "the model's tokenizer has no chat template, so chat requests cannot be formatted; "
-            "pass one with --chat-template FILE_OR_STRING (for LLaVA-1.5: "
-            "--chat-template examples/llava.jinja)"
+            "the model has no chat template (none in its tokenizer config, chat_template.jinja "
+            "or chat_template.json), so chat requests cannot be formatted; pass one with "
+            "--chat-template FILE_OR_STRING (for LLaVA-1.5: --chat-template examples/llava.jinja)"
         )
     return ChatTemplate(source)
 

@@ -41,8 +41,10 @@ class _Pending:
     request_id: str
     prompt: Any
     params: SamplingParams
+    add_special_tokens: bool
     stream: RequestStream
     accepted: asyncio.Future
+    arrival: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -107,22 +109,21 @@ class AsyncLLMEngine:
     """Serves many concurrent requests from asyncio over one :class:`LLMEngine`.
 
     Args:
-        engine: the synchronous engine; after :meth:`start` only the engine thread uses it.
-        stats_fn: returns the engine core's stats dict (called on the engine thread).
-        on_finished: called on the engine thread when a request ends, with (finish_reason,
-            prompt tokens, generated tokens, time to first token or None, inter-token gaps,
-            end-to-end seconds); the server feeds its metrics with it.
+        engine: the synchronous engine (``add_request``, ``process_prompt``, ``step``,
+            ``abort_request``, ``has_unfinished_requests``, ``stats``); after :meth:`start`
+            only the engine thread uses it.
+
+    Hooks (set before :meth:`start`; called on the engine thread):
+        on_finished(finish_reason, prompt tokens, generated tokens, time to first token or
+            None, inter-token gaps, end-to-end seconds) when a request ends;
+        on_preprocessed(seconds) after a prompt was tokenized and its images converted,
+            hashed and expanded.
     """
 
-    def __init__(
-        self,
-        engine: Any,
-        stats_fn: Callable[[], dict] | None = None,
-        on_finished: Callable[..., None] | None = None,
-    ):
+    def __init__(self, engine: Any):
         self.engine = engine
-        self._stats_fn = stats_fn
-        self._on_finished = on_finished
+        self.on_finished: Callable[..., None] | None = None
+        self.on_preprocessed: Callable[[float], None] | None = None
         self._lock = threading.Lock()
         self._adds: deque[_Pending] = deque()
         self._aborts: deque[str] = deque()
@@ -166,15 +167,20 @@ class AsyncLLMEngine:
     # ------------------------------------------------------------------ requests
 
     async def add_request(
-        self, request_id: str, prompt: Any, params: SamplingParams
+        self, request_id: str, prompt: Any, params: SamplingParams,
+        add_special_tokens: bool = True,
     ) -> RequestStream:
         """Queues a request; returns its stream once the engine accepted it. Raises the
-        engine's ValueError when the request can never run (e.g. the prompt is too long)."""
+        engine's ValueError when the request can never run (e.g. the prompt is too long).
+        ``add_special_tokens=False`` for prompts rendered by a chat template, which already
+        carry the BOS token."""
         if self._dead is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
         loop = asyncio.get_running_loop()
         stream = RequestStream(request_id, loop, self.abort)
-        pending = _Pending(request_id, prompt, params, stream, loop.create_future())
+        pending = _Pending(
+            request_id, prompt, params, add_special_tokens, stream, loop.create_future()
+        )
         with self._lock:
             self._adds.append(pending)
         self._wakeup.set()
@@ -207,8 +213,7 @@ class AsyncLLMEngine:
     # ------------------------------------------------------------------ engine thread
 
     def _refresh_stats(self) -> None:
-        if self._stats_fn is not None:
-            self._stats = dict(self._stats_fn())
+        self._stats = dict(self.engine.stats())
 
     def _run(self) -> None:
         try:
@@ -259,14 +264,21 @@ class AsyncLLMEngine:
         if p.request_id in self._streams:
             self._resolve(p.accepted, ValueError(f"request id {p.request_id!r} is already in use"))
             return
-        arrival = time.perf_counter()
+        start = time.perf_counter()
         try:
-            self.engine.add_request(p.request_id, p.prompt, p.params)
+            processed = self.engine.process_prompt(
+                p.prompt, add_special_tokens=p.add_special_tokens
+            )
+            if self.on_preprocessed is not None:
+                self.on_preprocessed(time.perf_counter() - start)
+            self.engine.add_request(p.request_id, processed, p.params)
         except (ValueError, TypeError) as e:
             self._resolve(p.accepted, e)
             return
         self._streams[p.request_id] = p.stream
-        self._timings[p.request_id] = _RequestTiming(arrival=arrival)
+        self._timings[p.request_id] = _RequestTiming(
+            arrival=p.arrival, num_prompt_tokens=len(processed.prompt_token_ids)
+        )
         self._resolve(p.accepted, None)
 
     def _abort_now(self, request_ids: list[str]) -> None:
@@ -303,12 +315,12 @@ class AsyncLLMEngine:
 
     def _finish_timing(self, request_id: str, reason: str) -> None:
         timing = self._timings.pop(request_id, None)
-        if timing is None or self._on_finished is None:
+        if timing is None or self.on_finished is None:
             return
         now = time.perf_counter()
         ttft = timing.first_token - timing.arrival if timing.first_token is not None else None
         try:
-            self._on_finished(reason, timing.num_prompt_tokens, timing.num_generated, ttft,
+            self.on_finished(reason, timing.num_prompt_tokens, timing.num_generated, ttft,
                               timing.inter_token, now - timing.arrival)
         except Exception:
             logger.exception("request metrics hook failed")

@@ -156,7 +156,8 @@ def build_app(
     log_requests: bool = True,
 ) -> FastAPI:
     metrics = ServerMetrics(served_model_names[0], engine.stats)
-    engine._on_finished = metrics.observe_finished
+    engine.on_finished = metrics.observe_finished
+    engine.on_preprocessed = metrics.observe_preprocess
     fetcher = ImageFetcher(fetch_policy, observe=metrics.observe_image)
     ctx = ServingContext(
         engine=engine, tokenizer=tokenizer, served_model_names=served_model_names,
@@ -333,32 +334,51 @@ def run_server_from_args(args: argparse.Namespace, parser: argparse.ArgumentPars
         except ChatTemplateError as e:
             parser.error(str(e))
 
-    from aphrodite.engine.server_engine import build_engine
+    from aphrodite.engine import EngineArgs, LLMEngine
 
-    built = build_engine(args, limits)
+    dtype = {"half": "float16", "float": "float32"}.get(args.dtype, args.dtype)
+    engine_args = EngineArgs(
+        model=args.model, tokenizer=args.tokenizer, revision=args.revision, dtype=dtype,
+        device=args.device, max_model_len=args.max_model_len,
+        limit_mm_per_prompt=limits or None,
+        **{
+            name: getattr(args, name)
+            for name in ("seed", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                         "enable_prefix_caching", "gpu_memory_utilization",
+                         "kv_cache_memory_gb", "num_kv_blocks", "enable_chunked_prefill")
+            if getattr(args, name) is not None
+        },
+    )
+    engine = LLMEngine(engine_args)
+    config = engine.model_config
     try:
-        chat_template = resolve_chat_template(args.chat_template, built.tokenizer)
+        chat_template = resolve_chat_template(args.chat_template, config.chat_template)
     except ChatTemplateError as e:
         logger.error("%s", e)
         return 2
     names = args.served_model_name or [args.model]
+    keys = api_keys_from(args)
+    tokenizer = engine.get_tokenizer()
     app = build_app(
-        AsyncLLMEngine(built.engine, stats_fn=built.stats),
-        tokenizer=built.tokenizer, model_path=args.model, served_model_names=names,
-        max_model_len=built.max_model_len, image_placeholder=built.image_placeholder,
-        chat_template=chat_template, fetch_policy=policy, max_images=limits.get("image"),
-        api_keys=api_keys_from(args), response_role=args.response_role,
-        log_requests=not args.disable_log_requests,
+        AsyncLLMEngine(engine),
+        tokenizer=tokenizer, model_path=args.model, served_model_names=names,
+        max_model_len=engine.max_model_len,
+        image_placeholder=tokenizer.convert_ids_to_tokens(config.image_token_id),
+        chat_template=chat_template, fetch_policy=policy,
+        max_images=engine_args.limit_mm_per_prompt["image"], api_keys=keys,
+        response_role=args.response_role, log_requests=not args.disable_log_requests,
     )
-    logger.info("model %s on %s, dtype %s, max model length %d", args.model, built.device,
-                built.dtype, built.max_model_len)
-    logger.info("KV cache: %d blocks of %d tokens = %d tokens", built.num_blocks,
-                built.block_size, built.num_blocks * built.block_size)
+    block_size = engine_args.block_size
+    logger.info("model %s on %s (%s), max model length %d", args.model, engine.device,
+                config.dtype, engine.max_model_len)
+    # Block 0 is the core's reserved null block.
+    logger.info("KV cache: %d blocks of %d tokens = %d tokens", engine.num_kv_blocks - 1,
+                block_size, (engine.num_kv_blocks - 1) * block_size)
     if policy.allowed_domains is None:
         logger.info("images may be fetched from any host (restrict with --allowed-media-domains)")
     host_shown = f"[{args.host}]" if ":" in args.host else args.host
-    logger.info("serving %s at http://%s:%d/v1 (auth %s)", names[0], host_shown, args.port,
-                "on" if api_keys_from(args) else "off")
+    logger.info("serving %s at http://%s:%d/v1 (API keys %s)", names[0], host_shown, args.port,
+                "required" if keys else "off")
     config = uvicorn.Config(app, host=args.host, port=args.port,
                             log_level=args.uvicorn_log_level, timeout_keep_alive=5)
     uvicorn.Server(config).run()

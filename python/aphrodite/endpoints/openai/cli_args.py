@@ -116,6 +116,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     eng.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
                      help="Fraction of GPU memory the engine may use (weights, activations and "
                      "KV cache).")
+    eng.add_argument("--kv-cache-memory-gb", type=float, default=None, metavar="GB",
+                     help="On CPU: KV-cache size in GiB (default: APHRODITE_CPU_KVCACHE_SPACE, "
+                     "else 4).")
     eng.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
                      help="Size the KV cache to exactly N blocks instead of profiling memory.")
     eng.add_argument("--limit-mm-per-prompt", nargs="+", metavar="MODALITY=N", default=None,
@@ -124,6 +127,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      default=None,
                      help="Reuse KV blocks of identical prompt prefixes (same text and images) "
                      "across requests (default: on).")
+    eng.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                     default=None,
+                     help="Split long prompts over several steps (default: on).")
     eng.add_argument("--seed", type=int, default=None, help="Seed of the engine's sampler.")
     return parser
 

@@ -90,6 +90,10 @@ class ServerMetrics:
         self.image_decode_time = Histogram(
             "aphrodite:image_decode_seconds", "Time to decode an image's bytes into pixels.",
             labels, buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_preprocess_time = Histogram(
+            "aphrodite:prompt_preprocess_seconds", "Time to tokenize a prompt and convert, hash "
+            "and expand its images (on the engine thread).", labels, buckets=_LATENCY_BUCKETS,
+            registry=r)
         self.image_fetch_errors = Counter(
             "aphrodite:image_fetch_errors", "Image fetches that failed, by cause.",
             labels + ["code"], registry=r)
@@ -100,6 +104,9 @@ class ServerMetrics:
     def observe_image(self, stage: str, seconds: float) -> None:
         hist = self.image_fetch_time if stage == "fetch" else self.image_decode_time
         hist.labels(self._model).observe(seconds)
+
+    def observe_preprocess(self, seconds: float) -> None:
+        self.prompt_preprocess_time.labels(self._model).observe(seconds)
 
     def observe_finished(
         self,

@@ -81,7 +81,8 @@ class OpenAIServingChat:
         created = int(time.time())
         # Admission errors (prompt too long for the model, ...) surface here, before any byte
         # of a stream is sent, so they can still be 400s.
-        stream = await ctx.admit(request_id, prompt, params)
+        # The template writes the BOS token itself.
+        stream = await ctx.admit(request_id, prompt, params, add_special_tokens=False)
         if request.stream:
             return self._stream(request, request_id, created, stream)
         final = await unless_disconnected(_last(stream), raw)

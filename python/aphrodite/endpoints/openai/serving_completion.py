@@ -60,7 +60,8 @@ class OpenAIServingCompletion:
         try:
             for i, prompt in enumerate(prompts):
                 streams.append(
-                    await ctx.admit(f"{request_id}-{i}", self._engine_prompt(prompt), params)
+                    await ctx.admit(f"{request_id}-{i}", self._engine_prompt(prompt), params,
+                                    add_special_tokens=request.add_special_tokens)
                 )
         except BaseException:
             for s in streams:

@@ -91,13 +91,15 @@ class ServingContext:
         return {"prompt": text, "multi_modal_data": {"image": images}}
 
     async def admit(
-        self, request_id: str, prompt: Any, params: SamplingParams
+        self, request_id: str, prompt: Any, params: SamplingParams, add_special_tokens: bool
     ) -> AsyncGenerator[RequestOutput, None]:
         """Adds the request to the engine; returns its outputs. Requests the engine refuses
         (a prompt longer than the model allows, ...) are 400s. Closing the returned iterator
         before the request finished aborts it."""
         try:
-            stream = await self.engine.add_request(request_id, prompt, params)
+            stream = await self.engine.add_request(
+                request_id, prompt, params, add_special_tokens=add_special_tokens
+            )
         except (ValueError, TypeError) as e:
             raise APIError(str(e), code="invalid_prompt") from None
         return stream.__aiter__()
