@@ -11,6 +11,9 @@
 namespace py = pybind11;
 
 namespace aphrodite::bindings {
+void bind_attention_ops(py::module_& ops);
+void bind_image_ops(py::module_& ops);
+void bind_linear_ops(py::module_& ops);
 void bind_engine(py::module_& m);
 }  // namespace aphrodite::bindings
 
@@ -72,9 +75,7 @@ PYBIND11_MODULE(_C, m) {
         "Sets the number of threads used by the core's CPU kernels.");
   m.def(
       "require_device",
-      [](py::object device) {
-        aphrodite::backend_for(aphrodite::bindings::parse_device(device));
-      },
+      [](py::object device) { aphrodite::backend_for(aphrodite::bindings::parse_device(device)); },
       py::arg("device"),
       "Raises RuntimeError with the reason when `device` ('cpu', 'cuda', 'cuda:N') cannot be "
       "used by this build on this machine.");
@@ -84,5 +85,7 @@ PYBIND11_MODULE(_C, m) {
 
   // Ops: every area binds its ops into this submodule (cpp/bindings/*_ops.cpp).
   py::module_ ops = m.def_submodule("ops", "The core's ops; backend chosen by the tensors' device");
-  (void)ops;
+  aphrodite::bindings::bind_attention_ops(ops);
+  aphrodite::bindings::bind_image_ops(ops);
+  aphrodite::bindings::bind_linear_ops(ops);
 }

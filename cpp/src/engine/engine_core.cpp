@@ -152,7 +152,7 @@ struct EngineCore::Impl {
   void compute_keys(Request& r);
   std::int32_t limit_by_encoder(Request& r, std::int32_t start, std::int32_t n);
   void undo_encoder_choices(Request& r);
-  void release_encoder_entries(Request& r, bool report);
+  void release_encoder_entries(Request& r, std::vector<FreedEncoderOutput>& report_to);
   void release_blocks(Request& r);
   void remove_from_running(Request& r);
   void preempt(Request& r);
@@ -200,7 +200,8 @@ EngineCore::Impl::Impl(const EngineConfig& c)
 
 // Key of block i = SHA-256(key of block i-1 (zeros for i = 0) || the block's token ids (int32,
 // little endian) || for every image overlapping the block: 'I', its content hash, its offset
-// relative to the block start (int64, negative when it began in an earlier block) || for block 0
+// relative to the block start (int64, negative when it began in an earlier block) and its length
+// in tokens (int64; which of the block's tokens are image tokens depends on it) || for block 0
 // with a salt: 'S', the salt's length (uint64) and bytes). Chaining makes a key identify the whole
 // prefix, and the image fields make different images (or the same image at another position)
 // give different keys from the first block that holds one of its tokens.
@@ -218,10 +219,10 @@ void EngineCore::Impl::compute_keys(Request& r) {
     while (item < r.mm.size() && r.mm[item].offset + r.mm[item].length <= begin) ++item;
     for (std::size_t j = item; j < r.mm.size() && r.mm[j].offset < end; ++j) {
       const std::uint8_t tag = 'I';
-      const std::int64_t rel = r.mm[j].offset - begin;
+      const std::int64_t place[2] = {r.mm[j].offset - begin, r.mm[j].length};
       h.update(&tag, 1);
       h.update(r.mm[j].hash.data(), r.mm[j].hash.size());
-      h.update(&rel, sizeof(rel));
+      h.update(place, sizeof(place));
     }
     if (i == 0 && r.has_salt) {
       const std::uint8_t tag = 'S';
@@ -265,15 +266,14 @@ void EngineCore::Impl::undo_encoder_choices(Request& r) {
   r.enc_tokens_now = 0;
 }
 
-// Drops every embedding the request holds; reported to the runtime when it had them.
-void EngineCore::Impl::release_encoder_entries(Request& r, bool report) {
+// Drops every embedding the request holds; those the runtime has are listed in `report_to`.
+void EngineCore::Impl::release_encoder_entries(Request& r,
+                                               std::vector<FreedEncoderOutput>& report_to) {
   for (std::size_t j = 0; j < r.mm.size(); ++j) {
     const MMState s = r.mm_state[j];
     if (s == MMState::kCached || s == MMState::kEncodeNow) {
       encoder_cache_used -= r.mm[j].length;
-      if (s == MMState::kCached && report) {
-        pending_freed.push_back({r.id, static_cast<std::int32_t>(j)});
-      }
+      if (s == MMState::kCached) report_to.push_back({r.id, static_cast<std::int32_t>(j)});
     }
     r.mm_state[j] = MMState::kNone;
   }
@@ -303,7 +303,8 @@ void EngineCore::Impl::preempt(Request& r) {
   encoder_budget += r.enc_tokens_now;
   r.enc_tokens_now = 0;
   r.num_scheduled = 0;
-  release_encoder_entries(r, /*report=*/true);
+  // Reported in this very plan: the runtime needs them neither now nor later.
+  release_encoder_entries(r, out.freed_encoder_outputs);
   release_blocks(r);
   r.status = Status::kPreempted;
   waiting.insert(&r);
@@ -476,7 +477,7 @@ void EngineCore::Impl::finish(Request& r, FinishReason reason) {
     waiting.erase(&r);
   }
   r.status = Status::kFinished;
-  release_encoder_entries(r, /*report=*/true);
+  release_encoder_entries(r, pending_freed);
   release_blocks(r);
   auto it = requests.find(r.id);
   finished.push_back(std::move(it->second));

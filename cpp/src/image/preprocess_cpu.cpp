@@ -1,0 +1,243 @@
+// CPU execution of a preprocessing plan: PIL's two 8-bit resampling passes restricted to the
+// crop window, then the normalisation table into the planar output. Parallel over images when
+// there are enough of them, else over the rows of each image.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "aphrodite/parallel.h"
+#include "internal/image_preprocess.h"
+
+namespace aphrodite::detail {
+
+namespace {
+
+// PIL's clip8: drop the fraction bits and clamp to [0, 255].
+inline std::uint8_t clip8(std::int32_t v) {
+  v >>= kResamplePrecisionBits;
+  return static_cast<std::uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v));
+}
+
+constexpr std::int32_t kRoundingBias = 1 << (kResamplePrecisionBits - 1);
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+struct ImageContext {
+  const PreprocessPlan& plan;
+  const ImagePlan& ip;
+  const std::uint8_t* src;
+  std::uint8_t* mid;  // first pass output (when there is one)
+  void* out;          // this image's [3, crop_h, crop_w] block
+  bool avx2;
+
+  const std::int32_t* x_bounds() const { return plan.tables.data() + ip.x_table; }
+  const std::int32_t* x_coeffs() const { return x_bounds() + 2 * (ip.x1 - ip.x0); }
+  const std::int32_t* y_bounds() const { return plan.tables.data() + ip.y_table; }
+  const std::int32_t* y_coeffs() const { return y_bounds() + 2 * (ip.y1 - ip.y0); }
+  std::int64_t src_stride() const { return static_cast<std::int64_t>(ip.width) * 3; }
+  const std::uint8_t* src_end() const { return src + ip.height * src_stride(); }
+
+  // Rows of the first pass: source rows [row0, row1) (horizontal first) or output rows
+  // [y0, y1) (vertical first); zero when there is no first pass.
+  std::int64_t first_pass_rows() const {
+    if (ip.vertical_first) return ip.y1 - ip.y0;
+    return ip.resample_x ? ip.row1 - ip.row0 : 0;
+  }
+  std::int64_t mid_stride() const {
+    if (ip.vertical_first) return static_cast<std::int64_t>(ip.col1 - ip.col0) * 3;
+    return ip.resample_x ? static_cast<std::int64_t>(ip.x1 - ip.x0) * 3 : src_stride();
+  }
+
+  void horizontal_row(const std::uint8_t* row, const std::uint8_t* row_buffer_end,
+                      std::uint8_t* dst) const {
+    const int count = ip.x1 - ip.x0;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (avx2) {
+      resample_row_horizontal_avx2(row, row_buffer_end, dst, count, ip.ksize_x, x_bounds(),
+                                   x_coeffs());
+      return;
+    }
+#endif
+    (void)row_buffer_end;
+    resample_row_horizontal_scalar(row, dst, count, ip.ksize_x, x_bounds(), x_coeffs());
+  }
+
+  // Output row `i` (relative to y0) of the vertical pass over `rows` (whose row 0 is source
+  // row `origin`), `bytes` bytes wide.
+  void vertical_row(const std::uint8_t* rows, std::int64_t stride, int origin, std::int64_t i,
+                    std::uint8_t* dst, int bytes) const {
+    const int ymin = y_bounds()[2 * i] - origin;
+    const int taps = y_bounds()[2 * i + 1];
+    const std::int32_t* k = y_coeffs() + i * ip.ksize_y;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (avx2) {
+      resample_row_vertical_avx2(rows, stride, ymin, taps, k, dst, bytes);
+      return;
+    }
+#endif
+    resample_row_vertical_scalar(rows, stride, ymin, taps, k, dst, bytes);
+  }
+
+  void first_pass(std::int64_t begin, std::int64_t end) const {
+    const std::int64_t stride = mid_stride();
+    for (std::int64_t r = begin; r < end; ++r) {
+      if (ip.vertical_first) {
+        vertical_row(src + static_cast<std::int64_t>(ip.col0) * 3, src_stride(), 0, r,
+                     mid + r * stride, (ip.col1 - ip.col0) * 3);
+      } else {
+        horizontal_row(src + (ip.row0 + r) * src_stride(), src_end(), mid + r * stride);
+      }
+    }
+  }
+
+  // Second pass and normalisation for output rows [begin, end) of the crop.
+  template <typename Bits>
+  void second_pass(std::int64_t begin, std::int64_t end) const {
+    const std::int64_t crop_h = plan.crop_h;
+    const std::int64_t crop_w = plan.crop_w;
+    const int count = ip.x1 - ip.x0;
+    std::vector<std::uint8_t> pixels(static_cast<std::size_t>(count) * 3);
+    const std::int64_t stride = mid_stride();
+    Bits* planes = static_cast<Bits*>(out);
+    Bits pad[3];
+    for (int c = 0; c < 3; ++c) pad[c] = static_cast<Bits>(plan.lut[c][0]);
+    for (std::int64_t y = begin; y < end; ++y) {
+      Bits* rows[3];
+      for (int c = 0; c < 3; ++c) rows[c] = planes + (c * crop_h + y) * crop_w;
+      if (y < ip.y0 || y >= ip.y1) {
+        for (int c = 0; c < 3; ++c) std::fill(rows[c], rows[c] + crop_w, pad[c]);
+        continue;
+      }
+      const std::int64_t i = y - ip.y0;
+      const std::uint8_t* line = pixels.data();
+      if (ip.vertical_first) {
+        horizontal_row(mid + i * stride, mid + first_pass_rows() * stride, pixels.data());
+      } else {
+        // "mid" rows are source rows from row0 on: the first pass's output, or the source
+        // itself at the crop's first column.
+        const std::uint8_t* mid0 =
+            ip.resample_x ? mid
+                          : src + ip.row0 * src_stride() +
+                                static_cast<std::int64_t>(ip.x0 + ip.left) * 3;
+        if (ip.resample_y) {
+          vertical_row(mid0, stride, ip.row0, i, pixels.data(), count * 3);
+        } else {
+          line = mid0 + (y + ip.top - ip.row0) * stride;
+        }
+      }
+      for (int c = 0; c < 3; ++c) {
+        Bits* o = rows[c];
+        std::fill(o, o + ip.x0, pad[c]);
+        const std::uint32_t* lut = plan.lut[c];
+        for (int x = 0; x < count; ++x) o[ip.x0 + x] = static_cast<Bits>(lut[line[3 * x + c]]);
+        std::fill(o + ip.x1, o + crop_w, pad[c]);
+      }
+    }
+  }
+
+  void second_pass_rows(std::int64_t begin, std::int64_t end, std::size_t elem_size) const {
+    if (elem_size == 4) {
+      second_pass<std::uint32_t>(begin, end);
+    } else {
+      second_pass<std::uint16_t>(begin, end);
+    }
+  }
+};
+
+// Rows per parallel task: enough work to amortise the dispatch.
+std::int64_t row_grain(std::int64_t row_work) {
+  constexpr std::int64_t kTargetWork = 1 << 16;
+  return std::max<std::int64_t>(1, kTargetWork / std::max<std::int64_t>(1, row_work));
+}
+
+}  // namespace
+
+void resample_row_horizontal_scalar(const std::uint8_t* src, std::uint8_t* dst, int count,
+                                    int ksize, const std::int32_t* bounds,
+                                    const std::int32_t* coeffs) {
+  for (int i = 0; i < count; ++i) {
+    const int xmin = bounds[2 * i];
+    const int taps = bounds[2 * i + 1];
+    const std::int32_t* k = coeffs + static_cast<std::int64_t>(i) * ksize;
+    const std::uint8_t* p = src + static_cast<std::int64_t>(xmin) * 3;
+    std::int32_t s0 = kRoundingBias, s1 = kRoundingBias, s2 = kRoundingBias;
+    for (int x = 0; x < taps; ++x) {
+      s0 += p[3 * x + 0] * k[x];
+      s1 += p[3 * x + 1] * k[x];
+      s2 += p[3 * x + 2] * k[x];
+    }
+    dst[3 * i + 0] = clip8(s0);
+    dst[3 * i + 1] = clip8(s1);
+    dst[3 * i + 2] = clip8(s2);
+  }
+}
+
+void resample_row_vertical_scalar(const std::uint8_t* mid, std::int64_t mid_stride, int ymin,
+                                  int taps, const std::int32_t* coeffs, std::uint8_t* dst,
+                                  int bytes) {
+  constexpr int kChunk = 256;
+  std::int32_t acc[kChunk];
+  for (int j0 = 0; j0 < bytes; j0 += kChunk) {
+    const int n = std::min(kChunk, bytes - j0);
+    std::fill(acc, acc + n, kRoundingBias);
+    for (int t = 0; t < taps; ++t) {
+      const std::uint8_t* row = mid + (ymin + t) * mid_stride + j0;
+      const std::int32_t k = coeffs[t];
+      for (int j = 0; j < n; ++j) acc[j] += row[j] * k;
+    }
+    for (int j = 0; j < n; ++j) dst[j0 + j] = clip8(acc[j]);
+  }
+}
+
+void preprocess_images_cpu(const PreprocessPlan& plan,
+                           const std::vector<const std::uint8_t*>& sources, const TensorView& out) {
+  const std::size_t elem = dtype_size(out.dtype());
+  const std::int64_t image_elems = 3 * plan.crop_h * plan.crop_w;
+  auto* out_bytes = static_cast<std::uint8_t*>(out.data());
+  const bool avx2 = cpu_has_avx2();
+  const auto n = static_cast<std::int64_t>(plan.images.size());
+  auto context = [&](std::int64_t i, std::uint8_t* mid) {
+    return ImageContext{plan, plan.images[static_cast<std::size_t>(i)],
+                        sources[static_cast<std::size_t>(i)], mid,
+                        out_bytes + i * image_elems * static_cast<std::int64_t>(elem), avx2};
+  };
+  if (n >= num_threads()) {
+    // Whole images per thread: no synchronisation between the two passes.
+    parallel_for(0, n, 1, [&](std::int64_t begin, std::int64_t end) {
+      std::vector<std::uint8_t> mid;
+      for (std::int64_t i = begin; i < end; ++i) {
+        ImageContext ctx = context(i, nullptr);
+        mid.resize(static_cast<std::size_t>(ctx.first_pass_rows() * ctx.mid_stride()));
+        ctx.mid = mid.data();
+        ctx.first_pass(0, ctx.first_pass_rows());
+        ctx.second_pass_rows(0, plan.crop_h, elem);
+      }
+    });
+    return;
+  }
+  // Few images: split each image's rows across the pool, one pass after the other.
+  std::vector<std::uint8_t> mid(static_cast<std::size_t>(plan.max_mid_bytes));
+  for (std::int64_t i = 0; i < n; ++i) {
+    const ImagePlan& ip = plan.images[static_cast<std::size_t>(i)];
+    const ImageContext ctx = context(i, mid.data());
+    const std::int64_t first_work =
+        ip.vertical_first ? static_cast<std::int64_t>(ip.col1 - ip.col0) * 3 * ip.ksize_y
+                          : static_cast<std::int64_t>(ip.x1 - ip.x0) * 3 * ip.ksize_x;
+    parallel_for(0, ctx.first_pass_rows(), row_grain(first_work),
+                 [&](std::int64_t b, std::int64_t e) { ctx.first_pass(b, e); });
+    const std::int64_t second_work =
+        plan.crop_w * 3 * std::max(1, ip.vertical_first ? ip.ksize_x : ip.ksize_y);
+    parallel_for(0, plan.crop_h, row_grain(second_work),
+                 [&](std::int64_t b, std::int64_t e) { ctx.second_pass_rows(b, e, elem); });
+  }
+}
+
+}  // namespace aphrodite::detail

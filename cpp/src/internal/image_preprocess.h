@@ -1,0 +1,98 @@
+// Internal plan of preprocess_images, shared by the CPU kernels and the CUDA kernels.
+//
+// The host plans every image in plain integers (PIL's fixed-point bicubic coefficients included)
+// and both backends execute the same plan with integer arithmetic only, so their resized pixels
+// are identical. PIL (ImagingResampleInner) resamples in two separable passes with a uint8 image
+// between them: horizontal first, except when both axes change, the height shrinks and
+// (in_h - out_h) > 2 * (in_w - out_w), where it runs the vertical pass first. Per image:
+//   1. first pass into the uint8 "mid" image, restricted to what the crop window needs:
+//      horizontal first: source rows [row0, row1) resampled to the output columns [x0, x1);
+//      vertical first: output rows [y0, y1) resampled from source columns [col0, col1)
+//      (the x bounds are then relative to col0). Without horizontal resampling (and horizontal
+//      first) "mid" is the source itself, offset to the crop's columns;
+//   2. second pass per output row in [y0, y1) (a copy when that axis keeps its size);
+//   3. each uint8 value goes through a per-channel table giving the normalised value in the
+//      output dtype; output pixels outside [y0, y1) x [x0, x1) are HF's zero padding.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "aphrodite/image.h"
+#include "aphrodite/tensor.h"
+
+namespace aphrodite::detail {
+
+// PIL's fixed-point precision for 8-bit resampling: 32 - 8 - 2.
+constexpr int kResamplePrecisionBits = 22;
+
+struct ImagePlan {
+  std::int64_t src_offset;  // byte offset of the image in the packed sources (CUDA)
+  std::int64_t mid_offset;  // byte offset of the horizontal stage's output in the scratch buffer
+  std::int64_t x_table;     // int32 offset of the x bounds (2 per column) then the x coefficients
+  std::int64_t y_table;     // same for y (2 per row, then the coefficients)
+  std::int32_t height, width;
+  std::int32_t top, left;  // resized coordinates of output pixel (0, 0); may be negative
+  std::int32_t y0, y1;     // output rows that fall inside the resized image
+  std::int32_t x0, x1;     // output columns that fall inside the resized image
+  std::int32_t row0, row1;  // source rows the vertical pass reads
+  std::int32_t col0, col1;  // source columns the horizontal pass reads
+  std::int32_t ksize_x, ksize_y;
+  std::int32_t resample_x, resample_y;  // 0 when that axis keeps its size (PIL skips the pass)
+  std::int32_t vertical_first;
+};
+
+struct PreprocessPlan {
+  std::vector<ImagePlan> images;
+  std::vector<std::int32_t> tables;   // bounds (xmin, count) and coefficients, PIL's layout
+  std::int64_t scratch_bytes = 0;     // sum of the first passes' outputs ("mid" images)
+  std::int64_t max_mid_bytes = 0;     // the largest single one
+  std::int64_t crop_h = 0, crop_w = 0;
+  // Normalised value of every (channel, uint8) pair, as the output dtype's bits (float16 and
+  // bfloat16 in the low 16 bits).
+  std::uint32_t lut[3][256] = {};
+};
+
+// Validates the arguments and plans every image (host work, no pixel is read).
+PreprocessPlan plan_preprocess(const std::vector<TensorView>& images, const TensorView& out,
+                               const ImagePreprocessParams& params);
+
+// PIL's precompute_coeffs + normalize_coeffs_8bpc for BICUBIC (a = -0.5) resizing `in_size` to
+// `out_size`, restricted to the outputs [first, first + count): writes (xmin, n) pairs to
+// `bounds` and ksize coefficients per output to `coeffs`. ksize from bicubic_ksize.
+int bicubic_ksize(int in_size, int out_size);
+void bicubic_coeffs(int in_size, int out_size, int first, int count, int ksize,
+                    std::int32_t* bounds, std::int32_t* coeffs);
+
+// The CPU execution of a plan; `sources[i]` is image i's pixels.
+void preprocess_images_cpu(const PreprocessPlan& plan,
+                           const std::vector<const std::uint8_t*>& sources, const TensorView& out);
+
+// Horizontal and vertical stages for one row, scalar and AVX2 (identical results).
+// Horizontal: `src` is one source row (3 bytes per pixel), writes `count` pixels to `dst`.
+void resample_row_horizontal_scalar(const std::uint8_t* src, std::uint8_t* dst, int count,
+                                    int ksize, const std::int32_t* bounds,
+                                    const std::int32_t* coeffs);
+// Vertical: reads taps rows `mid + (ymin + t) * mid_stride`, writes `bytes` bytes to `dst`.
+void resample_row_vertical_scalar(const std::uint8_t* mid, std::int64_t mid_stride, int ymin,
+                                  int taps, const std::int32_t* coeffs, std::uint8_t* dst,
+                                  int bytes);
+#if defined(__x86_64__) || defined(_M_X64)
+// `src_end` bounds the source buffer: no load reads at or past it.
+void resample_row_horizontal_avx2(const std::uint8_t* src, const std::uint8_t* src_end,
+                                  std::uint8_t* dst, int count, int ksize,
+                                  const std::int32_t* bounds, const std::int32_t* coeffs);
+void resample_row_vertical_avx2(const std::uint8_t* mid, std::int64_t mid_stride, int ymin,
+                                int taps, const std::int32_t* coeffs, std::uint8_t* dst,
+                                int bytes);
+#endif
+
+#ifdef APHRODITE_WITH_CUDA
+// Uploads the sources once and runs the plan on `stream` into `out` (a CUDA tensor).
+void preprocess_images_cuda(const PreprocessPlan& plan,
+                            const std::vector<const std::uint8_t*>& sources,
+                            const std::vector<std::int64_t>& source_bytes, const TensorView& out,
+                            StreamHandle stream);
+#endif
+
+}  // namespace aphrodite::detail

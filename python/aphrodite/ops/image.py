@@ -1,0 +1,97 @@
+"""Image preprocessing for vision towers (HF CLIPImageProcessorPil semantics, PIL-exact resize)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from aphrodite import _C
+from aphrodite.ops._stream import stream_of
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def preprocess_images(
+    images: Sequence[Any],
+    out: torch.Tensor,
+    shortest_edge: int,
+    crop_size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    rescale_factor: float = 1 / 255,
+    do_resize: bool = True,
+    do_center_crop: bool = True,
+) -> torch.Tensor:
+    """Resizes (PIL bicubic, shortest edge), center-crops (HF's zero padding when smaller),
+    rescales and normalises RGB uint8 ``[H, W, 3]`` CPU images (torch tensors or numpy arrays,
+    each its own size) into ``out`` ``[N, 3, crop_h, crop_w]`` (float32/float16/bfloat16, CPU or
+    CUDA; on CUDA it runs on the current stream). Returns ``out``."""
+    arrays = [np.ascontiguousarray(im) if isinstance(im, np.ndarray) else im.contiguous()
+              for im in images]
+    _C.ops.preprocess_images(
+        arrays, out, int(shortest_edge), (int(crop_size[0]), int(crop_size[1])),
+        tuple(float(m) for m in mean), tuple(float(s) for s in std), float(rescale_factor),
+        bool(do_resize), bool(do_center_crop), stream=stream_of(out))
+    return out
+
+
+def convert_to_rgb(image: Any) -> np.ndarray:
+    """An image as RGB uint8 ``[H, W, 3]``, converted the way HF's ``convert_to_rgb`` does:
+    PIL modes through PIL (transparency composited onto white), numpy arrays ``[H, W]``,
+    ``[H, W, 1]``, ``[H, W, 3]`` or ``[H, W, 4]`` (alpha composited onto white)."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+        if has_alpha:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba)
+        return np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise TypeError(f"numpy images must be uint8, got {array.dtype}")
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"numpy images must be [H, W] or [H, W, 1|3|4], got {array.shape}")
+    if array.shape[-1] == 1:
+        return np.repeat(array, 3, axis=-1)
+    if array.shape[-1] == 4:
+        alpha = array[..., 3:4] / 255
+        composite = alpha * array[..., :3] + (1 - alpha) * 255
+        return np.round(composite).astype(np.uint8)
+    return array
+
+
+def clip_preprocess(
+    images: Sequence[Any],
+    image_processor_config: dict[str, Any],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """HF CLIPImageProcessorPil on ``images`` (PIL images or numpy arrays), configured by a
+    preprocessor_config.json dict: returns pixel values ``[N, 3, crop_h, crop_w]``."""
+    cfg = image_processor_config
+    size = cfg.get("size", {"shortest_edge": 224})
+    shortest_edge = size["shortest_edge"] if isinstance(size, dict) else int(size)
+    crop = cfg.get("crop_size", {"height": 224, "width": 224})
+    crop_h, crop_w = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
+    resample = cfg.get("resample", 3)
+    if cfg.get("do_resize", True) and resample != 3:
+        raise ValueError(f"only bicubic resampling (resample=3) is supported, got {resample}")
+    mean = cfg.get("image_mean", OPENAI_CLIP_MEAN) if cfg.get("do_normalize", True) else (0, 0, 0)
+    std = cfg.get("image_std", OPENAI_CLIP_STD) if cfg.get("do_normalize", True) else (1, 1, 1)
+    rescale = cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else 1.0
+    if cfg.get("do_convert_rgb", True):
+        arrays = [convert_to_rgb(im) for im in images]
+    else:
+        arrays = [np.asarray(im) for im in images]
+    out = torch.empty(len(arrays), 3, crop_h, crop_w, dtype=dtype, device=device)
+    return preprocess_images(
+        arrays, out, shortest_edge, (crop_h, crop_w), mean, std, rescale,
+        cfg.get("do_resize", True), cfg.get("do_center_crop", True))

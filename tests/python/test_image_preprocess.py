@@ -1,0 +1,214 @@
+"""preprocess_images against HF's CLIPImageProcessorPil (transformers 5), and CUDA against CPU."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from aphrodite import _C
+from aphrodite import ops
+from aphrodite.ops.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+
+def fresh_rng() -> np.random.Generator:
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"image test seed {seed}")
+    return np.random.default_rng(seed)
+
+
+def gradient(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    y = np.linspace(0, 1, h)[:, None, None]
+    x = np.linspace(0, 1, w)[None, :, None]
+    a, b = rng.uniform(0, 255, 3), rng.uniform(-255, 255, 3)
+    return np.clip(a * (1 - x) + b * y * x + 20 * np.sin(7 * x + 3 * y), 0, 255).astype(np.uint8)
+
+
+def photo_like(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """Smooth blobs plus sharp edges plus a little noise, like natural images."""
+    small = rng.integers(0, 256, (max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR)).astype(np.int16)
+    base[h // 3 : h // 2, w // 4 : w // 2] = rng.integers(0, 256, 3)
+    noise = rng.integers(-6, 7, base.shape)
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def random_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    kind = rng.integers(0, 3)
+    if kind == 0:
+        return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return gradient(h, w, rng) if kind == 1 else photo_like(h, w, rng)
+
+
+def hf_processor(shortest_edge: int, crop: tuple[int, int], **kwargs) -> CLIPImageProcessorPil:
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": shortest_edge},
+        crop_size={"height": crop[0], "width": crop[1]},
+        **kwargs,
+    )
+
+
+def hf_pixels(proc: CLIPImageProcessorPil, images: list) -> torch.Tensor:
+    pil = [im if isinstance(im, Image.Image) else Image.fromarray(im) for im in images]
+    out = proc(images=pil, return_tensors="np")["pixel_values"]
+    return torch.from_numpy(np.stack(out) if isinstance(out, list) else out)
+
+
+def ours(images, shortest_edge, crop, device="cpu", dtype=torch.float32, mean=OPENAI_CLIP_MEAN,
+         std=OPENAI_CLIP_STD, **kwargs) -> torch.Tensor:
+    out = torch.empty(len(images), 3, *crop, dtype=dtype, device=device)
+    ops.preprocess_images(images, out, shortest_edge, crop, mean, std, **kwargs)
+    return out.cpu()
+
+
+def assert_same_as_hf(got: torch.Tensor, want: torch.Tensor, std=OPENAI_CLIP_STD) -> None:
+    """Bit-identical float32; on failure report the difference in uint8 levels."""
+    assert got.shape == want.shape
+    if not torch.equal(got, want):
+        levels = (got - want).abs() * torch.tensor(std).view(1, 3, 1, 1) * 255
+        raise AssertionError(
+            f"max {levels.max().item():.3f} uint8 levels apart, "
+            f"{(levels > 0.01).float().mean().item():.2e} of the pixels differ")
+
+
+SIZES_LLAVA = [(1, 1), (1, 7), (9, 1), (1, 90), (2, 3), (335, 336), (336, 336), (337, 500),
+               (480, 640), (1080, 1920), (600, 8000), (33, 47), (700, 40)]
+
+
+def test_llava_settings_match_hf(device: str) -> None:
+    rng = fresh_rng()
+    sizes = SIZES_LLAVA + [tuple(int(v) for v in rng.integers(1, 900, 2)) for _ in range(8)]
+    images = [random_image(rng, h, w) for h, w in sizes]
+    want = hf_pixels(hf_processor(336, (336, 336)), images)
+    assert_same_as_hf(ours(images, 336, (336, 336), device), want)
+
+
+@pytest.mark.parametrize(
+    "shortest_edge,crop",
+    [(224, (224, 224)), (100, (160, 120)), (64, (48, 80)), (17, (17, 17)), (300, (7, 301))],
+)
+def test_other_settings_match_hf(device: str, shortest_edge: int, crop: tuple[int, int]) -> None:
+    rng = fresh_rng()
+    sizes = [(1, 1), (3, 200), (200, 3)] + [
+        tuple(int(v) for v in rng.integers(1, 400, 2)) for _ in range(9)]
+    images = [random_image(rng, h, w) for h, w in sizes]
+    want = hf_pixels(hf_processor(shortest_edge, crop), images)
+    assert_same_as_hf(ours(images, shortest_edge, crop, device), want)
+
+
+def test_custom_mean_std_and_rescale_match_hf(device: str) -> None:
+    rng = fresh_rng()
+    images = [random_image(rng, int(h), int(w)) for h, w in rng.integers(20, 300, (6, 2))]
+    mean, std = (0.5, 0.25, 0.75), (0.5, 0.125, 2.0)
+    proc = hf_processor(96, (80, 96), image_mean=list(mean), image_std=list(std),
+                        rescale_factor=1 / 127)
+    got = ours(images, 96, (80, 96), device, mean=mean, std=std, rescale_factor=1 / 127)
+    assert_same_as_hf(got, hf_pixels(proc, images), std=std)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_dtypes_round_hf_float32(device: str, dtype: torch.dtype) -> None:
+    rng = fresh_rng()
+    images = [random_image(rng, int(h), int(w)) for h, w in rng.integers(1, 500, (6, 2))]
+    want = hf_pixels(hf_processor(224, (224, 224)), images).to(dtype)
+    got = ours(images, 224, (224, 224), device, dtype)
+    assert torch.equal(got, want)
+
+
+def test_without_resize_or_crop_match_hf(device: str) -> None:
+    rng = fresh_rng()
+    images = [random_image(rng, int(h), int(w)) for h, w in rng.integers(1, 120, (5, 2))]
+    want = hf_pixels(hf_processor(224, (64, 48), do_resize=False), images)
+    assert_same_as_hf(ours(images, 224, (64, 48), device, do_resize=False), want)
+    same = [random_image(rng, 50, 70) for _ in range(3)]
+    want = hf_pixels(hf_processor(50, (50, 70), do_center_crop=False), same)
+    assert_same_as_hf(ours(same, 50, (50, 70), device, do_center_crop=False), want)
+
+
+def test_pil_resize_exact_on_many_sizes() -> None:
+    """The resized pixels equal PIL's Image.resize(BICUBIC) exactly: identity normalisation and
+    a crop equal to the resized size, over upscales, downscales and both pass orders."""
+    rng = fresh_rng()
+    for _ in range(60):
+        h, w = (int(v) for v in rng.integers(1, 300, 2))
+        edge = int(rng.integers(1, 200))
+        rh, rw = _C.ops.shortest_edge_resize_size(h, w, edge)
+        if rh * rw > 2_000_000:
+            continue
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        want = np.asarray(Image.fromarray(img).resize((rw, rh), Image.BICUBIC))
+        got = ours([img], edge, (rh, rw), mean=(0, 0, 0), std=(1, 1, 1), rescale_factor=1.0)
+        assert np.array_equal(got[0].permute(1, 2, 0).numpy().astype(np.uint8), want), (h, w, edge)
+
+
+def test_cuda_equals_cpu() -> None:
+    from conftest import CUDA_USABLE
+
+    if not CUDA_USABLE:
+        pytest.skip("no usable CUDA device")
+    rng = fresh_rng()
+    sizes = SIZES_LLAVA + [tuple(int(v) for v in rng.integers(1, 2000, 2)) for _ in range(10)]
+    images = [random_image(rng, h, w) for h, w in sizes]
+    for dtype in (torch.float32, torch.bfloat16):
+        cpu = ours(images, 336, (336, 336), "cpu", dtype)
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            cuda = ours(images, 336, (336, 336), "cuda", dtype)
+        assert torch.equal(cpu, cuda)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "I;16", "LA", "1"])
+def test_clip_preprocess_converts_modes_like_hf(mode: str) -> None:
+    rng = fresh_rng()
+    rgba = Image.fromarray(rng.integers(0, 256, (37, 53, 4), dtype=np.uint8), "RGBA")
+    if mode == "I;16":
+        image = Image.fromarray(rng.integers(0, 65536, (37, 53), dtype=np.uint16))
+    elif mode == "P":
+        image = rgba.convert("RGB").convert("P")
+    else:
+        image = rgba.convert(mode)
+    config = {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
+    want = hf_pixels(CLIPImageProcessorPil(**config), [image])
+    assert_same_as_hf(ops.clip_preprocess([image], config), want)
+
+
+def test_clip_preprocess_numpy_inputs() -> None:
+    rng = fresh_rng()
+    gray = rng.integers(0, 256, (40, 30, 1), dtype=np.uint8)
+    rgba = rng.integers(0, 256, (40, 30, 4), dtype=np.uint8)
+    config = {"size": {"shortest_edge": 24}, "crop_size": {"height": 24, "width": 24}}
+    got = ops.clip_preprocess([gray, rgba], config)
+    proc = CLIPImageProcessorPil(**config)
+    want = torch.cat([torch.from_numpy(proc(images=[im], return_tensors="np")["pixel_values"])
+                      for im in (gray, rgba)])
+    assert_same_as_hf(got, want)
+
+
+def test_argument_errors() -> None:
+    img = np.zeros((10, 12, 3), np.uint8)
+    out = torch.empty(1, 3, 8, 8)
+    norm = ((0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(TypeError, match="images\\[0\\]"):
+        _C.ops.preprocess_images([img.astype(np.float32)], out, 8, (8, 8), *norm)
+    with pytest.raises(ValueError, match="images\\[0\\]"):
+        _C.ops.preprocess_images([np.zeros((10, 12, 4), np.uint8)], out, 8, (8, 8), *norm)
+    with pytest.raises(ValueError, match="images\\[0\\]"):
+        _C.ops.preprocess_images([np.zeros((0, 12, 3), np.uint8)], out, 8, (8, 8), *norm)
+    with pytest.raises(ValueError, match="out"):
+        _C.ops.preprocess_images([img, img], out, 8, (8, 8), *norm)
+    with pytest.raises(ValueError, match="crop_size"):
+        _C.ops.preprocess_images([img], out, 8, (8, 9), *norm)
+    with pytest.raises(TypeError, match="out"):
+        _C.ops.preprocess_images([img], torch.empty(1, 3, 8, 8, dtype=torch.int32), 8, (8, 8),
+                                 *norm)
+    with pytest.raises(ValueError, match="shortest_edge"):
+        _C.ops.preprocess_images([img], out, 0, (8, 8), *norm)
+    with pytest.raises(ValueError, match="without center crop"):
+        _C.ops.preprocess_images([img], out, 8, (8, 8), *norm, do_center_crop=False)
+    with pytest.raises(ValueError, match="out"):
+        _C.ops.preprocess_images([img], torch.empty(1, 3, 8, 8).transpose(2, 3)[..., :8], 8,
+                                 (8, 8), *norm)
