@@ -194,8 +194,6 @@ def test_precomputed_image_embeddings(checkpoints):
 
 def test_image_embeddings_match_hf(checkpoints):
     """The vision tower + projector alone, batched, against HF get_image_features."""
-    from aphrodite import ops
-
     for name in ("base", "full"):
         path = checkpoints[name]
         processor, model = hf_llava_processor(path), hf_llava_model(path)
@@ -207,9 +205,7 @@ def test_image_embeddings_match_hf(checkpoints):
             )
         runner = _runner(path)
         cfg = runner.model_config
-        ours_pixels = ops.clip_preprocess(
-            [np.asarray(i) for i in images], cfg.image_processor, cfg.device, cfg.dtype
-        )
+        ours_pixels = runner.preprocess([np.asarray(i) for i in images])
         torch.testing.assert_close(ours_pixels, pixels, rtol=0, atol=2e-5)
         with torch.inference_mode():
             got = runner.model.encode_images(pixels)
@@ -258,3 +254,65 @@ def test_kv_cache_shapes_and_bytes(checkpoints):
     assert k.shape == v.shape == (10, 8, 2, 24) and k.dtype == torch.float32
     total = sum(t.numel() * t.element_size() for pair in runner.kv_caches for t in pair)
     assert runner.kv_block_bytes(8) * 10 == total
+
+
+def test_engine_core_loop_matches_hf(checkpoints):
+    """The real scheduler drives the runner (the loop LLMEngine and a C++ host run): small token
+    and encoder budgets force chunked prefill through images, and two requests with the same
+    image and prompt prefix share cached blocks."""
+    import hashlib
+
+    from aphrodite import _C
+
+    path = checkpoints["base"]
+    processor, model = hf_llava_processor(path), hf_llava_model(path)
+    prompts = {
+        "a": (PROMPT, _image(30)),
+        "b": (PROMPT.replace("content", "color"), _image(30)),
+        "c": ("USER: <image>\nDescribe it. ASSISTANT:", _image(31, (64, 64))),
+    }
+    refs = {
+        rid: hf_greedy(model, processor, text, [img], MAX_NEW_TOKENS)
+        for rid, (text, img) in prompts.items()
+    }
+    runner = _runner(path, block_size=8)
+    cfg = runner.model_config
+    core = _C.EngineCore(
+        _C.EngineConfig(
+            num_blocks=64,
+            block_size=8,
+            max_num_seqs=2,
+            max_num_batched_tokens=7,
+            max_model_len=cfg.max_model_len,
+            max_num_encoder_tokens=cfg.num_image_tokens,
+            encoder_cache_size=2 * cfg.num_image_tokens,
+        )
+    )
+    arrays = {rid: np.asarray(img) for rid, (_, img) in prompts.items()}
+    for rid, ref in refs.items():
+        items = [
+            (offset, length, hashlib.sha256(arrays[rid].tobytes()).digest())
+            for offset, length in image_spans(ref.prompt_ids, cfg.image_token_id)
+        ]
+        core.add_request(rid, ref.prompt_ids, items, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
+    generated = {rid: [] for rid in refs}
+    logprobs = {rid: [] for rid in refs}
+    steps = 0
+    while core.has_unfinished_requests():
+        steps += 1
+        assert steps < 500
+        plan = core.schedule()
+        hidden = runner.execute_model(plan, lambda rid, idx: arrays[rid])
+        logits = runner.compute_logits(hidden[torch.from_numpy(plan.logits_indices).long()])
+        for seq, row in zip(plan.sampled_seq_indices.tolist(), logits):
+            logprobs[plan.request_ids[seq]].append(torch.log_softmax(row, -1))
+        sampled = logits.argmax(-1).to(torch.int32).numpy()
+        for rid, new_ids, finish_reason, _ in core.update(sampled):
+            generated[rid].extend(new_ids)
+            if finish_reason is not None:
+                assert finish_reason == "length"
+                runner.drop_request(rid)
+    assert core.stats()["prefix_cache_hits"] > 0
+    for rid, ref in refs.items():
+        _assert_matches(generated[rid], logprobs[rid], ref)
+    assert runner.encoder_cache == {}

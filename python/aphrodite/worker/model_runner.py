@@ -120,6 +120,24 @@ class ModelRunner:
         # A copy: the plan's arrays are views into buffers the core reuses next step.
         return torch.tensor(np.asarray(array), dtype=dtype, device=self.device)
 
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        """RGB uint8 [H, W, 3] images -> pixel values [n, 3, crop_h, crop_w] in the model's
+        dtype on its device (one preprocessing op call for the batch)."""
+        p = self.model_config.image_processor
+        crop_h, crop_w = p["crop_size"]
+        out = torch.empty(len(images), 3, crop_h, crop_w, dtype=self.dtype, device=self.device)
+        return ops.preprocess_images(
+            images,
+            out,
+            p["shortest_edge"],
+            (crop_h, crop_w),
+            p["mean"],
+            p["std"],
+            p["rescale_factor"],
+            p["do_resize"],
+            p["do_center_crop"],
+        )
+
     def _encode(
         self, items: list[tuple[str, int]], mm_inputs: Callable[[str, int], MMInput]
     ) -> None:
@@ -147,8 +165,7 @@ class ModelRunner:
                 images.append(image)
         if not images:
             return
-        pixels = ops.clip_preprocess(images, c.image_processor, self.device, self.dtype)
-        embeddings = self.model.encode_images(pixels)
+        embeddings = self.model.encode_images(self.preprocess(images))
         for key, embedding in zip(image_keys, embeddings):
             self.encoder_cache[key] = embedding
 
