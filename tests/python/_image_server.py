@@ -59,8 +59,11 @@ class ImageServer:
                 self.send_header("Content-Length", str(len(body)))
                 for k, v in (extra or {}).items():
                     self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the fetcher gave up (timeout, size limit): expected
 
             def do_GET(self):
                 parts = urllib.parse.urlsplit(self.path)

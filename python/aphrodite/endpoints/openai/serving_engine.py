@@ -76,7 +76,6 @@ class ServingContext:
         raise APIError(
             f"the model {name!r} does not exist; this server serves "
             f"{', '.join(repr(n) for n in self.served_model_names)}",
-            status_code=404,
             code="model_not_found",
             param="model",
         )
