@@ -19,7 +19,6 @@ import httpx
 import openai
 import pytest
 from _image_server import ImageServer
-
 from aphrodite.testing.tiny_llava import build_tiny_llava
 
 REPO = Path(__file__).resolve().parents[2]
