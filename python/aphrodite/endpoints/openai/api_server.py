@@ -20,7 +20,7 @@ from typing import Any
 
 import uvicorn
 from aphrodite import __version__
-from aphrodite.endpoints.chat_utils import (
+from aphrodite.endpoints.openai.chat_utils import (
     ChatInputError,
     ChatTemplate,
     ChatTemplateError,

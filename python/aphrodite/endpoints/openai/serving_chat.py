@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from aphrodite.endpoints.chat_utils import ChatTemplate, ChatTemplateError, parse_chat_messages
+from aphrodite.endpoints.openai.chat_utils import ChatTemplate, ChatTemplateError, parse_chat_messages
 from aphrodite.endpoints.openai.protocol import (
     ChatChoiceLogProbs,
     ChatCompletionRequest,
