@@ -39,9 +39,7 @@ def _sentencepiece_like_tokenizer() -> PreTrainedTokenizerFast:
         vocab.setdefault(piece, len(vocab))
     merges = [("▁", "h"), ("▁h", "e"), ("▁", "w"), ("▁w", "o")]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
-    )
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence(
         [
             decoders.Replace("▁", " "),
@@ -55,7 +53,10 @@ def _sentencepiece_like_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-TOKENIZERS = {"byte_level": _byte_level_tokenizer(), "sentencepiece": _sentencepiece_like_tokenizer()}
+TOKENIZERS = {
+    "byte_level": _byte_level_tokenizer(),
+    "sentencepiece": _sentencepiece_like_tokenizer(),
+}
 
 
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))

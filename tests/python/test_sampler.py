@@ -192,8 +192,10 @@ def test_logprobs_are_raw_model_logprobs(device):
         torch.testing.assert_close(values[i, 0], ref[i, sampled[i]], atol=1e-5, rtol=0)
         assert ranks[i] == int((ref[i] > ref[i, sampled[i]]).sum()) + 1
     torch.testing.assert_close(
-        out.sampled_logprobs.cpu().double(), ref.gather(1, sampled.view(-1, 1)).squeeze(1),
-        atol=1e-5, rtol=0,
+        out.sampled_logprobs.cpu().double(),
+        ref.gather(1, sampled.view(-1, 1)).squeeze(1),
+        atol=1e-5,
+        rtol=0,
     )
 
 

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from typing import Optional
 
-# Default KV-cache size on CPU, in GiB (vLLM's APHRODITE/VLLM_CPU_KVCACHE_SPACE default).
-DEFAULT_CPU_KV_CACHE_GB = 4.0
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+SUPPORTED_BLOCK_SIZES = (8, 16, 32)
 
 
 @dataclass
@@ -28,7 +25,7 @@ class EngineArgs:
         max_num_seqs: the most sequences in one step.
         max_num_batched_tokens: the token budget of one step (default 2048; with chunked
             prefill disabled at least max_model_len).
-        block_size: tokens per KV-cache block.
+        block_size: tokens per KV-cache block: 8, 16 or 32.
         enable_prefix_caching: reuse the KV blocks of identical prompt prefixes (images
             included, by content hash).
         enable_chunked_prefill: split long prompts over several steps.
@@ -43,28 +40,31 @@ class EngineArgs:
     """
 
     model: str
-    tokenizer: Optional[str] = None
-    revision: Optional[str] = None
+    tokenizer: str | None = None
+    revision: str | None = None
     dtype: str = "auto"
     device: str = "auto"
     seed: int = 0
-    max_model_len: Optional[int] = None
+    max_model_len: int | None = None
     max_num_seqs: int = 256
-    max_num_batched_tokens: Optional[int] = None
+    max_num_batched_tokens: int | None = None
     block_size: int = 16
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     gpu_memory_utilization: float = 0.9
-    kv_cache_memory_gb: Optional[float] = None
-    num_kv_blocks: Optional[int] = None
-    limit_mm_per_prompt: Optional[dict[str, int]] = None
+    kv_cache_memory_gb: float | None = None
+    num_kv_blocks: int | None = None
+    limit_mm_per_prompt: dict[str, int] | None = None
     max_logprobs: int = 20
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.block_size not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(
+                f"block_size must be one of {SUPPORTED_BLOCK_SIZES} (what paged attention "
+                f"supports), got {self.block_size}"
+            )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
@@ -98,15 +98,6 @@ class EngineArgs:
                 f"max_model_len ({max_model_len}) so that every prompt fits in one step"
             )
         return value
-
-    def cpu_kv_cache_bytes(self) -> int:
-        gb = self.kv_cache_memory_gb
-        if gb is None:
-            env = os.environ.get("APHRODITE_CPU_KVCACHE_SPACE")
-            gb = float(env) if env else DEFAULT_CPU_KV_CACHE_GB
-            if gb <= 0:
-                raise ValueError(f"APHRODITE_CPU_KVCACHE_SPACE must be > 0, got {env!r}")
-        return int(gb * (1 << 30))
 
     def max_useful_blocks(self, max_model_len: int) -> int:
         """Blocks beyond this can never be used at once (every sequence at full length), plus

@@ -18,20 +18,18 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
 
 from aphrodite import _C
-from aphrodite.config import ModelConfig
 from aphrodite.engine.args import EngineArgs
 from aphrodite.inputs import InputPreprocessor, ProcessedPrompt, PromptInputs
 from aphrodite.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from aphrodite.sampling import Sampler, SamplingMetadata, SamplingRow, gather_logprobs
 from aphrodite.sampling_params import SamplingParams
 from aphrodite.transformers_utils.detokenizer import IncrementalDetokenizer
-from aphrodite.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +42,13 @@ class _Sequence:
     index: int
     params: SamplingParams
     parent: _Request
-    generator: Optional[torch.Generator]
-    detokenizer: Optional[IncrementalDetokenizer]
+    generator: torch.Generator | None
+    detokenizer: IncrementalDetokenizer | None
     output_token_ids: list[int] = field(default_factory=list)
     cumulative_logprob: float = 0.0
-    logprobs: Optional[list[dict[int, Logprob]]] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Union[int, str, None] = None
+    logprobs: list[dict[int, Logprob]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
     wants_prompt_logprobs: bool = False
 
     @property
@@ -78,8 +76,8 @@ class _Request:
     max_tokens: int
     metrics: RequestMetrics
     seqs: list[_Sequence] = field(default_factory=list)
-    prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None
-    num_cached_tokens: Optional[int] = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    num_cached_tokens: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -107,17 +105,22 @@ class LLMEngine:
     (or one prefill chunk) and returns the outputs of the requests it touched.
     """
 
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, model_config: Any = None, runner: Any = None) -> None:
+        """model_config and runner default to ModelConfig.load(args...) and
+        ModelRunner(model_config); passing them lets a caller supply its own model."""
         self.args = args
-        self.model_config = ModelConfig.load(
-            args.model,
-            tokenizer=args.tokenizer,
-            dtype=args.dtype,
-            device=args.device,
-            max_model_len=args.max_model_len,
-            revision=args.revision,
-        )
-        config = self.model_config
+        if model_config is None:
+            from aphrodite.config import ModelConfig
+
+            model_config = ModelConfig.load(
+                args.model,
+                tokenizer=args.tokenizer,
+                dtype=args.dtype,
+                device=args.device,
+                max_model_len=args.max_model_len,
+                revision=args.revision,
+            )
+        self.model_config = config = model_config
         self.tokenizer = config.tokenizer
         self.device = torch.device(config.device)
         self.max_model_len = config.max_model_len
@@ -133,7 +136,11 @@ class LLMEngine:
             limit_mm_per_prompt=args.limit_mm_per_prompt,
         )
 
-        self.runner = ModelRunner(config)
+        if runner is None:
+            from aphrodite.worker.model_runner import ModelRunner
+
+            runner = ModelRunner(config)
+        self.runner = runner
         encoder_budget = max(self.max_num_batched_tokens, config.num_image_tokens)
         self.num_kv_blocks = self._num_kv_blocks(encoder_budget)
         self.runner.allocate_kv_cache(self.num_kv_blocks, args.block_size)
@@ -161,32 +168,26 @@ class LLMEngine:
         return cls(args)
 
     def _num_kv_blocks(self, encoder_budget: int) -> int:
+        """KV blocks: num_kv_blocks if given, else what gpu_memory_utilization leaves after a
+        profiled worst-case step (CUDA) or kv_cache_memory_gb / APHRODITE_CPU_KVCACHE_SPACE
+        (CPU), capped at what max_num_seqs sequences of max_model_len tokens can use."""
         args = self.args
-        block_bytes = self.runner.kv_block_bytes(args.block_size)
         if args.num_kv_blocks is not None:
             return args.num_kv_blocks
-        if self.device.type == "cuda":
-            max_images = max(1, encoder_budget // max(1, self.model_config.num_image_tokens))
-            peak = self.runner.profile_peak_memory(
-                self.max_num_batched_tokens, args.max_num_seqs, max_images
-            )
-            total = torch.cuda.get_device_properties(self.device).total_memory
-            budget = int(total * args.gpu_memory_utilization) - peak
-            source = (
-                f"gpu_memory_utilization={args.gpu_memory_utilization} of "
-                f"{total / 2**30:.1f} GiB minus a {peak / 2**30:.2f} GiB peak step"
-            )
-        else:
-            budget = args.cpu_kv_cache_bytes()
-            source = "kv_cache_memory_gb / APHRODITE_CPU_KVCACHE_SPACE"
-        num_blocks = min(budget // block_bytes, args.max_useful_blocks(self.max_model_len))
-        blocks_per_seq = -(-self.max_model_len // args.block_size)
-        if num_blocks < 2:
-            raise ValueError(
-                f"no room for the KV cache: {source} leaves {max(budget, 0)} bytes, one block "
-                f"takes {block_bytes}"
-            )
-        if num_blocks - 1 < blocks_per_seq:
+        from aphrodite.worker.model_runner import determine_num_kv_blocks
+
+        num_image_tokens = max(1, self.model_config.num_image_tokens)
+        num_blocks = determine_num_kv_blocks(
+            self.runner,
+            args.block_size,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            max_images=max(1, encoder_budget // num_image_tokens),
+            cpu_kvcache_space_gib=args.kv_cache_memory_gb,
+        )
+        num_blocks = min(num_blocks, args.max_useful_blocks(self.max_model_len))
+        if num_blocks - 1 < -(-self.max_model_len // args.block_size):
             logger.warning(
                 "the KV cache holds %d tokens, less than max_model_len=%d: long requests "
                 "will be rejected",
@@ -212,9 +213,9 @@ class LLMEngine:
     def add_request(
         self,
         request_id: str,
-        prompt: Union[PromptInputs, ProcessedPrompt],
-        params: Optional[SamplingParams] = None,
-        arrival_time: Optional[float] = None,
+        prompt: PromptInputs | ProcessedPrompt,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
     ) -> None:
         """Queues a request. Raises ValueError (nothing queued) when it is invalid or can never
         fit in the engine."""
@@ -239,7 +240,9 @@ class LLMEngine:
             processed=processed,
             params=params,
             max_tokens=max_tokens,
-            metrics=RequestMetrics(arrival_time=time.time() if arrival_time is None else arrival_time),
+            metrics=RequestMetrics(
+                arrival_time=time.time() if arrival_time is None else arrival_time
+            ),
         )
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None] * prompt_len
@@ -305,7 +308,7 @@ class LLMEngine:
         for seq in request.seqs:
             self._seqs[seq.engine_id] = seq
 
-    def abort_request(self, request_ids: Union[str, Iterable[str]]) -> None:
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Stops requests at once; they produce no further outputs."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         for request_id in ids:
@@ -340,7 +343,7 @@ class LLMEngine:
         plan = self.core.schedule()
         now = time.time()
         sampled = np.empty(0, dtype=np.int32)
-        per_seq: dict[str, tuple[float, Optional[dict[int, Logprob]]]] = {}
+        per_seq: dict[str, tuple[float, dict[int, Logprob] | None]] = {}
         if plan.num_tokens > 0:
             self._note_scheduled(plan, now)
             sampled, per_seq = self._execute(plan)
@@ -386,7 +389,7 @@ class LLMEngine:
         logits = self.runner.compute_logits(hidden.index_select(0, index))
         num_sampled = len(rows)
 
-        per_seq: dict[str, tuple[float, Optional[dict[int, Logprob]]]] = {}
+        per_seq: dict[str, tuple[float, dict[int, Logprob] | None]] = {}
         sampled = np.empty(0, dtype=np.int32)
         if num_sampled:
             meta = SamplingMetadata.build(
@@ -479,8 +482,8 @@ class LLMEngine:
         self,
         seq: _Sequence,
         new_token_ids: list[int],
-        finish_reason: Optional[str],
-        stop_token: Optional[int],
+        finish_reason: str | None,
+        stop_token: int | None,
         per_seq: dict,
         now: float,
     ) -> None:
@@ -520,6 +523,9 @@ class LLMEngine:
                     finish_reason, seq.stop_reason = "stop", stop_str
 
         if finish_reason is not None:
+            # The text was cut at a stop string; otherwise show what a full decode shows.
+            if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
+                seq.detokenizer.flush()
             seq.finish_reason = finish_reason
             del self._seqs[seq.engine_id]
             self.runner.drop_request(seq.engine_id)

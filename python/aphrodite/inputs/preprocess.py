@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,12 +23,12 @@ from aphrodite.multimodal import (
 
 @dataclass
 class ProcessedPrompt:
-    prompt: Optional[str]
+    prompt: str | None
     prompt_token_ids: list[int]
     mm_items: list[MultiModalItem] = field(default_factory=list)
 
 
-def parse_prompt(prompt: Any) -> tuple[Optional[str], Optional[list[int]], Mapping]:
+def parse_prompt(prompt: Any) -> tuple[str | None, list[int] | None, Mapping]:
     """(text, token ids, multimodal data) of a PromptInputs value; exactly one of text and
     token ids is set."""
     if isinstance(prompt, str):
@@ -78,7 +78,7 @@ class InputPreprocessor:
         tokenizer: Any,
         vocab_size: int,
         max_model_len: int,
-        image_token_id: Optional[int],
+        image_token_id: int | None,
         num_image_tokens: int,
         hidden_size: int,
         limit_mm_per_prompt: Mapping[str, int],

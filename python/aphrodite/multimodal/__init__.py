@@ -36,7 +36,7 @@ class MultiModalItem:
     offset: int
     length: int
     hash: bytes
-    data: Union[np.ndarray, torch.Tensor]
+    data: np.ndarray | torch.Tensor
 
     def engine_item(self) -> tuple[int, int, bytes]:
         return (self.offset, self.length, self.hash)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -28,7 +27,7 @@ class SamplingRow:
     params: SamplingParams
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
-    generator: Optional[torch.Generator] = None
+    generator: torch.Generator | None = None
 
 
 def _padded(rows: list[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
@@ -46,20 +45,20 @@ class SamplingMetadata:
 
     temperature: torch.Tensor  # [rows] float32, 0 = greedy
     all_greedy: bool
-    top_p: Optional[torch.Tensor]
-    top_k: Optional[torch.Tensor]  # [rows] int64, vocab_size where disabled
-    min_p: Optional[torch.Tensor]
+    top_p: torch.Tensor | None
+    top_k: torch.Tensor | None  # [rows] int64, vocab_size where disabled
+    min_p: torch.Tensor | None
     generators: dict[int, torch.Generator]
     # penalties
-    prompt_token_ids: Optional[torch.Tensor]
-    output_token_ids: Optional[torch.Tensor]
-    presence_penalties: Optional[torch.Tensor]
-    frequency_penalties: Optional[torch.Tensor]
-    repetition_penalties: Optional[torch.Tensor]
+    prompt_token_ids: torch.Tensor | None
+    output_token_ids: torch.Tensor | None
+    presence_penalties: torch.Tensor | None
+    frequency_penalties: torch.Tensor | None
+    repetition_penalties: torch.Tensor | None
     # min_tokens: (row, token) pairs that may not be sampled yet
-    stop_mask_rows: Optional[torch.Tensor]
-    stop_mask_tokens: Optional[torch.Tensor]
-    max_num_logprobs: Optional[int]
+    stop_mask_rows: torch.Tensor | None
+    stop_mask_tokens: torch.Tensor | None
+    max_num_logprobs: int | None
 
     @classmethod
     def build(
@@ -135,11 +134,11 @@ class SamplingMetadata:
 class SamplerOutput:
     sampled_token_ids: torch.Tensor  # [rows] int64
     sampled_logprobs: torch.Tensor  # [rows] float32: raw log-probability of the sampled token
-    logprobs: Optional[LogprobsTensors]  # when some row asked for logprobs
+    logprobs: LogprobsTensors | None  # when some row asked for logprobs
 
 
 def apply_top_k_top_p(
-    logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor]
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
 ) -> torch.Tensor:
     """Mask logits outside each row's top-k and top-p sets with -inf (one ascending sort).
 
@@ -170,7 +169,7 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def exponential_race(
     probs: torch.Tensor,
     generators: dict[int, torch.Generator],
-    default_generator: Optional[torch.Generator],
+    default_generator: torch.Generator | None,
 ) -> torch.Tensor:
     """Sample one token per row of probs: argmax(p / E), E ~ Exp(1) i.i.d."""
     noise = torch.empty_like(probs)
@@ -186,7 +185,7 @@ def exponential_race(
 class Sampler:
     """Samples the next token of every row of a step's logits; see the module docstring."""
 
-    def __init__(self, generator: Optional[torch.Generator] = None) -> None:
+    def __init__(self, generator: torch.Generator | None = None) -> None:
         self.generator = generator
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:

@@ -9,7 +9,7 @@ ends in U+FFFD (an incomplete UTF-8 sequence) nothing is emitted and the offsets
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 # Tokens of the prompt's tail decoded with the first generated tokens, so that the first
 # generated token gets its leading space exactly as in a full decode.
@@ -33,7 +33,7 @@ class IncrementalDetokenizer:
         prompt_token_ids: list[int],
         skip_special_tokens: bool = True,
         spaces_between_special_tokens: bool = True,
-        stop: Optional[list[str]] = None,
+        stop: list[str] | None = None,
         include_stop_str_in_output: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
@@ -71,14 +71,26 @@ class IncrementalDetokenizer:
                 self.read_offset = len(self.token_ids)
         return self.output_text[start_len:]
 
-    def check_stop(self, num_new_chars: int) -> Optional[str]:
+    def flush(self) -> str:
+        """At the end of the sequence: emits text still held back for an incomplete
+        character (as U+FFFD, as a full decode shows it); returns it."""
+        if self.read_offset == len(self.token_ids):
+            return ""
+        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        new_text = self._decode(self.token_ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.token_ids)
+        tail = new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
+        self.output_text += tail
+        return tail
+
+    def check_stop(self, num_new_chars: int) -> str | None:
         """Looks for a stop string ending in the last ``num_new_chars`` characters of the text.
         When one is found, the text is truncated (before the stop string, or after it when it
         is kept) and the stop string is returned."""
         if not self.stop or num_new_chars == 0:
             return None
         text = self.output_text
-        best: Optional[tuple[int, str]] = None
+        best: tuple[int, str] | None = None
         for stop_str in self.stop:
             begin = max(0, len(text) - num_new_chars - len(stop_str) + 1)
             index = text.find(stop_str, begin)
