@@ -10,13 +10,14 @@ import time
 import numpy as np
 import pytest
 from _image_server import ImageServer, encode
+from PIL import Image
+
 from aphrodite.multimodal.fetch import (
     ImageFetcher,
     MediaFetchError,
     MediaFetchPolicy,
     fetch_timeout_from_env,
 )
-from PIL import Image
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 from _image_server import ImageServer
+
 from aphrodite.testing.tiny_llava import build_tiny_llava
 
 REPO = Path(__file__).resolve().parents[2]
@@ -382,6 +383,25 @@ def test_request_validation_errors(http, images):
     assert_error(bad_json, 400, None, "json")
     assert_error(http.post("/v1/completions", json={"model": MODEL, "prompt": [10**9]}),
                  400, None, "out of range")
+
+
+def test_oversized_bodies_and_unknown_routes(http):
+    limit = MAX_IMAGES * MAX_IMAGE_BYTES * 4 // 3 + (1 << 20)
+    huge = json.dumps({"model": MODEL, "messages": user(text("x" * (limit + 10)))}).encode()
+    assert_error(http.post("/v1/chat/completions", content=huge,
+                           headers={"Content-Type": "application/json"}),
+                 413, "request_too_large", "byte limit")
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        yield b'{"model": "tiny-llava", "messages": [{"role": "user", "content": "'
+        for _ in range(limit // 65536 + 2):
+            yield b"y" * 65536
+        yield b'"}]}'
+
+    assert_error(http.post("/v1/chat/completions", content=chunks(),
+                           headers={"Content-Type": "application/json"}),
+                 413, "request_too_large", "byte limit")
+    assert_error(http.get("/v1/nothing-here"), 404, None, "not found")
 
 
 def test_openai_client_sees_errors(client, images):

@@ -1,4 +1,4 @@
-"""Chat templates and chat-message parsing (aphrodite.endpoints.openai.chat_utils), and the CLI flags."""
+"""Chat templates and chat-message parsing of the server, and its command-line flags."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from aphrodite.endpoints.openai.chat_utils import (
     ChatInputError,
     ChatTemplate,

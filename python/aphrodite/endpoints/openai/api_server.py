@@ -19,6 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from aphrodite import __version__
 from aphrodite.endpoints.openai.chat_utils import (
     ChatInputError,
@@ -56,11 +63,6 @@ from aphrodite.multimodal.fetch import (
     MediaFetchPolicy,
     fetch_timeout_from_env,
 )
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import ValidationError
 
 logger = logging.getLogger("aphrodite.server")
 
@@ -97,6 +99,45 @@ class _AuthMiddleware:
                 await JSONResponse(err.body(), status_code=401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _BodyLimitMiddleware:
+    """Refuses request bodies over ``limit`` bytes (data: URLs make bodies large, but not
+    unboundedly): by Content-Length before reading, or while reading a chunked body."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    def _error(self) -> APIError:
+        return APIError(f"request body exceeds the {self.limit} byte limit", status_code=413,
+                        code="request_too_large")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            err = self._error()
+            await JSONResponse(err.body(), status_code=413)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counting_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge(self._error().message)
+            return message
+
+        await self.app(scope, counting_receive, send)
 
 
 class _StatusMetricsMiddleware:
@@ -151,6 +192,7 @@ def build_app(
     chat_template: ChatTemplate | None,
     fetch_policy: MediaFetchPolicy,
     max_images: int | None = None,
+    max_request_bytes: int | None = None,
     api_keys: list[str] | None = None,
     response_role: str = "assistant",
     log_requests: bool = True,
@@ -187,6 +229,15 @@ def build_app(
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError):
         return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException):
+        # FastAPI turns a failure while reading the body into a 400 "error parsing the body".
+        if isinstance(e.__cause__, _BodyTooLarge):
+            return error_response(APIError(str(e.__cause__), status_code=413,
+                                           code="request_too_large"))
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error_response(APIError(str(e.detail), status_code=e.status_code, type=kind))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError):
@@ -275,7 +326,7 @@ def build_app(
                 if chat is None:
                     raise APIError("this server has no chat template", code="no_chat_template")
                 text, _ = chat.render_prompt(req)
-                ids = ctx.tokenize(text, add_special_tokens=False)
+                ids = ctx.tokenize(text, add_special_tokens=ctx.chat_needs_bos(text))
             else:
                 req = TokenizeCompletionRequest.model_validate(body)
                 ctx.check_model(req.model)
@@ -293,6 +344,11 @@ def build_app(
             raise APIError(f"token id {bad[0]} is out of range [0, {vocab})", param="tokens")
         return DetokenizeResponse(prompt=tokenizer.decode(request.tokens))
 
+    if max_request_bytes is None:
+        # Room for the largest allowed images as base64 data URLs, plus the text.
+        images = max_images if max_images is not None else 1
+        max_request_bytes = images * fetch_policy.max_bytes * 4 // 3 + (1 << 20)
+    app.add_middleware(_BodyLimitMiddleware, limit=max_request_bytes)
     if api_keys:
         app.add_middleware(_AuthMiddleware, keys=api_keys)
     app.add_middleware(_StatusMetricsMiddleware, metrics=metrics)

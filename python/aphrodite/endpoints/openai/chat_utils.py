@@ -27,8 +27,9 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.parser
-from aphrodite.endpoints.openai.protocol import ChatMessage
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from aphrodite.endpoints.openai.protocol import ChatMessage
 
 ContentFormat = Literal["string", "openai"]
 

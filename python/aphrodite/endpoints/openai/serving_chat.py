@@ -8,7 +8,13 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from aphrodite.endpoints.openai.chat_utils import ChatTemplate, ChatTemplateError, parse_chat_messages
+from fastapi import Request
+
+from aphrodite.endpoints.openai.chat_utils import (
+    ChatTemplate,
+    ChatTemplateError,
+    parse_chat_messages,
+)
 from aphrodite.endpoints.openai.protocol import (
     ChatChoiceLogProbs,
     ChatCompletionRequest,
@@ -29,7 +35,6 @@ from aphrodite.endpoints.openai.serving_engine import (
     unless_disconnected,
 )
 from aphrodite.outputs import RequestOutput
-from fastapi import Request
 
 logger = logging.getLogger("aphrodite.server")
 
@@ -81,8 +86,8 @@ class OpenAIServingChat:
         created = int(time.time())
         # Admission errors (prompt too long for the model, ...) surface here, before any byte
         # of a stream is sent, so they can still be 400s.
-        # The template writes the BOS token itself.
-        stream = await ctx.admit(request_id, prompt, params, add_special_tokens=False)
+        stream = await ctx.admit(request_id, prompt, params,
+                                 add_special_tokens=ctx.chat_needs_bos(text))
         if request.stream:
             return self._stream(request, request_id, created, stream)
         final = await unless_disconnected(_last(stream), raw)

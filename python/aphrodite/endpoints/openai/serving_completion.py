@@ -7,6 +7,8 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 
+from fastapi import Request
+
 from aphrodite.endpoints.openai.protocol import (
     CompletionRequest,
     CompletionResponse,
@@ -25,7 +27,6 @@ from aphrodite.endpoints.openai.serving_engine import (
     unless_disconnected,
 )
 from aphrodite.outputs import RequestOutput
-from fastapi import Request
 
 logger = logging.getLogger("aphrodite.server")
 

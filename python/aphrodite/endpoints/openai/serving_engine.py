@@ -8,6 +8,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from fastapi import Request
+
 from aphrodite.endpoints.openai.protocol import (
     ChatLogProb,
     ChatLogProbsContent,
@@ -18,7 +20,6 @@ from aphrodite.endpoints.openai.protocol import (
 )
 from aphrodite.outputs import Logprob, RequestOutput
 from aphrodite.sampling_params import SamplingParams
-from fastapi import Request
 
 T = TypeVar("T")
 
@@ -79,6 +80,12 @@ class ServingContext:
             code="model_not_found",
             param="model",
         )
+
+    def chat_needs_bos(self, rendered: str) -> bool:
+        """Whether to add the tokenizer's special tokens to a rendered chat prompt: not when
+        the template wrote the BOS token itself (the rule LLM.chat follows too)."""
+        bos = getattr(self.tokenizer, "bos_token", None)
+        return not (bos and rendered.startswith(bos))
 
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
