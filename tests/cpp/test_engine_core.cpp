@@ -160,7 +160,9 @@ void fuzz(std::uint32_t seed, EngineConfig cfg, int num_requests) {
   const EngineStats st = core.stats();
   EXPECT_EQ(st.num_free_blocks, cfg.num_blocks - 1);
   EXPECT_EQ(st.encoder_cache_usage, 0.0);
-  if (cfg.num_blocks <= 12) EXPECT_GT(preemptions, 0);
+  if (cfg.num_blocks <= 12) {
+    EXPECT_GT(preemptions, 0);
+  }
 }
 
 TEST(EngineCore, FuzzTinyCacheForcesPreemption) {
