@@ -31,7 +31,9 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
     err = (out64 - ref).abs()
     bound = tol * (ref.abs() + scale)
     worst = (err / bound).max().item()
-    assert worst <= 1.0, f"max error {err.max().item():.3g} exceeds {tol} relative (ratio {worst:.3g})"
+    assert worst <= 1.0, (
+        f"max error {err.max().item():.3g} exceeds {tol} relative (ratio {worst:.3g})"
+    )
 
 
 class Batch:
@@ -100,7 +102,9 @@ class Batch:
             self.query = qkv[:, :width].view(num_tokens, num_heads, head_size)
         else:
             self.query = rnd(num_tokens, num_heads, head_size)
-        self.query_start_loc = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
+        self.query_start_loc = torch.tensor(
+            [0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32
+        )
         self.seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
 
     def to_device(self) -> None:
@@ -161,7 +165,9 @@ def run_case(
     assert_close(out, b.reference(scale, sliding_window), dtype)
 
 
-def random_composition(gen: torch.Generator, num_seqs: int, max_ctx: int) -> tuple[list[int], list[int]]:
+def random_composition(
+    gen: torch.Generator, num_seqs: int, max_ctx: int
+) -> tuple[list[int], list[int]]:
     """Decode tokens, prefill chunks over a cached prefix and whole prompts, mixed."""
     q_lens, seq_lens = [], []
     for _ in range(num_seqs):
@@ -180,7 +186,9 @@ def random_composition(gen: torch.Generator, num_seqs: int, max_ctx: int) -> tup
 
 @pytest.mark.parametrize("head_size", HEAD_SIZES)
 @pytest.mark.parametrize("num_heads,num_kv_heads", HEAD_LAYOUTS)
-def test_paged_attention_mixed_batch(device: str, head_size: int, num_heads: int, num_kv_heads: int) -> None:
+def test_paged_attention_mixed_batch(
+    device: str, head_size: int, num_heads: int, num_kv_heads: int
+) -> None:
     gen = torch.Generator().manual_seed(1000 * head_size + 10 * num_heads + num_kv_heads)
     for _ in range(2):
         q_lens, seq_lens = random_composition(gen, num_seqs=5, max_ctx=150)
@@ -247,7 +255,9 @@ def test_reshape_and_cache_writes_only_mapped_slots(device: str) -> None:
         expect_k.view(-1, kv_heads, head_size)[slots[keep]] = key[keep]
         expect_v.view(-1, kv_heads, head_size)[slots[keep]] = value[keep]
         dk, dv = cache_k.to(device), cache_v.to(device)
-        ops.reshape_and_cache(key.to(device), value.to(device), dk, dv, slots.to(device, index_dtype))
+        ops.reshape_and_cache(
+            key.to(device), value.to(device), dk, dv, slots.to(device, index_dtype)
+        )
         assert torch.equal(dk.cpu(), expect_k)
         assert torch.equal(dv.cpu(), expect_v)
 
@@ -279,11 +289,13 @@ def test_paged_attention_rejects_bad_arguments(device: str) -> None:
         bad = torch.zeros(4, 12, 2, 64, dtype=args["key_cache"].dtype, device=device)
         ops.paged_attention(**{**args, "key_cache": bad, "value_cache": bad})
     with pytest.raises(ValueError, match="dense"):
-        ops.paged_attention(**{**args, "query": args["query"].transpose(0, 1).contiguous().transpose(0, 1)})
+        strided_query = args["query"].transpose(0, 1).contiguous().transpose(0, 1)
+        ops.paged_attention(**{**args, "query": strided_query})
     with pytest.raises(ValueError, match="sliding_window"):
         ops.paged_attention(**args, sliding_window=-1)
     with pytest.raises(TypeError, match="out"):
-        ops.paged_attention(**{**args, "out": args["out"].float() if device != "cpu" else args["out"].half()})
+        wrong_out = args["out"].float() if device != "cpu" else args["out"].half()
+        ops.paged_attention(**{**args, "out": wrong_out})
 
 
 def test_paged_attention_cpu_checks_metadata() -> None:
