@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+
 from aphrodite import _C, ops
 
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 32, 8, 128, 16

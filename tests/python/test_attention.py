@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from aphrodite import ops
 
 HEAD_SIZES = [64, 80, 96, 112, 128, 256]
