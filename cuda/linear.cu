@@ -1,12 +1,14 @@
 // CUDA linear: out = act(x @ w^T + bias) for float16/bfloat16 with float32 accumulation.
 //
-// Main path: a tensor-core GEMM with mma.sync m16n8k16. Each 256-thread block computes a
-// 128 x 128 tile of out; its 8 warps (2 along M x 4 along N) own 64 x 32 each. K advances in
-// steps of 32 through shared memory, double-buffered with cp.async (16-byte copies, zero-filled
-// past the edges of x and w, so any M and N work). w in torch's [N, K] layout is exactly the
-// "col" operand mma.sync wants, so both tiles are stored [rows][k] and read with ldmatrix, no
-// transposes. The epilogue adds the bias and applies the activation to the float32 accumulators
-// before the single rounding to the output type.
+// Main path: a tensor-core GEMM with mma.sync m16n8k16. Each 256-thread block computes one tile
+// of out with 8 warps (2 along M x 4 along N); the tile size is chosen per call from the shape and
+// the SM count (128 x 256, 192 x 128, 128 x 128 or 64 x 128: see choose_tiling). K advances in
+// steps of 32 through a 4-stage ring of shared-memory buffers filled by cp.async (16-byte copies,
+// zero-filled past the edges of x and w, so any M and N work), so three tiles are in flight while
+// one is multiplied. w in torch's [N, K] layout is exactly the "col" operand mma.sync wants, so
+// both tiles are stored [rows][k] and read with ldmatrix, no transposes. The epilogue adds the bias
+// and applies the activation to the float32 accumulators before the single rounding to the
+// output type.
 //
 // The 16-byte copies need K, the row strides of x and w to be multiples of 8 elements and both
 // base pointers 16-byte aligned; other inputs take a plain one-thread-per-output kernel (correct,
@@ -15,6 +17,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -28,19 +31,6 @@
 namespace aphrodite::detail {
 
 namespace {
-
-constexpr int kBlockM = 128;
-constexpr int kBlockN = 128;
-constexpr int kBlockK = 32;
-constexpr int kThreads = 256;
-constexpr int kWarpM = 64;
-constexpr int kWarpN = 32;
-constexpr int kMmaTilesM = kWarpM / 16;  // 4
-constexpr int kMmaTilesN = kWarpN / 8;   // 4
-// Shared-memory rows are padded from 32 to 40 elements (80 bytes): the 8 row addresses of an
-// ldmatrix then fall into 8 different 16-byte bank groups (no conflicts), and every row stays
-// 16-byte aligned for cp.async.
-constexpr int kSmemStride = kBlockK + 8;
 
 template <typename T>
 struct TypeTraits;
@@ -135,14 +125,55 @@ struct KernelArgs {
   int pair_stores;  // out's rows allow 4-byte stores of column pairs
 };
 
-// Loads one kBlockM x kBlockK tile of `src` (rows [row0, row0 + kBlockM) clipped to `rows`,
-// columns [k0, k0 + kBlockK) clipped to k) into `dst` [kBlockM][kSmemStride].
-template <typename T>
+// One tiling of the tensor-core kernel: a BM x BN tile of out per block of WarpsM x WarpsN warps
+// (each owning a (BM / WarpsM) x (BN / WarpsN) sub-tile), K in steps of BK through a ring of
+// Stages shared-memory buffers.
+template <int BM, int BN, int WarpsM, int WarpsN, int MinBlocksPerSm>
+struct Tiling {
+  static constexpr int kBlockM = BM;
+  static constexpr int kBlockN = BN;
+  static constexpr int kBlockK = 32;
+  static constexpr int kStages = 4;
+  static constexpr int kWarpsN = WarpsN;
+  static constexpr int kThreads = 32 * WarpsM * WarpsN;
+  static constexpr int kMinBlocksPerSm = MinBlocksPerSm;
+  static constexpr int kWarpM = BM / WarpsM;
+  static constexpr int kWarpN = BN / WarpsN;
+  static constexpr int kMmaTilesM = kWarpM / 16;
+  static constexpr int kMmaTilesN = kWarpN / 8;
+  // Shared-memory rows are padded from 32 to 40 elements (80 bytes): the 8 row addresses of an
+  // ldmatrix then fall into 8 different 16-byte bank groups (no conflicts), and every row stays
+  // 16-byte aligned for cp.async.
+  static constexpr int kSmemStride = kBlockK + 8;
+  // One stage holds the x tile [BM][kSmemStride] followed by the w tile [BN][kSmemStride].
+  static constexpr int kStageElems = (BM + BN) * kSmemStride;
+  static constexpr int kSmemBytes = kStages * kStageElems * 2;  // 2-byte elements
+
+  static_assert(kWarpM % 16 == 0 && kWarpN % 16 == 0, "warp tiles are whole pairs of n8 tiles");
+  static_assert((BM * kBlockK / 8) % kThreads == 0 && (BN * kBlockK / 8) % kThreads == 0,
+                "every thread issues the same number of 16-byte copies per tile");
+};
+
+// Large tiles, 64 x 64 per warp: the most reuse of each fragment, for grids with many tiles.
+using TilingLarge = Tiling<128, 256, 2, 4, 1>;
+// 64 x 32 per warp, two blocks per SM: the middle ground.
+using TilingMedium = Tiling<128, 128, 2, 4, 2>;
+// 96 x 32 per warp: LLaVA's 576 image tokens are exactly 3 row tiles, and 576 x 4096 makes 96
+// tiles, one round on 96+ SMs, each three quarters of a large tile.
+using TilingTall = Tiling<192, 128, 2, 4, 1>;
+// Small tiles, 32 x 32 per warp: more blocks (all SMs busy) and less padding when M is small.
+using TilingSmall = Tiling<64, 128, 2, 4, 2>;
+
+// Loads one Rows x kBlockK tile of `src` (rows [row0, row0 + Rows) clipped to `rows`, columns
+// [k0, k0 + kBlockK) clipped to k) into `dst` [Rows][kSmemStride].
+template <typename T, typename Cfg, int Rows>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, long long ld, long long row0,
                                           long long rows, long long k0, long long k) {
-  constexpr int kChunksPerRow = kBlockK / 8;
-  constexpr int kChunks = kBlockM * kChunksPerRow;
-  for (int c = threadIdx.x; c < kChunks; c += kThreads) {
+  constexpr int kChunksPerRow = Cfg::kBlockK / 8;
+  constexpr int kCopiesPerThread = Rows * kChunksPerRow / Cfg::kThreads;
+#pragma unroll
+  for (int i = 0; i < kCopiesPerThread; ++i) {
+    const int c = static_cast<int>(threadIdx.x) + i * Cfg::kThreads;
     const int r = c / kChunksPerRow;
     const int col = (c % kChunksPerRow) * 8;
     const long long gr = row0 + r;
@@ -150,24 +181,29 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, long long ld, lo
     const bool valid = gr < rows && gk < k;
     // A zero-byte copy reads nothing, but keep the address inside the tensor all the same.
     const T* p = valid ? src + gr * ld + gk : src;
-    cp_async_16(dst + r * kSmemStride + col, p, valid ? 16 : 0);
+    cp_async_16(dst + r * Cfg::kSmemStride + col, p, valid ? 16 : 0);
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) linear_mma_kernel(KernelArgs args) {
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm)
+    linear_mma_kernel(KernelArgs args) {
   using Traits = TypeTraits<T>;
-  __shared__ __align__(16) T smem_x[2][kBlockM * kSmemStride];
-  __shared__ __align__(16) T smem_w[2][kBlockN * kSmemStride];
+  constexpr int kStages = Cfg::kStages;
+  constexpr int kMmaTilesM = Cfg::kMmaTilesM;
+  constexpr int kMmaTilesN = Cfg::kMmaTilesN;
+  constexpr int kStride = Cfg::kSmemStride;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
 
   const T* x = static_cast<const T*>(args.x);
   const T* w = static_cast<const T*>(args.w);
-  const long long m0 = static_cast<long long>(blockIdx.y) * kBlockM;
-  const long long n0 = static_cast<long long>(blockIdx.x) * kBlockN;
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int warp_m = warp / (kBlockN / kWarpN);  // 0..1
-  const int warp_n = warp % (kBlockN / kWarpN);  // 0..3
+  const long long m0 = static_cast<long long>(blockIdx.y) * Cfg::kBlockM;
+  const long long n0 = static_cast<long long>(blockIdx.x) * Cfg::kBlockN;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int warp_m = warp / Cfg::kWarpsN;
+  const int warp_n = warp % Cfg::kWarpsN;
 
   float acc[kMmaTilesM][kMmaTilesN][4];
 #pragma unroll
@@ -177,35 +213,43 @@ __global__ void __launch_bounds__(kThreads) linear_mma_kernel(KernelArgs args) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
-  const long long k_tiles = (args.k + kBlockK - 1) / kBlockK;
-  if (k_tiles > 0) {
-    load_tile(smem_x[0], x, args.ldx, m0, args.m, 0, args.k);
-    load_tile(smem_w[0], w, args.ldw, n0, args.n, 0, args.k);
+  const int k_tiles = static_cast<int>((args.k + Cfg::kBlockK - 1) / Cfg::kBlockK);
+  const auto load_stage = [&](int stage, int kt) {
+    T* sx = smem + stage * Cfg::kStageElems;
+    T* sw = sx + Cfg::kBlockM * kStride;
+    const long long k0 = static_cast<long long>(kt) * Cfg::kBlockK;
+    load_tile<T, Cfg, Cfg::kBlockM>(sx, x, args.ldx, m0, args.m, k0, args.k);
+    load_tile<T, Cfg, Cfg::kBlockN>(sw, w, args.ldw, n0, args.n, k0, args.k);
+  };
+
+  // Prologue: tiles 0 .. kStages - 2 in flight, one commit group each (empty past the end, so
+  // the group count below stays uniform).
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s);
     cp_async_commit();
   }
-  for (long long kt = 0; kt < k_tiles; ++kt) {
-    const int stage = static_cast<int>(kt & 1);
-    if (kt + 1 < k_tiles) {
-      // The other stage was last read in iteration kt - 1, which ended with a barrier.
-      load_tile(smem_x[stage ^ 1], x, args.ldx, m0, args.m, (kt + 1) * kBlockK, args.k);
-      load_tile(smem_w[stage ^ 1], w, args.ldw, n0, args.n, (kt + 1) * kBlockK, args.k);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    // kStages - 1 + kt groups are committed; all but the newest kStages - 2 done means tile kt
+    // has landed. The barrier publishes it to every warp and also ends every warp's reads of
+    // tile kt - 1, whose buffer the load below refills.
+    cp_async_wait<kStages - 2>();
     __syncthreads();
+    const int next = kt + kStages - 1;
+    if (next < k_tiles) load_stage(next % kStages, next);
+    cp_async_commit();
 
-    const T* tile_x = smem_x[stage] + (warp_m * kWarpM) * kSmemStride;
-    const T* tile_w = smem_w[stage] + (warp_n * kWarpN) * kSmemStride;
+    const T* stage = smem + (kt % kStages) * Cfg::kStageElems;
+    const T* tile_x = stage + (warp_m * Cfg::kWarpM) * kStride;
+    const T* tile_w = stage + (Cfg::kBlockM + warp_n * Cfg::kWarpN) * kStride;
 #pragma unroll
-    for (int kk = 0; kk < kBlockK; kk += 16) {
+    for (int kk = 0; kk < Cfg::kBlockK; kk += 16) {
       std::uint32_t a[kMmaTilesM][4];
 #pragma unroll
       for (int i = 0; i < kMmaTilesM; ++i) {
         // Lanes 0-15 address rows 0-15 at k, lanes 16-31 the same rows at k + 8: the four 8x8
         // matrices land as the A fragment's a0..a3.
-        ldmatrix_x4(a[i], tile_x + (i * 16 + lane % 16) * kSmemStride + kk + (lane / 16) * 8);
+        ldmatrix_x4(a[i], tile_x + (i * 16 + lane % 16) * kStride + kk + (lane / 16) * 8);
       }
       std::uint32_t b[kMmaTilesN][2];
 #pragma unroll
@@ -213,8 +257,8 @@ __global__ void __launch_bounds__(kThreads) linear_mma_kernel(KernelArgs args) {
         // Lanes 0-7: features 0-7 at k; 8-15: features 0-7 at k + 8; 16-23 and 24-31: features
         // 8-15 likewise. Gives (b0, b1) of two adjacent n8 tiles.
         std::uint32_t r[4];
-        ldmatrix_x4(r, tile_w + (j * 8 + lane % 8 + (lane / 16) * 8) * kSmemStride + kk +
-                           ((lane / 8) % 2) * 8);
+        ldmatrix_x4(
+            r, tile_w + (j * 8 + lane % 8 + (lane / 16) * 8) * kStride + kk + ((lane / 8) % 2) * 8);
         b[j][0] = r[0];
         b[j][1] = r[1];
         b[j + 1][0] = r[2];
@@ -225,7 +269,6 @@ __global__ void __launch_bounds__(kThreads) linear_mma_kernel(KernelArgs args) {
 #pragma unroll
         for (int j = 0; j < kMmaTilesN; ++j) mma_16816<T>(acc[i][j], a[i], b[j][0], b[j][1]);
     }
-    __syncthreads();
   }
 
   // Epilogue: accumulator e of tile (i, j) sits at row lane/4 (+8 for e >= 2) and column
@@ -234,7 +277,7 @@ __global__ void __launch_bounds__(kThreads) linear_mma_kernel(KernelArgs args) {
   const T* bias = static_cast<const T*>(args.bias);
 #pragma unroll
   for (int j = 0; j < kMmaTilesN; ++j) {
-    const long long col = n0 + warp_n * kWarpN + j * 8 + (lane % 4) * 2;
+    const long long col = n0 + warp_n * Cfg::kWarpN + j * 8 + (lane % 4) * 2;
     if (col >= args.n) continue;
     const bool second = col + 1 < args.n;
     float bias0 = 0.0f, bias1 = 0.0f;
@@ -246,7 +289,7 @@ __global__ void __launch_bounds__(kThreads) linear_mma_kernel(KernelArgs args) {
     for (int i = 0; i < kMmaTilesM; ++i) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const long long row = m0 + warp_m * kWarpM + i * 16 + lane / 4 + half * 8;
+        const long long row = m0 + warp_m * Cfg::kWarpM + i * 16 + lane / 4 + half * 8;
         if (row >= args.m) continue;
         const float v0 = activate(acc[i][j][2 * half] + bias0, args.act);
         const float v1 = activate(acc[i][j][2 * half + 1] + bias1, args.act);
@@ -282,6 +325,74 @@ __global__ void linear_simple_kernel(KernelArgs args) {
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
+template <typename Cfg>
+long long tile_count(long long m, long long n) {
+  return ((m + Cfg::kBlockM - 1) / Cfg::kBlockM) * ((n + Cfg::kBlockN - 1) / Cfg::kBlockN);
+}
+
+// Estimated run time of a tiling, in arbitrary units: each SM works through ceil(tiles / SMs)
+// tiles, at a rate that grows with how often the warp tile reuses each loaded fragment
+// (`relative_rate`, an estimate). This trades idle SMs and rows padded up to the tile (576
+// rows are 4.5 tiles of 128 but 9 of 64) against the larger tiles' efficiency.
+template <typename Cfg>
+double tiling_cost(long long m, long long n, int sms, double relative_rate) {
+  const long long rounds = (tile_count<Cfg>(m, n) + sms - 1) / sms;
+  return static_cast<double>(rounds) * Cfg::kBlockM * Cfg::kBlockN / relative_rate;
+}
+
+enum class TilingChoice { kLarge, kTall, kMedium, kSmall };
+
+TilingChoice choose_tiling(long long m, long long n, int device) {
+  int sms = 0;
+  int smem_optin = 0;
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+             "cudaDeviceGetAttribute(multiProcessorCount)");
+  check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute(maxSharedMemoryPerBlockOptin)");
+  TilingChoice best = TilingChoice::kMedium;
+  double best_cost = tiling_cost<TilingMedium>(m, n, sms, 0.85);
+  // sm_86 / sm_89 parts allow 99 KiB per block: too little for the large and tall tiles' stages.
+  if (smem_optin >= TilingLarge::kSmemBytes) {
+    const double cost = tiling_cost<TilingLarge>(m, n, sms, 1.0);
+    if (cost <= best_cost) {
+      best = TilingChoice::kLarge;
+      best_cost = cost;
+    }
+  }
+  if (smem_optin >= TilingTall::kSmemBytes) {
+    const double cost = tiling_cost<TilingTall>(m, n, sms, 0.95);
+    if (cost < best_cost) {
+      best = TilingChoice::kTall;
+      best_cost = cost;
+    }
+  }
+  // Row tiles map to gridDim.y (at most 65535 blocks).
+  if ((m + TilingSmall::kBlockM - 1) / TilingSmall::kBlockM <= 65535) {
+    const double cost = tiling_cost<TilingSmall>(m, n, sms, 0.7);
+    if (cost < best_cost) best = TilingChoice::kSmall;
+  }
+  return best;
+}
+
+template <typename T, typename Cfg>
+void launch_tiled(const KernelArgs& args, int device, cudaStream_t stream) {
+  const auto kernel = linear_mma_kernel<T, Cfg>;
+  // Over 48 KiB of dynamic shared memory needs an opt-in, once per kernel and device (every
+  // time on devices past the mask's 64 bits).
+  static std::atomic<std::uint64_t> opted_in{0};
+  const std::uint64_t bit = device < 64 ? std::uint64_t{1} << device : 0;
+  if (bit == 0 || (opted_in.load(std::memory_order_acquire) & bit) == 0) {
+    check_cuda(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
+        "cudaFuncSetAttribute(linear_mma_kernel, maxDynamicSharedMemorySize)");
+    opted_in.fetch_or(bit, std::memory_order_release);
+  }
+  const dim3 grid(static_cast<unsigned>((args.n + Cfg::kBlockN - 1) / Cfg::kBlockN),
+                  static_cast<unsigned>((args.m + Cfg::kBlockM - 1) / Cfg::kBlockM));
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
+  check_launch("linear_mma_kernel");
+}
+
 template <typename T>
 void launch(const LinearCudaArgs& a) {
   KernelArgs k{};
@@ -302,16 +413,26 @@ void launch(const LinearCudaArgs& a) {
   const bool tiled =
       a.k % 8 == 0 && a.ldx % 8 == 0 && a.ldw % 8 == 0 && aligned16(a.x) && aligned16(a.w);
   // Rows map to gridDim.y (at most 65535 blocks).
-  const long long max_rows = 65535LL * (tiled ? kBlockM : 8);
+  const long long max_rows = 65535LL * (tiled ? TilingMedium::kBlockM : 8);
   if (a.m > max_rows) {
     throw ValueError("linear on CUDA supports at most " + std::to_string(max_rows) +
                      " rows for these inputs, got " + std::to_string(a.m));
   }
   if (tiled) {
-    const dim3 grid(static_cast<unsigned>((a.n + kBlockN - 1) / kBlockN),
-                    static_cast<unsigned>((a.m + kBlockM - 1) / kBlockM));
-    linear_mma_kernel<T><<<grid, kThreads, 0, stream>>>(k);
-    check_launch("linear_mma_kernel");
+    switch (choose_tiling(a.m, a.n, a.device)) {
+      case TilingChoice::kLarge:
+        launch_tiled<T, TilingLarge>(k, a.device, stream);
+        break;
+      case TilingChoice::kTall:
+        launch_tiled<T, TilingTall>(k, a.device, stream);
+        break;
+      case TilingChoice::kMedium:
+        launch_tiled<T, TilingMedium>(k, a.device, stream);
+        break;
+      case TilingChoice::kSmall:
+        launch_tiled<T, TilingSmall>(k, a.device, stream);
+        break;
+    }
   } else {
     const dim3 block(32, 8);
     const dim3 grid(static_cast<unsigned>((a.n + block.x - 1) / block.x),

@@ -81,6 +81,41 @@ def test_linear_matches_float64(
         assert err < tolerance(dtype), (dtype, err)
 
 
+# Shapes large enough that the CUDA kernel picks each of its tilings (128 x 256, 192 x 128,
+# 128 x 128 and 64 x 128, chosen from the tile count and the SM count) on GPUs with 46 to 132
+# SMs: rows, odd and even features and K off every tile edge, K from fewer tiles than pipeline
+# stages (72) to many (520).
+TILING_SHAPES = [
+    (385, 5633, 72),
+    (577, 4099, 72),
+    (1000, 2050, 136),
+    (1030, 2056, 264),
+    (1100, 1500, 264),
+    (257, 4100, 40),
+    (144, 4096, 520),
+    (65, 1031, 96),
+]
+
+
+@pytest.mark.parametrize("index", range(len(TILING_SHAPES)))
+def test_linear_every_tiling(device: str, index: int) -> None:
+    m, n, k = TILING_SHAPES[index]
+    activation = ACTIVATIONS[index % len(ACTIVATIONS)]  # the epilogue is shared by all tilings
+    gen = torch.Generator().manual_seed(m * 7919 + n * 31 + k)
+    for dtype in dtypes_for(device):
+        x = make((m, k), dtype, device, gen)
+        w = make((n, k), dtype, device, gen) / math.sqrt(k)
+        b = make((n,), dtype, device, gen)
+        y = ops.linear(x, w, b, activation)
+        ref = reference(x, w, b, activation).cpu()
+        err = rel_err(y, ref)
+        assert err < tolerance(dtype), (dtype, err)
+        # Elementwise too: a tile-edge bug that leaves one block of zeros or garbage could hide
+        # in the norm of a large output. |y| stays below about 8 here, so 0.1 is many roundings.
+        worst = (y.double().cpu() - ref).abs().max().item()
+        assert worst < 0.1, (dtype, worst)
+
+
 def test_linear_random_shapes(device: str) -> None:
     gen = torch.Generator().manual_seed(5)
     for _ in range(12):
