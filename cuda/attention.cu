@@ -17,7 +17,8 @@
 //   second kernel merges them. The split count depends on shapes only (and the device's SM
 //   count), so replays of a captured CUDA graph see the same launch configuration.
 // - prefill_mma_kernel serves sequences with >= kTensorCoreMinTokens query tokens (head sizes up
-//   to 128) on tensor cores; the other kernels skip those sequences. Which kernel owns a
+//   to 128) on tensor cores, a block per window of kMmaRows batch tokens and query head; the
+//   other kernels skip those sequences. Which kernel owns a
 //   sequence is decided on the device from query_start_loc, so the host needs no batch plan.
 //   decode_kernel shares the split count and the workspace layout with paged_attention_kernel,
 //   so one merge kernel serves both.
@@ -258,8 +259,11 @@ struct MmaTile {
   static constexpr std::size_t kSmemBytes = 2 * 2 * kMmaKeys * kPitch * 2;
 };
 
+// Query rows [tok0, tok0 + ntok) (ntok <= kMmaRows) of sequence `seq`, query head `head`.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) prefill_mma_kernel(const PagedAttentionParams p) {
+__device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsigned char* smem,
+                                             int seq, int q_begin, int q_end, int tok0, int ntok,
+                                             int head) {
   using C = Convert<T>;
   using M = Mma<T>;
   constexpr int P = MmaTile<D>::kPitch;
@@ -273,33 +277,11 @@ __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(const PagedAttent
   static_assert(DT % 2 == 0 && NT % 2 == 0, "ldmatrix.x4 covers two n-tiles");
   const float neg_inf = -INFINITY;
 
-  extern __shared__ __align__(16) unsigned char smem[];
   T* const kv_s = reinterpret_cast<T*>(smem);  // stage s: K at s * 2 * KT * P, V after it
   T* const q_stage = kv_s + 3 * KT * P;        // the second stage's V buffer, before the loop
 
-  // Heavy (late, causal) tiles first: the grid's tail is then made of light ones.
-  const int tile = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);
-  const int head = blockIdx.y;
   const int group = p.num_heads / p.num_kv_heads;
   const int kv_head = head / group;
-  int lo = 0;
-  int hi = p.num_seqs - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (p.query_start_loc[mid] / kMmaRows + mid <= tile) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  const int seq = lo;
-  const int q_begin = p.query_start_loc[seq];
-  const int q_end = p.query_start_loc[seq + 1];
-  const int first_tile = q_begin / kMmaRows + seq;
-  if (tile < first_tile) return;
-  const int tok0 = q_begin + (tile - first_tile) * kMmaRows;
-  if (tok0 >= q_end || !uses_tensor_core_prefill<D>(q_end - q_begin)) return;
-  const int ntok = min(q_end - tok0, kMmaRows);
   const int pos0 = p.seq_lens[seq] - (q_end - q_begin) + (tok0 - q_begin);
   const int key_lo = p.sliding_window > 0 ? max(0, pos0 - p.sliding_window + 1) : 0;
   const int key_hi = pos0 + ntok;  // > key_lo: every row sees its own key
@@ -339,11 +321,24 @@ __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(const PagedAttent
 
   load_tile(key_lo, 0);  // in flight while Q is staged
   const T* query = static_cast<const T*>(p.query);
-  for (int i = threadIdx.x; i < kMmaRows * D; i += kThreads) {
-    const int r = i / D;
-    const int d = i % D;
-    q_stage[r * P + d] =
-        r < ntok ? query[(tok0 + r) * p.query_token_stride + head * D + d] : C::from_float(0.0f);
+  if (reinterpret_cast<std::uintptr_t>(query) % 16 == 0 && p.query_token_stride % 8 == 0) {
+    for (int i = threadIdx.x; i < kMmaRows * DV; i += kThreads) {
+      const int r = i / DV;
+      const int c = i % DV;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (r < ntok) {
+        v = *reinterpret_cast<const uint4*>(query + (tok0 + r) * p.query_token_stride + head * D +
+                                            c * 8);
+      }
+      *reinterpret_cast<uint4*>(q_stage + r * P + c * 8) = v;
+    }
+  } else {
+    for (int i = threadIdx.x; i < kMmaRows * D; i += kThreads) {
+      const int r = i / D;
+      const int d = i % D;
+      q_stage[r * P + d] =
+          r < ntok ? query[(tok0 + r) * p.query_token_stride + head * D + d] : C::from_float(0.0f);
+    }
   }
   __syncthreads();  // Q staged
 
@@ -511,6 +506,33 @@ __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(const PagedAttent
       dst[0] = C::from_float(o[dt][2] / l_b);
       dst[1] = C::from_float(o[dt][3] / l_b);
     }
+  }
+}
+
+// A block owns a window of kMmaRows consecutive tokens of the batch (windows numbered from the
+// token count alone, so no block is launched per sequence) and one query head; it computes the
+// rows of each tensor-core sequence in its window: at most two, the end of one sequence and the
+// start of the next, as such sequences have >= kMmaRows tokens.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) prefill_mma_kernel(const PagedAttentionParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  // Heavy (late, causal) windows first: the grid's tail is then made of light ones.
+  const int window = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);
+  const int w0 = window * kMmaRows;
+  const int w1 = min(w0 + kMmaRows, p.num_tokens);
+  const int head = blockIdx.y;
+  const std::int32_t* qsl = p.query_start_loc;
+  bool first = true;
+  // Sequences before sequence_of(w0) end at or before w0.
+  for (int seq = sequence_of(qsl, p.num_seqs, w0); seq < p.num_seqs && qsl[seq] < w1; ++seq) {
+    const int q_begin = qsl[seq];
+    const int q_end = qsl[seq + 1];
+    const int tok0 = max(q_begin, w0);
+    const int tok1 = min(q_end, w1);
+    if (tok0 >= tok1 || !uses_tensor_core_prefill<D>(q_end - q_begin)) continue;
+    if (!first) __syncthreads();  // every warp is done with the previous rows' shared memory
+    first = false;
+    prefill_rows<T, D>(p, smem, seq, q_begin, q_end, tok0, tok1 - tok0, head);
   }
 }
 
@@ -1079,7 +1101,7 @@ void launch_attention(const PagedAttentionParams& p, const Geometry& g, float* p
         cudaFuncSetAttribute(prefill_mma_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem_bytes)),
         "cudaFuncSetAttribute(prefill_mma_kernel)");
-    const dim3 mma_grid(static_cast<unsigned>(p.num_tokens / kMmaRows + p.num_seqs),
+    const dim3 mma_grid(static_cast<unsigned>((p.num_tokens + kMmaRows - 1) / kMmaRows),
                         static_cast<unsigned>(p.num_heads));
     prefill_mma_kernel<T, D><<<mma_grid, kThreads, smem_bytes, stream>>>(p);
     check_launch("prefill_mma_kernel");
