@@ -1,8 +1,10 @@
 // CUDA reshape_and_cache and paged_attention (float16 / bfloat16, float32 accumulation).
 //
-// paged_attention, one call for a mixed batch (two or three kernels on the caller's stream):
-// - paged_attention_kernel serves decode tokens and short chunks. A thread block owns a tile of
-// query rows: up to kMaxRows rows made of `heads_per_block` query
+// paged_attention, one call for a mixed batch (three or four kernels on the caller's stream):
+// - decode_kernel serves single-token sequences: a block per (sequence, GQA group or part of
+//   one, context split), warps streaming K/V with no block barrier (see its comment).
+// - paged_attention_kernel serves short chunks. A thread block owns a tile of
+//   query rows: up to kMaxRows rows made of `heads_per_block` query
 //   heads of one GQA group times `tokens_per_block` consecutive tokens of one sequence. All of
 //   them share each K/V tile the block reads through the block table (16-byte loads into shared
 //   memory), so a KV head's cache is read once per tile of tokens, not once per query head.
@@ -15,8 +17,11 @@
 //   second kernel merges them. The split count depends on shapes only (and the device's SM
 //   count), so replays of a captured CUDA graph see the same launch configuration.
 // - prefill_mma_kernel serves sequences with >= kTensorCoreMinTokens query tokens (head sizes up
-//   to 128) on tensor cores; the other kernels skip those sequences. Which kernel owns a
+//   to 128) on tensor cores, a block per window of kMmaRows batch tokens and query head; the
+//   other kernels skip those sequences. Which kernel owns a
 //   sequence is decided on the device from query_start_loc, so the host needs no batch plan.
+//   decode_kernel shares the split count and the workspace layout with paged_attention_kernel,
+//   so one merge kernel serves both.
 // The host reads no device data and allocates nothing: safe to capture in a CUDA graph.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -37,8 +42,11 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxRows = 16;     // query rows per block
-constexpr int kSplitKeys = 512;  // a context is split only when longer than this
+constexpr int kSplitKeys = 256;  // a context is split only when longer than this
 constexpr int kMaxSplits = 32;
+// Splits are added until the general kernel's grid has this many blocks per SM: decode batches
+// then run several waves of short blocks instead of one ragged wave of long ones.
+constexpr int kBlocksPerSm = 16;
 
 template <typename T>
 struct Convert;
@@ -87,6 +95,8 @@ struct Geometry {
   int num_tiles;         // num_tokens / tokens_per_block + num_seqs
   int num_splits;        // 1: no split, the block writes `out` directly
   int split_keys;        // keys per split (when num_splits > 1)
+  int decode_heads;      // query heads per decode_kernel block: 8, 4, 2 or 1, dividing the group
+  int decode_chunks;     // group / decode_heads
 };
 
 template <int D>
@@ -117,6 +127,24 @@ __device__ __forceinline__ bool uses_tensor_core_prefill(int q_len) {
   return D <= 128 && q_len >= kTensorCoreMinTokens;
 }
 
+// Block-table column of a key and its row within the block. Block sizes are powers of two in
+// practice (8, 16, 32), where a shift and a mask replace two integer divisions per key.
+struct BlockIndexer {
+  int block_size;
+  int shift;
+  bool pow2;
+  __device__ explicit BlockIndexer(int size)
+      : block_size(size), shift(0), pow2((size & (size - 1)) == 0) {
+    while ((1 << shift) < size) ++shift;  // log2(size) when pow2
+  }
+  __device__ __forceinline__ int column(int key) const {
+    return pow2 ? key >> shift : key / block_size;
+  }
+  __device__ __forceinline__ int row(int key) const {
+    return pow2 ? key & (block_size - 1) : key % block_size;
+  }
+};
+
 // The sequence whose query tokens contain `token` (query_start_loc[seq] <= token < [seq + 1]).
 __device__ __forceinline__ int sequence_of(const std::int32_t* qsl, int num_seqs, int token) {
   int lo = 0;
@@ -134,15 +162,22 @@ __device__ __forceinline__ int sequence_of(const std::int32_t* qsl, int num_seqs
 
 // ---------------------------------------------------------------------------------------------
 // Prefill on tensor cores (FlashAttention-2 style): a block of 4 warps owns 64 query tokens of one
-// query head, each warp 16 of them; K/V tiles of 32 keys come through the block table into shared
-// memory; S = Q K^T and O += P V are mma.sync m16n8k16 with float32 accumulation, the online
-// softmax runs on the accumulator fragments (a row lives in the 4 lanes of a quad).
+// query head, each warp 16 of them, with the warp's Q fragments held in registers. K/V tiles of
+// 64 keys come through the block table into shared memory with cp.async, double-buffered: the
+// next tile's copies are in flight while the current one is computed. S = Q K^T and O += P V are
+// mma.sync m16n8k16 with float32 accumulation, their B operands loaded with ldmatrix (.trans for
+// V); the online softmax runs on the accumulator fragments in the log2 domain (a row lives in the
+// 4 lanes of a quad) and the position mask is only evaluated on tiles that cross it.
 //
 // m16n8k16 fragments (g = lane / 4, t = lane % 4): A (16x16, row-major) a0 = A[g][2t..2t+1],
 // a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]; B (16x8) b0 = B[2t..2t+1][g],
 // b1 = B[2t+8..2t+9][g]; C (16x8) c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1].
 constexpr int kMmaRows = 64;
-constexpr int kMmaKeys = 32;
+constexpr int kMmaKeys = 64;
+// Q is staged through a K/V tile buffer before the main loop.
+static_assert(kMmaRows == kMmaKeys, "Q staging uses a K/V tile buffer");
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 template <typename T>
 struct Mma;
@@ -182,67 +217,130 @@ __device__ __forceinline__ std::uint32_t load_pair(const T* p) {
   return *reinterpret_cast<const std::uint32_t*>(p);
 }
 
-// Two elements a row apart, packed as one fragment register (low half: the first).
-template <typename T>
-__device__ __forceinline__ std::uint32_t gather_pair(const T* p, int pitch) {
-  const unsigned short lo = *reinterpret_cast<const unsigned short*>(p);
-  const unsigned short hi = *reinterpret_cast<const unsigned short*>(p + pitch);
-  return static_cast<std::uint32_t>(lo) | (static_cast<std::uint32_t>(hi) << 16);
+__device__ __forceinline__ std::uint32_t shared_address(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy that bypasses registers (sm_80+). With valid == false nothing is
+// read and the 16 bytes are zero-filled, so masked keys hold finite V rows (0 * NaN would poison
+// O). The "memory" clobbers keep the compiler from moving shared-memory accesses across these.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)),
+               "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives
+// matrix i's fragment (row lane / 4, columns 2 (lane % 4) and +1; with .trans the transpose's).
+__device__ __forceinline__ void ldmatrix_x4(std::uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(p))
+               : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(std::uint32_t* r, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(p))
+               : "memory");
 }
 
 template <int D>
 struct MmaTile {
-  static constexpr int kPitch = D + 8;  // 16-byte pad: conflict-free fragment loads
-  static constexpr std::size_t kSmemBytes = 2 * (kMmaRows + 2 * kMmaKeys) * kPitch;
+  // Rows padded by 16 bytes: the 8 row addresses of an ldmatrix phase hit distinct banks.
+  static constexpr int kPitch = D + 8;
+  // Two stages of a K tile and a V tile (2-byte elements).
+  static constexpr std::size_t kSmemBytes = 2 * 2 * kMmaKeys * kPitch * 2;
 };
 
+// Query rows [tok0, tok0 + ntok) (ntok <= kMmaRows) of sequence `seq`, query head `head`.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) prefill_mma_kernel(const PagedAttentionParams p) {
+__device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsigned char* smem,
+                                             int seq, int q_begin, int q_end, int tok0, int ntok,
+                                             int head) {
   using C = Convert<T>;
   using M = Mma<T>;
   constexpr int P = MmaTile<D>::kPitch;
-  constexpr int DT = D / 8;  // n-tiles of the output
-  constexpr int DV = D / 8;  // uint4 per K/V row
+  constexpr int KT = kMmaKeys;
+  constexpr int DT = D / 8;                    // n-tiles of the output
+  constexpr int DK = D / 16;                   // k-steps of Q K^T
+  constexpr int DV = D / 8;                    // uint4 per K/V row
+  constexpr int NT = KT / 8;                   // n-tiles of S
+  constexpr int kCopies = KT * DV / kThreads;  // 16-byte copies of K (and of V) per thread
+  static_assert(KT * DV % kThreads == 0, "a tile is an exact number of copies per thread");
+  static_assert(DT % 2 == 0 && NT % 2 == 0, "ldmatrix.x4 covers two n-tiles");
   const float neg_inf = -INFINITY;
 
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* q_s = reinterpret_cast<T*>(smem);  // [kMmaRows][P]
-  T* k_s = q_s + kMmaRows * P;          // [kMmaKeys][P]
-  T* v_s = k_s + kMmaKeys * P;          // [kMmaKeys][P]
+  T* const kv_s = reinterpret_cast<T*>(smem);  // stage s: K at s * 2 * KT * P, V after it
+  T* const q_stage = kv_s + 3 * KT * P;        // the second stage's V buffer, before the loop
 
-  const int tile = blockIdx.x;
-  const int head = blockIdx.y;
   const int group = p.num_heads / p.num_kv_heads;
   const int kv_head = head / group;
-  int lo = 0;
-  int hi = p.num_seqs - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (p.query_start_loc[mid] / kMmaRows + mid <= tile) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  const int seq = lo;
-  const int q_begin = p.query_start_loc[seq];
-  const int q_end = p.query_start_loc[seq + 1];
-  const int first_tile = q_begin / kMmaRows + seq;
-  if (tile < first_tile) return;
-  const int tok0 = q_begin + (tile - first_tile) * kMmaRows;
-  if (tok0 >= q_end || !uses_tensor_core_prefill<D>(q_end - q_begin)) return;
-  const int ntok = min(q_end - tok0, kMmaRows);
   const int pos0 = p.seq_lens[seq] - (q_end - q_begin) + (tok0 - q_begin);
   const int key_lo = p.sliding_window > 0 ? max(0, pos0 - p.sliding_window + 1) : 0;
-  const int key_hi = pos0 + ntok;
+  const int key_hi = pos0 + ntok;  // > key_lo: every row sees its own key
+  const int num_key_tiles = (key_hi - key_lo + KT - 1) / KT;
 
+  const std::int32_t* table =
+      p.block_tables + static_cast<std::int64_t>(seq) * p.max_blocks_per_seq;
+  const T* key_cache = static_cast<const T*>(p.key_cache);
+  const T* value_cache = static_cast<const T*>(p.value_cache);
+  const BlockIndexer blocks(p.block_size);
+  // Issues the copies of keys [kt0, kt0 + KT) into stage `stage` as one cp.async group; keys at or
+  // past key_hi are zero-filled and their block-table entries are never read.
+  const auto load_tile = [&](int kt0, int stage) {
+    T* ks = kv_s + stage * 2 * KT * P;
+    T* vs = ks + KT * P;
+#pragma unroll
+    for (int u = 0; u < kCopies; ++u) {
+      const int i = static_cast<int>(threadIdx.x) + u * kThreads;
+      const int j = i / DV;
+      const int c = i % DV;
+      const int kpos = kt0 + j;
+      const bool valid = kpos < key_hi;
+      const T* ksrc = key_cache;
+      const T* vsrc = value_cache;
+      if (valid) {
+        const std::int64_t block = table[blocks.column(kpos)];
+        const std::int64_t row =
+            ((block * p.block_size + blocks.row(kpos)) * p.num_kv_heads + kv_head) * D + c * 8;
+        ksrc += row;
+        vsrc += row;
+      }
+      cp_async16(ks + j * P + c * 8, ksrc, valid);
+      cp_async16(vs + j * P + c * 8, vsrc, valid);
+    }
+    cp_async_commit();
+  };
+
+  load_tile(key_lo, 0);  // in flight while Q is staged
   const T* query = static_cast<const T*>(p.query);
-  for (int i = threadIdx.x; i < kMmaRows * D; i += kThreads) {
-    const int r = i / D;
-    const int d = i % D;
-    q_s[r * P + d] =
-        r < ntok ? query[(tok0 + r) * p.query_token_stride + head * D + d] : C::from_float(0.0f);
+  if (reinterpret_cast<std::uintptr_t>(query) % 16 == 0 && p.query_token_stride % 8 == 0) {
+    for (int i = threadIdx.x; i < kMmaRows * DV; i += kThreads) {
+      const int r = i / DV;
+      const int c = i % DV;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (r < ntok) {
+        v = *reinterpret_cast<const uint4*>(query + (tok0 + r) * p.query_token_stride + head * D +
+                                            c * 8);
+      }
+      *reinterpret_cast<uint4*>(q_stage + r * P + c * 8) = v;
+    }
+  } else {
+    for (int i = threadIdx.x; i < kMmaRows * D; i += kThreads) {
+      const int r = i / D;
+      const int d = i % D;
+      q_stage[r * P + d] =
+          r < ntok ? query[(tok0 + r) * p.query_token_stride + head * D + d] : C::from_float(0.0f);
+    }
   }
+  __syncthreads();  // Q staged
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -252,77 +350,84 @@ __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(const PagedAttent
   const int row_b = row_a + 8;
   const int pos_a = pos0 + row_a;
   const int pos_b = pos0 + row_b;
+  std::uint32_t qf[DK][4];
+#pragma unroll
+  for (int kk = 0; kk < DK; ++kk) {
+    qf[kk][0] = load_pair(q_stage + row_a * P + kk * 16 + 2 * t);
+    qf[kk][1] = load_pair(q_stage + row_b * P + kk * 16 + 2 * t);
+    qf[kk][2] = load_pair(q_stage + row_a * P + kk * 16 + 8 + 2 * t);
+    qf[kk][3] = load_pair(q_stage + row_b * P + kk * 16 + 8 + 2 * t);
+  }
   float o[DT][4];
 #pragma unroll
   for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) o[dt][e] = 0.0f;
   float m_a = neg_inf, m_b = neg_inf, l_a = 0.0f, l_b = 0.0f;
+  const float scale_log2 = p.scale * kLog2e;
+  // ldmatrix row addresses of this lane: matrix lane / 8, row lane % 8 of it.
+  const int ld_row = lane % 8;
+  const int ld_hi = (lane / 8) % 2;  // second 8 of the k dimension (K) / of the keys (V)
+  const int ld_pair = lane / 16;     // second n-tile of the pair
 
-  const std::int32_t* table =
-      p.block_tables + static_cast<std::int64_t>(seq) * p.max_blocks_per_seq;
-  const T* key_cache = static_cast<const T*>(p.key_cache);
-  const T* value_cache = static_cast<const T*>(p.value_cache);
-
-  for (int kt0 = key_lo; kt0 < key_hi; kt0 += kMmaKeys) {
-    __syncthreads();  // previous tile consumed (and q_s written)
-    for (int i = threadIdx.x; i < kMmaKeys * DV; i += kThreads) {
-      const int j = i / DV;
-      const int c = i % DV;
-      const int kpos = kt0 + j;
-      uint4 kv = make_uint4(0, 0, 0, 0);
-      uint4 vv = make_uint4(0, 0, 0, 0);
-      if (kpos < key_hi) {
-        const std::int64_t block = table[kpos / p.block_size];
-        const std::int64_t row =
-            ((block * p.block_size + kpos % p.block_size) * p.num_kv_heads + kv_head) * D + c * 8;
-        kv = *reinterpret_cast<const uint4*>(key_cache + row);
-        vv = *reinterpret_cast<const uint4*>(value_cache + row);
-      }
-      *reinterpret_cast<uint4*>(k_s + j * P + c * 8) = kv;
-      *reinterpret_cast<uint4*>(v_s + j * P + c * 8) = vv;
-    }
+  for (int it = 0; it < num_key_tiles; ++it) {
+    const int kt0 = key_lo + it * KT;
+    const int stage = it % 2;
+    cp_async_wait_all();
+    // Tile `it` is visible to every warp, and every warp is done with the other stage (tile
+    // it - 1, or the Q staging before the first tile), which the next copies overwrite.
     __syncthreads();
+    if (it + 1 < num_key_tiles) load_tile(kt0 + KT, stage ^ 1);
+    const T* ks = kv_s + stage * 2 * KT * P;
+    const T* vs = ks + KT * P;
 
-    // S = Q K^T for this warp's 16 rows and the tile's 32 keys (4 n-tiles of 8 keys).
-    float s[4][4];
+    // S = Q K^T for this warp's 16 rows and the tile's KT keys.
+    float s[NT][4];
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[nt][e] = 0.0f;
 #pragma unroll
-    for (int kk = 0; kk < D; kk += 16) {
-      std::uint32_t a[4];
-      a[0] = load_pair(q_s + row_a * P + kk + 2 * t);
-      a[1] = load_pair(q_s + row_b * P + kk + 2 * t);
-      a[2] = load_pair(q_s + row_a * P + kk + 8 + 2 * t);
-      a[3] = load_pair(q_s + row_b * P + kk + 8 + 2 * t);
+    for (int kk = 0; kk < DK; ++kk) {
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        const T* kr = k_s + (nt * 8 + g) * P + kk + 2 * t;
-        M::run(s[nt], a, load_pair(kr), load_pair(kr + 8));
+      for (int np = 0; np < NT / 2; ++np) {
+        std::uint32_t b[4];
+        ldmatrix_x4(b, ks + ((2 * np + ld_pair) * 8 + ld_row) * P + kk * 16 + ld_hi * 8);
+        M::run(s[2 * np], qf[kk], b[0], b[1]);
+        M::run(s[2 * np + 1], qf[kk], b[2], b[3]);
       }
     }
 
-    // Scale, mask by position, online softmax per row (reduced over the quad's 4 lanes).
-    float mx_a = neg_inf, mx_b = neg_inf;
+    // Scale into the log2 domain; mask by position only where the tile crosses the causal
+    // diagonal, the sliding window's edge or key_hi (rows past ntok are never stored).
+    const bool unmasked =
+        kt0 + KT - 1 <= pos0 && (p.sliding_window <= 0 || kt0 > pos0 + ntok - 1 - p.sliding_window);
+    if (unmasked) {
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
+      for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool second = e >= 2;
-        const int row = second ? row_b : row_a;
-        const int pos = second ? pos_b : pos_a;
-        const int key = kt0 + nt * 8 + 2 * t + (e & 1);
-        const bool visible = row < ntok && key < key_hi && key <= pos &&
-                             (p.sliding_window <= 0 || key > pos - p.sliding_window);
-        s[nt][e] = visible ? s[nt][e] * p.scale : neg_inf;
-        if (second) {
-          mx_b = fmaxf(mx_b, s[nt][e]);
-        } else {
-          mx_a = fmaxf(mx_a, s[nt][e]);
+        for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = e >= 2 ? row_b : row_a;
+          const int pos = e >= 2 ? pos_b : pos_a;
+          const int key = kt0 + nt * 8 + 2 * t + (e & 1);
+          const bool visible = row < ntok && key < key_hi && key <= pos &&
+                               (p.sliding_window <= 0 || key > pos - p.sliding_window);
+          s[nt][e] = visible ? s[nt][e] * scale_log2 : neg_inf;
         }
       }
+    }
+
+    // Online softmax per row (reduced over the quad's 4 lanes).
+    float mx_a = neg_inf, mx_b = neg_inf;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      mx_a = fmaxf(mx_a, fmaxf(s[nt][0], s[nt][1]));
+      mx_b = fmaxf(mx_b, fmaxf(s[nt][2], s[nt][3]));
     }
 #pragma unroll
     for (int lane_mask = 1; lane_mask <= 2; lane_mask *= 2) {
@@ -331,16 +436,17 @@ __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(const PagedAttent
     }
     const float new_a = fmaxf(m_a, mx_a);
     const float new_b = fmaxf(m_b, mx_b);
-    const float alpha_a = m_a == neg_inf ? 0.0f : __expf(m_a - new_a);
-    const float alpha_b = m_b == neg_inf ? 0.0f : __expf(m_b - new_b);
+    // A row with no visible key so far keeps m = -inf; the guards keep it at 0 instead of NaN.
+    const float alpha_a = m_a == neg_inf ? 0.0f : exp2f(m_a - new_a);
+    const float alpha_b = m_b == neg_inf ? 0.0f : exp2f(m_b - new_b);
     float sum_a = 0.0f, sum_b = 0.0f;
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
+    for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const bool second = e >= 2;
         const float x = s[nt][e];
-        const float pr = x == neg_inf ? 0.0f : __expf(x - (second ? new_b : new_a));
+        const float pr = x == neg_inf ? 0.0f : exp2f(x - (second ? new_b : new_a));
         s[nt][e] = pr;
         if (second) {
           sum_b += pr;
@@ -366,18 +472,21 @@ __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(const PagedAttent
       o[dt][3] *= alpha_b;
     }
 
-    // O += P V: P's accumulator fragments are the A fragments of two 16-key chunks.
+    // O += P V: P's accumulator fragments are the A fragments of 16-key chunks; V's B fragments
+    // come transposed from its key-major rows.
 #pragma unroll
-    for (int kc = 0; kc < 2; ++kc) {
+    for (int kc = 0; kc < NT / 2; ++kc) {
       std::uint32_t a[4];
       a[0] = M::pack(s[2 * kc][0], s[2 * kc][1]);
       a[1] = M::pack(s[2 * kc][2], s[2 * kc][3]);
       a[2] = M::pack(s[2 * kc + 1][0], s[2 * kc + 1][1]);
       a[3] = M::pack(s[2 * kc + 1][2], s[2 * kc + 1][3]);
 #pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        const T* vr = v_s + (kc * 16 + 2 * t) * P + dt * 8 + g;
-        M::run(o[dt], a, gather_pair(vr, P), gather_pair(vr + 8 * P, P));
+      for (int dp = 0; dp < DT / 2; ++dp) {
+        std::uint32_t b[4];
+        ldmatrix_x4_trans(b, vs + (kc * 16 + ld_hi * 8 + ld_row) * P + (2 * dp + ld_pair) * 8);
+        M::run(o[2 * dp], a, b[0], b[1]);
+        M::run(o[2 * dp + 1], a, b[2], b[3]);
       }
     }
   }
@@ -397,6 +506,33 @@ __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(const PagedAttent
       dst[0] = C::from_float(o[dt][2] / l_b);
       dst[1] = C::from_float(o[dt][3] / l_b);
     }
+  }
+}
+
+// A block owns a window of kMmaRows consecutive tokens of the batch (windows numbered from the
+// token count alone, so no block is launched per sequence) and one query head; it computes the
+// rows of each tensor-core sequence in its window: at most two, the end of one sequence and the
+// start of the next, as such sequences have >= kMmaRows tokens.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) prefill_mma_kernel(const PagedAttentionParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  // Heavy (late, causal) windows first: the grid's tail is then made of light ones.
+  const int window = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);
+  const int w0 = window * kMmaRows;
+  const int w1 = min(w0 + kMmaRows, p.num_tokens);
+  const int head = blockIdx.y;
+  const std::int32_t* qsl = p.query_start_loc;
+  bool first = true;
+  // Sequences before sequence_of(w0) end at or before w0.
+  for (int seq = sequence_of(qsl, p.num_seqs, w0); seq < p.num_seqs && qsl[seq] < w1; ++seq) {
+    const int q_begin = qsl[seq];
+    const int q_end = qsl[seq + 1];
+    const int tok0 = max(q_begin, w0);
+    const int tok1 = min(q_end, w1);
+    if (tok0 >= tok1 || !uses_tensor_core_prefill<D>(q_end - q_begin)) continue;
+    if (!first) __syncthreads();  // every warp is done with the previous rows' shared memory
+    first = false;
+    prefill_rows<T, D>(p, smem, seq, q_begin, q_end, tok0, tok1 - tok0, head);
   }
 }
 
@@ -441,7 +577,8 @@ __global__ void __launch_bounds__(kThreads)
   if (tile < first_tile) return;
   const int tok0 = q_begin + (tile - first_tile) * tq;
   if (tok0 >= q_end) return;
-  if (uses_tensor_core_prefill<D>(q_end - q_begin)) return;
+  // decode_kernel and prefill_mma_kernel own these sequences.
+  if (q_end - q_begin == 1 || uses_tensor_core_prefill<D>(q_end - q_begin)) return;
   const int tok1 = min(q_end, tok0 + tq);
   const int hpb = g.heads_per_block;
   const int rows = (tok1 - tok0) * hpb;
@@ -619,6 +756,244 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Decode (sequences with exactly one query token): a block owns R query heads of one GQA group
+// (all of them share each K/V load) and one split of the context. Its 4 warps take interleaved
+// runs of keys with their own online softmax in registers, so the loop has no block barrier; the
+// warps merge through shared memory at the end and the splits through the workspace.
+//
+// Within a warp, a key row of D / 8 16-byte vectors is read by a segment of kLanesPerKey lanes
+// (D / 8 rounded up to a power of two; lanes past D / 8 idle), so a warp reads 32 / kLanesPerKey
+// keys per step, and kSteps steps' K and V loads are issued before any of them is used.
+template <int D>
+struct DecodeLayout {
+  static constexpr int kVecs = D / 8;
+  static constexpr int kLanesPerKey = kVecs <= 8 ? 8 : (kVecs <= 16 ? 16 : 32);
+  static constexpr int kKeysPerStep = 32 / kLanesPerKey;
+  static_assert(kVecs <= 32, "a key row must fit one warp");
+};
+
+__device__ __forceinline__ uint4 load_streaming(const void* p) {
+  return __ldg(static_cast<const uint4*>(p));
+}
+
+template <typename T, int D, int R>
+__global__ void __launch_bounds__(kThreads)
+    decode_kernel(const PagedAttentionParams p, const Geometry g, float* __restrict__ part_acc,
+                  float* __restrict__ part_ml) {
+  using C = Convert<T>;
+  using L = DecodeLayout<D>;
+  constexpr int W = L::kLanesPerKey;
+  constexpr int KPS = L::kKeysPerStep;
+  constexpr int U = R >= 8 ? 4 : 8;  // steps per iteration (register budget at 8 heads)
+  constexpr int KW = U * KPS;        // keys per warp per iteration
+  const float neg_inf = -INFINITY;
+
+  __shared__ float m_w[kWarps][R];
+  __shared__ float l_w[kWarps][R];
+  __shared__ float acc_w[kWarps][R][D];
+
+  const int seq = blockIdx.x;
+  const int token = p.query_start_loc[seq];
+  if (p.query_start_loc[seq + 1] - token != 1) return;
+  const int group = p.num_heads / p.num_kv_heads;
+  const int chunks = group / R;
+  const int kv_head = blockIdx.y / chunks;
+  const int head0 = kv_head * group + (blockIdx.y % chunks) * R;
+  const int split = blockIdx.z;
+  const int seq_len = p.seq_lens[seq];
+  const int pos = seq_len - 1;
+  // Every key in [key_lo, key_hi) is visible to the token (causal and window bounds).
+  int key_lo = p.sliding_window > 0 ? max(0, pos - p.sliding_window + 1) : 0;
+  int key_hi = seq_len;
+  if (g.num_splits > 1) {
+    key_lo = max(key_lo, split * g.split_keys);
+    key_hi = min(key_hi, (split + 1) * g.split_keys);
+  }
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int seg = lane / W;
+  const int vec = lane % W;
+  const bool active = vec < L::kVecs;
+
+  // q pre-scaled into the log2 domain: probabilities are exp2 of score differences.
+  const float q_scale = p.scale * kLog2e;
+  const T* query = static_cast<const T*>(p.query);
+  float q[R][8];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      q[r][e] = active ? C::to_float(query[static_cast<std::int64_t>(token) * p.query_token_stride +
+                                           (head0 + r) * D + vec * 8 + e]) *
+                             q_scale
+                       : 0.0f;
+  float acc[R][8];
+  float m[R];
+  float l[R];  // this lane's segment's sum (equal across the segment's lanes)
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    m[r] = neg_inf;
+    l[r] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[r][e] = 0.0f;
+  }
+
+  const std::int32_t* table =
+      p.block_tables + static_cast<std::int64_t>(seq) * p.max_blocks_per_seq;
+  const T* key_cache = static_cast<const T*>(p.key_cache);
+  const T* value_cache = static_cast<const T*>(p.value_cache);
+  const BlockIndexer blocks(p.block_size);
+
+  // Block-table entries are read one iteration ahead, so the K/V loads do not wait for them.
+  constexpr int kStride = kWarps * KW;
+  int base = key_lo + warp * KW;
+  std::int32_t entry[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int key = base + u * KPS + seg;
+    entry[u] = active && key < key_hi ? table[blocks.column(key)] : 0;
+  }
+  for (; base < key_hi; base += kStride) {
+    uint4 kr[U];
+    uint4 vr[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int key = base + u * KPS + seg;
+      kr[u] = make_uint4(0, 0, 0, 0);
+      vr[u] = make_uint4(0, 0, 0, 0);
+      if (active && key < key_hi) {
+        const std::int64_t row =
+            ((static_cast<std::int64_t>(entry[u]) * p.block_size + blocks.row(key)) *
+                 p.num_kv_heads +
+             kv_head) *
+                D +
+            vec * 8;
+        kr[u] = load_streaming(key_cache + row);
+        vr[u] = load_streaming(value_cache + row);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int key = base + kStride + u * KPS + seg;
+      entry[u] = active && key < key_hi ? table[blocks.column(key)] : 0;
+    }
+
+    // Scores of the segment's keys, reduced over the segment's lanes (xor offsets < W stay in it).
+    float s[U][R];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const T* kh = reinterpret_cast<const T*>(&kr[u]);
+      float kf[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) kf[e] = C::to_float(kh[e]);
+      const bool visible = base + u * KPS + seg < key_hi;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dot = fmaf(q[r][e], kf[e], dot);
+#pragma unroll
+        for (int o = W / 2; o > 0; o /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        s[u][r] = visible ? dot : neg_inf;
+      }
+    }
+
+    // One max update per iteration, shared by the warp (xor offsets >= W cross segments).
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float mx = s[0][r];
+#pragma unroll
+      for (int u = 1; u < U; ++u) mx = fmaxf(mx, s[u][r]);
+#pragma unroll
+      for (int o = W; o < 32; o *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      // Finite: key `base` (step 0 of segment 0) is visible. exp2f(-inf) = 0 on the first pass.
+      const float m_new = fmaxf(m[r], mx);
+      const float alpha = exp2f(m[r] - m_new);
+      m[r] = m_new;
+      l[r] *= alpha;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[r][e] *= alpha;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        s[u][r] = exp2f(s[u][r] - m_new);
+        l[r] += s[u][r];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const T* vh = reinterpret_cast<const T*>(&vr[u]);
+      float vf[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) vf[e] = C::to_float(vh[e]);
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[r][e] = fmaf(s[u][r], vf[e], acc[r][e]);
+    }
+  }
+
+  // Sum the segments (same max across the warp), then merge the warps.
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int o = W; o < 32; o *= 2) {
+      l[r] += __shfl_xor_sync(0xffffffffu, l[r], o);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[r][e] += __shfl_xor_sync(0xffffffffu, acc[r][e], o);
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      m_w[warp][r] = m[r];
+      l_w[warp][r] = l[r];
+    }
+  }
+  if (seg == 0 && active) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc_w[warp][r][vec * 8 + e] = acc[r][e];
+  }
+  __syncthreads();
+
+  T* out = static_cast<T*>(p.out);
+  for (int i = threadIdx.x; i < R * D; i += kThreads) {
+    const int r = i / D;
+    const int d = i % D;
+    float mx = neg_inf;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, m_w[w][r]);
+    float num = 0.0f;
+    float den = 0.0f;
+    if (mx != neg_inf) {  // else no warp had a key (an empty split): the partial stays empty
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float weight = exp2f(m_w[w][r] - mx);
+        num = fmaf(weight, acc_w[w][r][d], num);
+        den = fmaf(weight, l_w[w][r], den);
+      }
+    }
+    const int head = head0 + r;
+    if (g.num_splits == 1) {
+      // den > 0: the token sees its own key.
+      out[static_cast<std::int64_t>(token) * p.out_token_stride + head * D + d] =
+          C::from_float(num / den);
+    } else {
+      const std::int64_t slot =
+          (static_cast<std::int64_t>(token) * p.num_heads + head) * g.num_splits + split;
+      part_acc[slot * D + d] = num;
+      if (d == 0) {
+        // The merge works in the natural-log domain, as the general kernel's partials.
+        part_ml[slot * 2] = mx == neg_inf ? neg_inf : mx * kLn2;
+        part_ml[slot * 2 + 1] = den;
+      }
+    }
+  }
+}
+
 // Merges the splits of one (token, head): out = sum_i e^(m_i - M) acc_i / sum_i e^(m_i - M) l_i.
 template <typename T, int D>
 __global__ void __launch_bounds__(D)
@@ -670,7 +1045,7 @@ Geometry make_geometry(int num_tokens, int num_seqs, int num_heads, int num_kv_h
   g.head_chunks = group / g.heads_per_block;
   g.num_tiles = num_tokens / g.tokens_per_block + num_seqs;
   const std::int64_t blocks = static_cast<std::int64_t>(g.num_tiles) * num_kv_heads * g.head_chunks;
-  const std::int64_t wanted = 2 * static_cast<std::int64_t>(sms);
+  const std::int64_t wanted = kBlocksPerSm * static_cast<std::int64_t>(sms);
   std::int64_t splits = 1;
   if (blocks < wanted && max_context > kSplitKeys) {
     splits = std::min<std::int64_t>(
@@ -678,7 +1053,9 @@ Geometry make_geometry(int num_tokens, int num_seqs, int num_heads, int num_kv_h
   }
   g.num_splits = static_cast<int>(std::max<std::int64_t>(1, splits));
   const std::int64_t per_split = (max_context + g.num_splits - 1) / g.num_splits;
-  g.split_keys = static_cast<int>((per_split + 31) / 32 * 32);
+  g.split_keys = static_cast<int>((per_split + 63) / 64 * 64);
+  g.decode_heads = group % 8 == 0 ? 8 : (group % 4 == 0 ? 4 : (group % 2 == 0 ? 2 : 1));
+  g.decode_chunks = group / g.decode_heads;
   return g;
 }
 
@@ -697,11 +1074,36 @@ void launch_attention(const PagedAttentionParams& p, const Geometry& g, float* p
   paged_attention_kernel<T, D>
       <<<grid, kThreads, Tile<D>::kSmemBytes, stream>>>(p, g, part_acc, part_ml);
   check_launch("paged_attention_kernel");
+  // Single-token sequences; the kernel above skipped them.
+  const dim3 decode_grid(static_cast<unsigned>(p.num_seqs),
+                         static_cast<unsigned>(p.num_kv_heads * g.decode_chunks),
+                         static_cast<unsigned>(g.num_splits));
+  switch (g.decode_heads) {
+    case 8:
+      decode_kernel<T, D, 8><<<decode_grid, kThreads, 0, stream>>>(p, g, part_acc, part_ml);
+      break;
+    case 4:
+      decode_kernel<T, D, 4><<<decode_grid, kThreads, 0, stream>>>(p, g, part_acc, part_ml);
+      break;
+    case 2:
+      decode_kernel<T, D, 2><<<decode_grid, kThreads, 0, stream>>>(p, g, part_acc, part_ml);
+      break;
+    default:
+      decode_kernel<T, D, 1><<<decode_grid, kThreads, 0, stream>>>(p, g, part_acc, part_ml);
+      break;
+  }
+  check_launch("decode_kernel");
   if constexpr (D <= 128) {
-    // Prefill chunks of >= kTensorCoreMinTokens tokens; the kernel above skipped them.
-    const dim3 mma_grid(static_cast<unsigned>(p.num_tokens / kMmaRows + p.num_seqs),
+    // Prefill chunks of >= kTensorCoreMinTokens tokens; the kernels above skipped them.
+    constexpr std::size_t smem_bytes = MmaTile<D>::kSmemBytes;
+    // Above the default 48 KiB a kernel must opt in (not a stream operation: graph-capture safe).
+    check_cuda(
+        cudaFuncSetAttribute(prefill_mma_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem_bytes)),
+        "cudaFuncSetAttribute(prefill_mma_kernel)");
+    const dim3 mma_grid(static_cast<unsigned>((p.num_tokens + kMmaRows - 1) / kMmaRows),
                         static_cast<unsigned>(p.num_heads));
-    prefill_mma_kernel<T, D><<<mma_grid, kThreads, MmaTile<D>::kSmemBytes, stream>>>(p);
+    prefill_mma_kernel<T, D><<<mma_grid, kThreads, smem_bytes, stream>>>(p);
     check_launch("prefill_mma_kernel");
   }
   if (g.num_splits > 1) {

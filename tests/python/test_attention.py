@@ -263,6 +263,88 @@ def test_paged_attention_half_dtypes(device: str, dtype: torch.dtype, head_size:
     run_case(device, gen, dtype, 8, 1, head_size, 16, q_lens, seq_lens, sliding_window=0)
 
 
+# (num_heads, num_kv_heads) covering every CUDA decode tiling: groups 1, 2, 4 and 8 (one block
+# per group), 6 (three blocks of 2 heads) and 3 (three blocks of 1 head).
+DECODE_LAYOUTS = [(4, 4), (8, 4), (8, 2), (16, 2), (24, 4), (12, 4)]
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", DECODE_LAYOUTS)
+@pytest.mark.parametrize("head_size", [64, 80, 128, 256])
+def test_paged_attention_decode_batch(
+    device: str, head_size: int, num_heads: int, num_kv_heads: int
+) -> None:
+    """Single-token sequences only, contexts from 1 key to a few thousand (off every block, tile
+    and split boundary); on CUDA the decode kernel with the context split and merged."""
+    gen = torch.Generator().manual_seed(head_size * 100 + num_heads * 10 + num_kv_heads)
+    seq_lens = [1, 2, 17, 300, 1029, 2100]
+    block_size = [8, 16, 32][(head_size + num_heads) % 3]
+    run_case(
+        device,
+        gen,
+        default_dtype(device),
+        num_heads,
+        num_kv_heads,
+        head_size,
+        block_size,
+        [1] * len(seq_lens),
+        seq_lens,
+    )
+
+
+@pytest.mark.parametrize("sliding_window", [1, 5, 700])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_size", [(32, 8, 128), (8, 1, 64)])
+def test_paged_attention_decode_sliding_window(
+    device: str, sliding_window: int, num_heads: int, num_kv_heads: int, head_size: int
+) -> None:
+    gen = torch.Generator().manual_seed(sliding_window + num_heads)
+    seq_lens = [1, 6, 700, 701, 1500]
+    run_case(
+        device,
+        gen,
+        default_dtype(device),
+        num_heads,
+        num_kv_heads,
+        head_size,
+        16,
+        [1] * len(seq_lens),
+        seq_lens,
+        sliding_window=sliding_window,
+    )
+
+
+def test_paged_attention_many_decode_sequences(device: str) -> None:
+    """Enough sequences and kv heads that CUDA does not split the context (>= 16 blocks per SM
+    of a 132-SM device without splitting): each decode block writes `out` itself."""
+    gen = torch.Generator().manual_seed(11)
+    seq_lens = torch.randint(1, 150, (40,), generator=gen).tolist()
+    run_case(device, gen, default_dtype(device), 64, 64, 64, 16, [1] * len(seq_lens), seq_lens)
+
+
+@pytest.mark.parametrize("head_size", HEAD_SIZES)
+@pytest.mark.parametrize("num_heads,num_kv_heads", HEAD_LAYOUTS)
+def test_paged_attention_prefill_tiles(
+    device: str, head_size: int, num_heads: int, num_kv_heads: int
+) -> None:
+    """Prefill chunks of >= 64 tokens (on CUDA the tensor-core kernel for head sizes <= 128): a
+    whole prompt of exactly one 64-token tile, chunks over a cached prefix whose lengths fall off
+    the query-tile and key-tile grids, and a decode token in the same batch."""
+    gen = torch.Generator().manual_seed(head_size * 10 + num_heads + num_kv_heads)
+    block_size = [8, 16, 32][head_size % 3]
+    sliding_window = 37 if head_size % 32 == 0 else 0
+    run_case(
+        device,
+        gen,
+        default_dtype(device),
+        num_heads,
+        num_kv_heads,
+        head_size,
+        block_size,
+        [64, 130, 77, 1],
+        [64, 200, 141, 90],
+        sliding_window=sliding_window,
+    )
+
+
 def test_paged_attention_long_decode(device: str) -> None:
     """Long contexts with few sequences: the case CUDA splits across thread blocks."""
     gen = torch.Generator().manual_seed(3)
