@@ -11,7 +11,10 @@
 namespace py = pybind11;
 
 namespace aphrodite::bindings {
+void bind_attention_ops(py::module_& ops);
 void bind_image_ops(py::module_& ops);
+void bind_linear_ops(py::module_& ops);
+void bind_engine(py::module_& m);
 }  // namespace aphrodite::bindings
 
 namespace {
@@ -78,8 +81,11 @@ PYBIND11_MODULE(_C, m) {
       "used by this build on this machine.");
 
   aphrodite::bindings::bind_tensor(m);
+  aphrodite::bindings::bind_engine(m);
 
   // Ops: every area binds its ops into this submodule (cpp/bindings/*_ops.cpp).
   py::module_ ops = m.def_submodule("ops", "The core's ops; backend chosen by the tensors' device");
+  aphrodite::bindings::bind_attention_ops(ops);
   aphrodite::bindings::bind_image_ops(ops);
+  aphrodite::bindings::bind_linear_ops(ops);
 }

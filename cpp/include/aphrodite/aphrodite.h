@@ -4,5 +4,7 @@
 #include "aphrodite/backend.h"
 #include "aphrodite/buffer.h"
 #include "aphrodite/error.h"
+#include "aphrodite/linear.h"
+#include "aphrodite/llava_projector.h"
 #include "aphrodite/parallel.h"
 #include "aphrodite/tensor.h"

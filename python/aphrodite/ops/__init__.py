@@ -4,6 +4,23 @@ Each op takes torch tensors (or anything with ``__dlpack__``), picks its backend
 tensors' device and, on CUDA, runs on the caller's current torch stream.
 """
 
+from aphrodite.ops.attention import paged_attention, reshape_and_cache
 from aphrodite.ops.image import clip_preprocess, convert_to_rgb, preprocess_images
+from aphrodite.ops.linear import (
+    PackedLinearWeight,
+    linear,
+    llava_projector,
+    pack_linear_weight,
+)
 
-__all__ = ["clip_preprocess", "convert_to_rgb", "preprocess_images"]
+__all__ = [
+    "PackedLinearWeight",
+    "clip_preprocess",
+    "convert_to_rgb",
+    "linear",
+    "llava_projector",
+    "pack_linear_weight",
+    "paged_attention",
+    "preprocess_images",
+    "reshape_and_cache",
+]

@@ -1,0 +1,83 @@
+// The KV-cache block pool and the prefix cache over it.
+//
+// The pool tracks block ids only; the KV memory itself is allocated by the model executor as
+// [num_blocks, block_size, ...] per layer. Block 0 is the null block: never handed out, used to
+// pad block tables. Every other block is either owned (reference count > 0) or free. Free blocks
+// wait in a doubly linked queue in LRU order: allocate() takes the head, free() appends at the
+// tail. A free block may still be cached (published under a key); it stays reusable through
+// lookup() until allocate() evicts it, so eviction is least-recently-freed first.
+//
+// Invariants: a block is in the free queue iff its reference count is 0; a key maps to at most one
+// block and a block carries at most one key. All operations are O(1) (hash-map average).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <unordered_map>
+#include <vector>
+
+#include "aphrodite/engine/sha256.h"
+
+namespace aphrodite::engine {
+
+// A prefix-cache key: SHA-256 over (parent key, the block's token ids, extra keys). The map hashes
+// the first 8 bytes and compares all 32.
+using BlockKey = Sha256Digest;
+
+struct BlockKeyHasher {
+  std::size_t operator()(const BlockKey& k) const noexcept {
+    std::size_t h;
+    std::memcpy(&h, k.data(), sizeof(h));
+    return h;
+  }
+};
+
+class BlockPool {
+ public:
+  static constexpr std::int32_t kNullBlock = 0;
+
+  // `num_blocks` includes the null block (must be >= 2).
+  BlockPool(std::int32_t num_blocks, bool enable_caching);
+
+  std::int32_t num_blocks() const { return num_blocks_; }
+  // Blocks that can be handed out now (free, cached or not); excludes the null block.
+  std::int32_t num_free_blocks() const { return num_free_; }
+  std::int32_t num_usable_blocks() const { return num_blocks_ - 1; }
+  std::int32_t ref_count(std::int32_t block) const { return ref_[block]; }
+  bool is_cached(std::int32_t block) const { return has_key_[block] != 0; }
+  std::size_t num_cached_blocks() const { return cached_.size(); }
+
+  // Takes the least recently freed block (evicting its key); reference count 1. Throws
+  // aphrodite::Error when no block is free (callers check num_free_blocks() first).
+  std::int32_t allocate();
+  // Drops one reference; at 0 the block joins the tail of the free queue.
+  void release(std::int32_t block);
+  // Adds a reference to a block found by lookup(); a free one leaves the free queue.
+  void acquire(std::int32_t block);
+
+  // The block cached under `key`, or -1.
+  std::int32_t lookup(const BlockKey& key) const;
+  // Publishes an owned, fully written block under `key`. Returns false (and leaves the block
+  // unpublished) when another block already holds that key or the block already has one.
+  bool publish(std::int32_t block, const BlockKey& key);
+  // Forgets every key. Only possible while no block is owned; returns whether it was done.
+  bool reset_prefix_cache();
+
+ private:
+  void push_back(std::int32_t block);
+  void unlink(std::int32_t block);
+  void evict(std::int32_t block);
+
+  std::int32_t num_blocks_;
+  bool enable_caching_;
+  std::int32_t num_free_ = 0;
+  std::vector<std::int32_t> ref_;
+  // Free queue links; -1 ends the list. head_/tail_ are -1 when empty.
+  std::vector<std::int32_t> prev_, next_;
+  std::int32_t head_ = -1, tail_ = -1;
+  std::vector<BlockKey> key_;
+  std::vector<std::uint8_t> has_key_;
+  std::unordered_map<BlockKey, std::int32_t, BlockKeyHasher> cached_;
+};
+
+}  // namespace aphrodite::engine

@@ -1,0 +1,395 @@
+// CPU reshape_and_cache and paged_attention: metadata checks, work split and the portable build
+// of the inner kernels (the AVX2 build lives in attention_cpu_avx2.cpp).
+//
+// paged_attention splits the batch into items of (sequence, kv head, up to kRowsPerItem query
+// rows): the query heads of one GQA group and a few consecutive tokens share every K/V block read
+// from the cache. Each item walks its blocks through the block table with an online softmax, so
+// no score matrix larger than rows x block_size exists at any time.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "aphrodite/error.h"
+#include "aphrodite/parallel.h"
+#include "attention/attention_cpu_kernels.h"
+#include "internal/attention_kernels.h"
+
+namespace aphrodite::detail {
+
+namespace {
+
+float half_to_float(std::uint16_t h) {
+  const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
+  std::uint32_t exponent = (h >> 10) & 0x1fu;
+  std::uint32_t mantissa = h & 0x3ffu;
+  std::uint32_t bits = 0;
+  if (exponent == 0x1f) {
+    bits = sign | 0x7f800000u | (mantissa << 13);
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+  } else if (mantissa != 0) {
+    // Subnormal: normalise the mantissa.
+    exponent = 113;
+    while ((mantissa & 0x400u) == 0) {
+      mantissa <<= 1;
+      --exponent;
+    }
+    bits = sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13);
+  } else {
+    bits = sign;
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+std::uint16_t float_to_half(float f) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  const std::uint16_t sign = static_cast<std::uint16_t>((bits >> 16) & 0x8000u);
+  const std::uint32_t abs = bits & 0x7fffffffu;
+  if (abs >= 0x7f800000u)
+    return static_cast<std::uint16_t>(sign | (abs > 0x7f800000u ? 0x7e00u : 0x7c00u));
+  if (abs >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // rounds to inf
+  if (abs < 0x38800000u) {
+    // Subnormal or zero half: scale into the subnormal range, rounding to nearest even.
+    float a;
+    std::memcpy(&a, &abs, sizeof a);
+    const float scaled = a * 16777216.0f;  // 2^24: one half subnormal ulp becomes 1
+    return static_cast<std::uint16_t>(sign | static_cast<std::uint16_t>(std::nearbyint(scaled)));
+  }
+  const std::uint32_t rounded = abs + 0xfffu + ((abs >> 13) & 1u);
+  return static_cast<std::uint16_t>(sign | ((rounded - 0x38000000u) >> 13));
+}
+
+float bf16_to_float(std::uint16_t h) {
+  const std::uint32_t bits = static_cast<std::uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+std::uint16_t float_to_bf16(float f) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if (std::isnan(f)) return static_cast<std::uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<std::uint16_t>(bits >> 16);
+}
+
+float load_scalar(const void* src, DType dtype, std::int64_t i) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return half_to_float(static_cast<const std::uint16_t*>(src)[i]);
+    case DType::kBFloat16:
+      return bf16_to_float(static_cast<const std::uint16_t*>(src)[i]);
+    default:
+      return static_cast<const float*>(src)[i];
+  }
+}
+
+void rows_to_f32_scalar(const void* src, DType dtype, std::int64_t src_stride, int rows,
+                        int head_size, float mul, float* dst) {
+  for (int r = 0; r < rows; ++r) {
+    for (int d = 0; d < head_size; ++d) {
+      dst[static_cast<std::int64_t>(r) * head_size + d] =
+          mul * load_scalar(src, dtype, r * src_stride + d);
+    }
+  }
+}
+
+void row_from_f32_scalar(const float* src, float mul, int head_size, DType dtype, void* dst) {
+  for (int d = 0; d < head_size; ++d) {
+    const float x = src[d] * mul;
+    if (dtype == DType::kFloat32) {
+      static_cast<float*>(dst)[d] = x;
+    } else if (dtype == DType::kFloat16) {
+      static_cast<std::uint16_t*>(dst)[d] = float_to_half(x);
+    } else {
+      static_cast<std::uint16_t*>(dst)[d] = float_to_bf16(x);
+    }
+  }
+}
+
+void attend_block_scalar(const float* q, int rows, int head_size, const float* k, const float* v,
+                         std::int64_t kv_stride, int num_keys, const int* key_begin,
+                         const int* key_end, float* m, float* l, float* acc, float* scratch) {
+  float* s = scratch;
+  for (int r = 0; r < rows; ++r) {
+    const int jb = key_begin[r];
+    const int je = key_end[r];
+    if (jb >= je) continue;
+    const float* qr = q + static_cast<std::int64_t>(r) * head_size;
+    float block_max = -std::numeric_limits<float>::infinity();
+    for (int j = jb; j < je; ++j) {
+      const float* kr = k + j * kv_stride;
+      float dot = 0.0f;
+      for (int d = 0; d < head_size; ++d) dot += qr[d] * kr[d];
+      s[j] = dot;
+      block_max = std::max(block_max, dot);
+    }
+    const float m_new = std::max(m[r], block_max);
+    const float alpha = std::isinf(m[r]) ? 0.0f : std::exp(m[r] - m_new);
+    float* ar = acc + static_cast<std::int64_t>(r) * head_size;
+    for (int d = 0; d < head_size; ++d) ar[d] *= alpha;
+    float sum = 0.0f;
+    for (int j = jb; j < je; ++j) {
+      const float pj = std::exp(s[j] - m_new);
+      sum += pj;
+      const float* vr = v + j * kv_stride;
+      for (int d = 0; d < head_size; ++d) ar[d] += pj * vr[d];
+    }
+    l[r] = l[r] * alpha + sum;
+    m[r] = m_new;
+  }
+  (void)num_keys;
+}
+
+bool cpu_has_avx2_fma() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+const AttentionCpuKernels& kernels() {
+  static const AttentionCpuKernels chosen = [] {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (cpu_has_avx2_fma()) return attention_cpu_kernels_avx2();
+#endif
+    return attention_cpu_kernels_scalar();
+  }();
+  return chosen;
+}
+
+void bad_metadata(const std::string& message) { throw ValueError("paged_attention: " + message); }
+
+// The CPU path reads the metadata on the host anyway, so it checks all of it: a bad batch fails
+// with a message here instead of reading out of bounds.
+void check_metadata(const PagedAttentionParams& p) {
+  const std::int32_t* qsl = p.query_start_loc;
+  if (qsl[0] < 0) bad_metadata("query_start_loc[0] must be >= 0");
+  for (int s = 0; s < p.num_seqs; ++s) {
+    const std::int64_t q_len = static_cast<std::int64_t>(qsl[s + 1]) - qsl[s];
+    if (q_len < 0)
+      bad_metadata("query_start_loc must be non-decreasing (at sequence " + std::to_string(s) +
+                   ")");
+    const std::int64_t len = p.seq_lens[s];
+    if (len < q_len) {
+      bad_metadata("seq_lens[" + std::to_string(s) + "] = " + std::to_string(len) +
+                   " is below the sequence's query length " + std::to_string(q_len));
+    }
+    if (q_len == 0) continue;
+    const std::int64_t blocks = (len + p.block_size - 1) / p.block_size;
+    if (blocks > p.max_blocks_per_seq) {
+      bad_metadata("seq_lens[" + std::to_string(s) + "] = " + std::to_string(len) +
+                   " needs more blocks than block_tables has columns");
+    }
+    for (std::int64_t b = 0; b < blocks; ++b) {
+      const std::int32_t id =
+          p.block_tables[static_cast<std::int64_t>(s) * p.max_blocks_per_seq + b];
+      if (id < 0 || id >= p.num_blocks) {
+        bad_metadata("block_tables[" + std::to_string(s) + ", " + std::to_string(b) +
+                     "] = " + std::to_string(id) + " is not a block of the cache");
+      }
+    }
+  }
+  if (qsl[p.num_seqs] > p.num_tokens) {
+    bad_metadata("query_start_loc[-1] = " + std::to_string(qsl[p.num_seqs]) +
+                 " exceeds the number of query tokens " + std::to_string(p.num_tokens));
+  }
+}
+
+// Query rows an item handles at most (whole GQA groups; at least one token).
+constexpr int kRowsPerItem = 32;
+
+struct WorkItem {
+  int seq;
+  int token_begin;
+  int token_end;
+  int kv_head;
+};
+
+struct Scratch {
+  std::vector<float> q, acc, m, l, kf, vf, block;
+  std::vector<int> pos_begin, pos_end, key_begin, key_end;
+};
+
+void run_item(const PagedAttentionParams& p, const AttentionCpuKernels& kern, const WorkItem& item,
+              Scratch& sc) {
+  const int group = p.num_heads / p.num_kv_heads;
+  const int D = p.head_size;
+  const int bs = p.block_size;
+  const int tokens = item.token_end - item.token_begin;
+  const int rows = tokens * group;
+  const std::size_t esize = dtype_size(p.dtype);
+  sc.q.resize(static_cast<std::size_t>(rows) * D);
+  sc.acc.assign(static_cast<std::size_t>(rows) * D, 0.0f);
+  sc.m.assign(rows, -std::numeric_limits<float>::infinity());
+  sc.l.assign(rows, 0.0f);
+  sc.pos_begin.resize(rows);
+  sc.pos_end.resize(rows);
+  sc.key_begin.resize(rows);
+  sc.key_end.resize(rows);
+  sc.block.resize(static_cast<std::size_t>(attend_block_scratch_floats(rows, bs, D)));
+  if (p.dtype != DType::kFloat32) {
+    sc.kf.resize(static_cast<std::size_t>(bs) * D);
+    sc.vf.resize(static_cast<std::size_t>(bs) * D);
+  }
+
+  const std::int32_t q_begin = p.query_start_loc[item.seq];
+  const std::int32_t q_len = p.query_start_loc[item.seq + 1] - q_begin;
+  const std::int64_t len = p.seq_lens[item.seq];
+  std::int64_t first_key = len;
+  std::int64_t last_key = 0;  // exclusive
+  for (int t = 0; t < tokens; ++t) {
+    const int token = item.token_begin + t;
+    const std::int64_t pos = len - q_len + (token - q_begin);
+    const std::int64_t begin =
+        p.sliding_window > 0 ? std::max<std::int64_t>(0, pos - p.sliding_window + 1) : 0;
+    first_key = std::min(first_key, begin);
+    last_key = std::max(last_key, pos + 1);
+    const char* qrow =
+        static_cast<const char*>(p.query) +
+        (token * p.query_token_stride + static_cast<std::int64_t>(item.kv_head) * group * D) *
+            static_cast<std::int64_t>(esize);
+    kern.rows_to_f32(qrow, p.dtype, D, group, D, p.scale,
+                     sc.q.data() + static_cast<std::size_t>(t) * group * D);
+    for (int g = 0; g < group; ++g) {
+      sc.pos_begin[t * group + g] = static_cast<int>(begin);
+      sc.pos_end[t * group + g] = static_cast<int>(pos + 1);
+    }
+  }
+
+  const std::int32_t* table =
+      p.block_tables + static_cast<std::int64_t>(item.seq) * p.max_blocks_per_seq;
+  const std::int64_t row_stride = static_cast<std::int64_t>(p.num_kv_heads) * D;  // between keys
+  for (std::int64_t bi = first_key / bs; bi * bs < last_key; ++bi) {
+    const std::int64_t base = bi * bs;
+    const int n = static_cast<int>(std::min<std::int64_t>(bs, last_key - base));
+    const std::int64_t offset =
+        (static_cast<std::int64_t>(table[bi]) * bs * p.num_kv_heads + item.kv_head) * D;
+    if ((bi + 1) * bs < last_key) {
+      // The next block's rows are a constant 4 KiB-ish stride apart, which hardware prefetchers
+      // that stop at page boundaries follow poorly: ask for them explicitly.
+      const std::int64_t next =
+          (static_cast<std::int64_t>(table[bi + 1]) * bs * p.num_kv_heads + item.kv_head) * D;
+      const std::int64_t row_bytes =
+          static_cast<std::int64_t>(D) * static_cast<std::int64_t>(esize);
+      for (int j = 0; j < bs; ++j) {
+        const char* kr = static_cast<const char*>(p.key_cache) +
+                         (next + j * row_stride) * static_cast<std::int64_t>(esize);
+        const char* vr = static_cast<const char*>(p.value_cache) +
+                         (next + j * row_stride) * static_cast<std::int64_t>(esize);
+        for (std::int64_t b = 0; b < row_bytes; b += 64) {
+          __builtin_prefetch(kr + b);
+          __builtin_prefetch(vr + b);
+        }
+      }
+    }
+    const float* k;
+    const float* v;
+    std::int64_t kv_stride;
+    if (p.dtype == DType::kFloat32) {
+      k = static_cast<const float*>(p.key_cache) + offset;
+      v = static_cast<const float*>(p.value_cache) + offset;
+      kv_stride = row_stride;
+    } else {
+      const char* kc =
+          static_cast<const char*>(p.key_cache) + offset * static_cast<std::int64_t>(esize);
+      const char* vc =
+          static_cast<const char*>(p.value_cache) + offset * static_cast<std::int64_t>(esize);
+      kern.rows_to_f32(kc, p.dtype, row_stride, n, D, 1.0f, sc.kf.data());
+      kern.rows_to_f32(vc, p.dtype, row_stride, n, D, 1.0f, sc.vf.data());
+      k = sc.kf.data();
+      v = sc.vf.data();
+      kv_stride = D;
+    }
+    for (int r = 0; r < rows; ++r) {
+      sc.key_begin[r] = static_cast<int>(std::clamp<std::int64_t>(sc.pos_begin[r] - base, 0, n));
+      sc.key_end[r] = static_cast<int>(std::clamp<std::int64_t>(sc.pos_end[r] - base, 0, n));
+    }
+    kern.attend_block(sc.q.data(), rows, D, k, v, kv_stride, n, sc.key_begin.data(),
+                      sc.key_end.data(), sc.m.data(), sc.l.data(), sc.acc.data(), sc.block.data());
+  }
+
+  for (int t = 0; t < tokens; ++t) {
+    const int token = item.token_begin + t;
+    for (int g = 0; g < group; ++g) {
+      const int r = t * group + g;
+      char* orow =
+          static_cast<char*>(p.out) +
+          (token * p.out_token_stride + (static_cast<std::int64_t>(item.kv_head) * group + g) * D) *
+              static_cast<std::int64_t>(esize);
+      // l > 0: every row sees at least its own key.
+      kern.row_from_f32(sc.acc.data() + static_cast<std::size_t>(r) * D, 1.0f / sc.l[r], D, p.dtype,
+                        orow);
+    }
+  }
+}
+
+}  // namespace
+
+AttentionCpuKernels attention_cpu_kernels_scalar() {
+  return {&rows_to_f32_scalar, &row_from_f32_scalar, &attend_block_scalar};
+}
+
+void paged_attention_cpu(const PagedAttentionParams& p) {
+  check_metadata(p);
+  const int group = p.num_heads / p.num_kv_heads;
+  const int tokens_per_item = std::max(1, kRowsPerItem / group);
+  std::vector<WorkItem> items;
+  for (int s = 0; s < p.num_seqs; ++s) {
+    const int begin = p.query_start_loc[s];
+    const int end = p.query_start_loc[s + 1];
+    for (int t = begin; t < end; t += tokens_per_item) {
+      for (int h = 0; h < p.num_kv_heads; ++h) {
+        items.push_back({s, t, std::min(end, t + tokens_per_item), h});
+      }
+    }
+  }
+  const AttentionCpuKernels& kern = kernels();
+  parallel_run(static_cast<std::int64_t>(items.size()), [&](std::int64_t i) {
+    thread_local Scratch scratch;
+    run_item(p, kern, items[static_cast<std::size_t>(i)], scratch);
+  });
+}
+
+void reshape_and_cache_cpu(const ReshapeAndCacheParams& p) {
+  std::vector<std::int64_t> slots(static_cast<std::size_t>(p.num_tokens));
+  for (std::int64_t t = 0; t < p.num_tokens; ++t) {
+    const std::int64_t slot = p.slot_mapping_is_int64
+                                  ? static_cast<const std::int64_t*>(p.slot_mapping)[t]
+                                  : static_cast<const std::int32_t*>(p.slot_mapping)[t];
+    if (slot < -1 || slot >= p.num_slots) {
+      throw ValueError("reshape_and_cache: slot_mapping[" + std::to_string(t) +
+                       "] = " + std::to_string(slot) + " is outside the cache's " +
+                       std::to_string(p.num_slots) + " slots (and is not -1)");
+    }
+    slots[static_cast<std::size_t>(t)] = slot;
+  }
+  const std::size_t esize = dtype_size(p.dtype);
+  const std::int64_t row = static_cast<std::int64_t>(p.num_kv_heads) * p.head_size;
+  const std::size_t row_bytes = static_cast<std::size_t>(row) * esize;
+  parallel_for(0, p.num_tokens, 64, [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t t = begin; t < end; ++t) {
+      const std::int64_t slot = slots[static_cast<std::size_t>(t)];
+      if (slot < 0) continue;
+      std::memcpy(static_cast<char*>(p.key_cache) + static_cast<std::size_t>(slot * row) * esize,
+                  static_cast<const char*>(p.key) +
+                      static_cast<std::size_t>(t * p.key_token_stride) * esize,
+                  row_bytes);
+      std::memcpy(static_cast<char*>(p.value_cache) + static_cast<std::size_t>(slot * row) * esize,
+                  static_cast<const char*>(p.value) +
+                      static_cast<std::size_t>(t * p.value_token_stride) * esize,
+                  row_bytes);
+    }
+  });
+}
+
+}  // namespace aphrodite::detail

@@ -1,0 +1,38 @@
+// The CPU attention inner kernels, in two builds: portable C++ (attention_cpu.cpp) and AVX2/FMA
+// (attention_cpu_avx2.cpp). The driver picks one table at run time from the CPU's features.
+#pragma once
+
+#include <cstdint>
+
+#include "aphrodite/tensor.h"
+
+namespace aphrodite::detail {
+
+// Floats of scratch attend_block needs for `rows` query rows, keys blocks of up to `block_size`
+// and head size `head_size`.
+inline std::int64_t attend_block_scratch_floats(int rows, int block_size, int head_size) {
+  const std::int64_t padded = (block_size + 7) / 8 * 8;
+  return padded * head_size + static_cast<std::int64_t>(rows) * padded + rows;
+}
+
+struct AttentionCpuKernels {
+  // dst[r * head_size + d] = mul * src[r * src_stride + d] for r < rows, converted to float32.
+  void (*rows_to_f32)(const void* src, DType dtype, std::int64_t src_stride, int rows,
+                      int head_size, float mul, float* dst);
+  // dst[d] = mul * src[d] converted to dtype (round to nearest even).
+  void (*row_from_f32)(const float* src, float mul, int head_size, DType dtype, void* dst);
+  // Online-softmax update of `rows` query rows (q: [rows, head_size], already scaled) with one
+  // block of `num_keys` keys (k, v: rows of head_size floats `kv_stride` apart). Row r sees the
+  // keys [key_begin[r], key_end[r]) of the block; m/l/acc are its running max, sum and
+  // unnormalised output; scratch holds attend_block_scratch_floats() floats.
+  void (*attend_block)(const float* q, int rows, int head_size, const float* k, const float* v,
+                       std::int64_t kv_stride, int num_keys, const int* key_begin,
+                       const int* key_end, float* m, float* l, float* acc, float* scratch);
+};
+
+AttentionCpuKernels attention_cpu_kernels_scalar();
+#if defined(__x86_64__) || defined(_M_X64)
+AttentionCpuKernels attention_cpu_kernels_avx2();
+#endif
+
+}  // namespace aphrodite::detail

@@ -1,0 +1,186 @@
+"""The offline API: ``LLM(model=...)``, ``generate`` and ``chat``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from aphrodite.endpoints.chat_utils import render_chat
+from aphrodite.engine import EngineArgs, LLMEngine
+from aphrodite.inputs import PromptInputs
+from aphrodite.outputs import RequestOutput
+from aphrodite.sampling_params import SamplingParams
+
+ChatMessages = Sequence[Mapping[str, Any]]
+
+
+class LLM:
+    """A vision-language model for offline batched inference.
+
+    Example::
+
+        llm = LLM(model="llava-hf/llava-1.5-7b-hf")
+        outputs = llm.generate({
+            "prompt": "USER: <image>\\nWhat is the content of this image?\\nASSISTANT:",
+            "multi_modal_data": {"image": PIL.Image.open("photo.jpg")},
+        })
+        print(outputs[0].outputs[0].text)
+
+    Args:
+        model: a checkpoint folder or a Hugging Face hub id (resolved from the local cache).
+        tokenizer: another tokenizer folder or id.
+        dtype, device, seed, max_model_len, max_num_seqs, max_num_batched_tokens,
+        enable_prefix_caching, limit_mm_per_prompt and the rest: see EngineArgs.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
+        limit_mm_per_prompt: dict[str, int] | None = None,
+        gpu_memory_utilization: float = 0.9,
+        kv_cache_memory_gb: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        args = EngineArgs(
+            model=model,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            device=device,
+            seed=seed,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching,
+            limit_mm_per_prompt=limit_mm_per_prompt,
+            gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_memory_gb=kv_cache_memory_gb,
+            **kwargs,
+        )
+        self.llm_engine = LLMEngine.from_engine_args(args)
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.get_tokenizer()
+
+    def generate(
+        self,
+        prompts: PromptInputs | Sequence[PromptInputs],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Completes one prompt or a list of them; returns one RequestOutput per prompt, in the
+        order of the prompts. Every prompt is validated before any is scheduled."""
+        if isinstance(prompts, (str, Mapping)):
+            prompts = [prompts]
+        return self._run(list(prompts), sampling_params, use_tqdm, add_special_tokens=True)
+
+    def chat(
+        self,
+        messages: ChatMessages | Sequence[ChatMessages],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[RequestOutput]:
+        """Answers one conversation (a list of OpenAI-style messages) or a list of them.
+
+        Message content is a string or a list of parts ({"type": "text", "text": ...},
+        {"type": "image_url", "image_url": {"url": ...}}, {"type": "image", "image": img}); the
+        model's chat template (or chat_template) renders the prompt."""
+        if not messages:
+            raise ValueError("chat() needs at least one message")
+        conversations = [messages] if isinstance(messages[0], Mapping) else list(messages)
+        engine = self.llm_engine
+        tokenizer = engine.get_tokenizer()
+        template = chat_template or engine.model_config.chat_template
+        placeholder = None
+        if engine.model_config.image_token_id is not None:
+            placeholder = tokenizer.convert_ids_to_tokens(engine.model_config.image_token_id)
+        prompts: list[PromptInputs] = []
+        for conversation in conversations:
+            text, images = render_chat(
+                tokenizer,
+                conversation,
+                template,
+                placeholder or "<image>",
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+            )
+            prompt: dict[str, Any] = {"prompt": text}
+            if images:
+                prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+            prompts.append(prompt)
+        # A template that writes the BOS token itself must not get a second one.
+        bos = getattr(tokenizer, "bos_token", None)
+        add_special = not (bos and all(p["prompt"].startswith(bos) for p in prompts))
+        return self._run(prompts, sampling_params, use_tqdm, add_special_tokens=add_special)
+
+    def _run(
+        self,
+        prompts: list[PromptInputs],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+        use_tqdm: bool,
+        add_special_tokens: bool,
+    ) -> list[RequestOutput]:
+        if sampling_params is None:
+            params_list = [SamplingParams()] * len(prompts)
+        elif isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"got {len(params_list)} sampling_params for {len(prompts)} prompts"
+                )
+        engine = self.llm_engine
+        # Validate everything before anything is scheduled.
+        processed = [engine.process_prompt(p, add_special_tokens) for p in prompts]
+        order: dict[str, int] = {}
+        try:
+            for i, (prompt, params) in enumerate(zip(processed, params_list)):
+                request_id = engine.next_request_id()
+                engine.add_request(request_id, prompt, params)
+                order[request_id] = i
+            return self._run_engine(order, use_tqdm)
+        except BaseException:
+            engine.abort_request(list(order))
+            raise
+
+    def _run_engine(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        results: list[RequestOutput | None] = [None] * len(order)
+        bar = tqdm(
+            total=len(order), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm
+        )
+        prompt_tokens = output_tokens = 0
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if not output.finished or output.request_id not in order:
+                        continue
+                    results[order[output.request_id]] = output
+                    prompt_tokens += len(output.prompt_token_ids)
+                    output_tokens += sum(len(c.token_ids) for c in output.outputs)
+                    elapsed = bar.format_dict["elapsed"] or 1e-9
+                    bar.set_postfix_str(
+                        f"input: {prompt_tokens / elapsed:.1f} toks/s, "
+                        f"output: {output_tokens / elapsed:.1f} toks/s",
+                        refresh=False,
+                    )
+                    bar.update(1)
+        finally:
+            bar.close()
+        missing = [rid for rid, i in order.items() if results[i] is None]
+        if missing:
+            raise RuntimeError(f"the engine stopped without finishing requests {missing}")
+        return results

@@ -1,0 +1,531 @@
+"""LLMEngine: the synchronous engine loop around the C++ EngineCore and the ModelRunner.
+
+One ``step()``: the core schedules (continuous batching, chunked prefill, prefix cache,
+preemption) -> the runner encodes images and runs the decoder -> logits of the sampled rows
+(and of prompt rows for requests asking for prompt logprobs) -> the sampler -> the core appends
+the tokens and checks stop tokens and lengths -> Python detokenizes, applies stop strings
+(finishing the request in the core when one hits) and builds RequestOutputs.
+
+A request with n > 1 becomes n core requests ("{i}_{request_id}") sharing the prompt; the
+prefix cache lets them share its blocks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from aphrodite import _C
+from aphrodite.engine.args import EngineArgs
+from aphrodite.inputs import InputPreprocessor, ProcessedPrompt, PromptInputs
+from aphrodite.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from aphrodite.sampling import Sampler, SamplingMetadata, SamplingRow, gather_logprobs
+from aphrodite.sampling_params import SamplingParams
+from aphrodite.transformers_utils.detokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Sequence:
+    """One completion of a request: one request in the core."""
+
+    engine_id: str
+    index: int
+    params: SamplingParams
+    parent: _Request
+    generator: torch.Generator | None
+    detokenizer: IncrementalDetokenizer | None
+    output_token_ids: list[int] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, Logprob]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    wants_prompt_logprobs: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def completion(self) -> CompletionOutput:
+        text = self.detokenizer.streamed_text(self.finished) if self.detokenizer else ""
+        return CompletionOutput(
+            index=self.index,
+            text=text,
+            token_ids=list(self.output_token_ids),
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+
+
+@dataclass
+class _Request:
+    request_id: str
+    processed: ProcessedPrompt
+    params: SamplingParams
+    max_tokens: int
+    metrics: RequestMetrics
+    seqs: list[_Sequence] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    num_cached_tokens: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.processed.prompt,
+            prompt_token_ids=list(self.processed.prompt_token_ids),
+            prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
+            outputs=[s.completion() for s in self.seqs],
+            finished=self.finished,
+            metrics=self.metrics,
+            num_cached_tokens=self.num_cached_tokens or 0,
+            multi_modal_placeholders=[(m.offset, m.length) for m in self.processed.mm_items],
+        )
+
+
+class LLMEngine:
+    """Runs requests to completion, one ``step()`` at a time.
+
+    ``add_request`` validates and queues a request (errors are ValueError/TypeError raised
+    before it reaches the scheduler); ``step`` advances every running request by one token
+    (or one prefill chunk) and returns the outputs of the requests it touched.
+    """
+
+    def __init__(self, args: EngineArgs, model_config: Any = None, runner: Any = None) -> None:
+        """model_config and runner default to ModelConfig.load(args...) and
+        ModelRunner(model_config); passing them lets a caller supply its own model."""
+        self.args = args
+        if model_config is None:
+            from aphrodite.config import ModelConfig
+
+            model_config = ModelConfig.load(
+                args.model,
+                tokenizer=args.tokenizer,
+                dtype=args.dtype,
+                device=args.device,
+                max_model_len=args.max_model_len,
+                revision=args.revision,
+            )
+        self.model_config = config = model_config
+        self.tokenizer = config.tokenizer
+        self.device = torch.device(config.device)
+        self.max_model_len = config.max_model_len
+        self.eos_token_id = config.eos_token_id
+        self.max_num_batched_tokens = args.resolve_max_num_batched_tokens(self.max_model_len)
+        self.preprocessor = InputPreprocessor(
+            self.tokenizer,
+            vocab_size=config.vocab_size,
+            max_model_len=self.max_model_len,
+            image_token_id=config.image_token_id,
+            num_image_tokens=config.num_image_tokens,
+            hidden_size=config.hidden_size,
+            limit_mm_per_prompt=args.limit_mm_per_prompt,
+        )
+
+        if runner is None:
+            from aphrodite.worker.model_runner import ModelRunner
+
+            runner = ModelRunner(config)
+        self.runner = runner
+        encoder_budget = max(self.max_num_batched_tokens, config.num_image_tokens)
+        self.num_kv_blocks = self._num_kv_blocks(encoder_budget)
+        self.runner.allocate_kv_cache(self.num_kv_blocks, args.block_size)
+        self.core = _C.EngineCore(
+            _C.EngineConfig(
+                num_blocks=self.num_kv_blocks,
+                block_size=args.block_size,
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=self.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                max_num_encoder_tokens=encoder_budget,
+                encoder_cache_size=encoder_budget,
+                enable_prefix_caching=args.enable_prefix_caching,
+                enable_chunked_prefill=args.enable_chunked_prefill,
+            )
+        )
+        self.sampler = Sampler(torch.Generator(self.device).manual_seed(args.seed))
+        self._requests: dict[str, _Request] = {}
+        self._seqs: dict[str, _Sequence] = {}
+        self._token_text: dict[int, str] = {}
+        self._request_counter = itertools.count()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(args)
+
+    def _num_kv_blocks(self, encoder_budget: int) -> int:
+        """KV blocks: num_kv_blocks if given, else what gpu_memory_utilization leaves after a
+        profiled worst-case step (CUDA) or kv_cache_memory_gb / APHRODITE_CPU_KVCACHE_SPACE
+        (CPU), capped at what max_num_seqs sequences of max_model_len tokens can use."""
+        args = self.args
+        if args.num_kv_blocks is not None:
+            return args.num_kv_blocks
+        from aphrodite.worker.model_runner import determine_num_kv_blocks
+
+        num_image_tokens = max(1, self.model_config.num_image_tokens)
+        num_blocks = determine_num_kv_blocks(
+            self.runner,
+            args.block_size,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            max_images=max(1, encoder_budget // num_image_tokens),
+            cpu_kvcache_space_gib=args.kv_cache_memory_gb,
+        )
+        num_blocks = min(num_blocks, args.max_useful_blocks(self.max_model_len))
+        if num_blocks - 1 < -(-self.max_model_len // args.block_size):
+            logger.warning(
+                "the KV cache holds %d tokens, less than max_model_len=%d: long requests "
+                "will be rejected",
+                (num_blocks - 1) * args.block_size,
+                self.max_model_len,
+            )
+        return int(num_blocks)
+
+    # ---------------------------------------------------------------- requests
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def next_request_id(self) -> str:
+        return str(next(self._request_counter))
+
+    def process_prompt(
+        self, prompt: PromptInputs, add_special_tokens: bool = True
+    ) -> ProcessedPrompt:
+        """Tokenizes and validates a prompt (images loaded, hashed, placeholders expanded)."""
+        return self.preprocessor.process(prompt, add_special_tokens=add_special_tokens)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptInputs | ProcessedPrompt,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queues a request. Raises ValueError (nothing queued) when it is invalid or can never
+        fit in the engine."""
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        for name in ("logprobs", "prompt_logprobs"):
+            wanted = getattr(params, name)
+            if wanted is not None and wanted > self.args.max_logprobs:
+                raise ValueError(
+                    f"{name}={wanted} is more than max_logprobs={self.args.max_logprobs}"
+                )
+        processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
+        prompt_len = len(processed.prompt_token_ids)
+        room = self.max_model_len - prompt_len
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+
+        request = _Request(
+            request_id=request_id,
+            processed=processed,
+            params=params,
+            max_tokens=max_tokens,
+            metrics=RequestMetrics(
+                arrival_time=time.time() if arrival_time is None else arrival_time
+            ),
+        )
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None] * prompt_len
+        for index in range(params.n):
+            engine_id = request_id if params.n == 1 else f"{index}_{request_id}"
+            if engine_id in self._seqs:
+                raise ValueError(f"request id {engine_id!r} is already in use")
+            child = params.clone()
+            if child.seed is not None:
+                child.seed += index
+            if self.eos_token_id is not None and not child.ignore_eos:
+                child.all_stop_token_ids.add(self.eos_token_id)
+            generator = None
+            if child.seed is not None:
+                generator = torch.Generator(self.device).manual_seed(child.seed)
+            detokenizer = None
+            if child.detokenize:
+                detokenizer = IncrementalDetokenizer(
+                    self.tokenizer,
+                    processed.prompt_token_ids,
+                    skip_special_tokens=child.skip_special_tokens,
+                    spaces_between_special_tokens=child.spaces_between_special_tokens,
+                    stop=child.stop,
+                    include_stop_str_in_output=child.include_stop_str_in_output,
+                )
+            request.seqs.append(
+                _Sequence(
+                    engine_id=engine_id,
+                    index=index,
+                    params=child,
+                    parent=request,
+                    generator=generator,
+                    detokenizer=detokenizer,
+                    logprobs=[] if child.logprobs is not None else None,
+                    wants_prompt_logprobs=index == 0 and params.prompt_logprobs is not None,
+                )
+            )
+
+        added: list[str] = []
+        try:
+            for seq in request.seqs:
+                self.core.add_request(
+                    seq.engine_id,
+                    np.asarray(processed.prompt_token_ids, dtype=np.int32),
+                    mm_items=[m.engine_item() for m in processed.mm_items],
+                    max_tokens=max_tokens,
+                    min_tokens=min(seq.params.min_tokens, max_tokens),
+                    ignore_eos=seq.params.ignore_eos,
+                    eos_token_id=-1 if self.eos_token_id is None else self.eos_token_id,
+                    stop_token_ids=list(seq.params.stop_token_ids),
+                    # Prompt logprobs need every prompt position computed: a unique salt keeps
+                    # this request out of other requests' cached blocks.
+                    cache_salt=f"prompt_logprobs:{uuid.uuid4().hex}"
+                    if seq.wants_prompt_logprobs
+                    else None,
+                )
+                added.append(seq.engine_id)
+        except Exception:
+            for engine_id in added:
+                self.core.abort_request(engine_id)
+            raise
+        self._requests[request_id] = request
+        for seq in request.seqs:
+            self._seqs[seq.engine_id] = seq
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Stops requests at once; they produce no further outputs."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        for request_id in ids:
+            request = self._requests.pop(request_id, None)
+            if request is None:
+                continue
+            for seq in request.seqs:
+                if self._seqs.pop(seq.engine_id, None) is not None:
+                    self.core.abort_request(seq.engine_id)
+                    self.runner.drop_request(seq.engine_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    def stats(self) -> dict:
+        return dict(self.core.stats())
+
+    def reset_prefix_cache(self) -> bool:
+        return bool(self.core.reset_prefix_cache())
+
+    # ---------------------------------------------------------------- the step
+
+    def _mm_input(self, engine_id: str, mm_index: int) -> Any:
+        return self._seqs[engine_id].parent.processed.mm_items[mm_index].data
+
+    def step(self) -> list[RequestOutput]:
+        """One engine iteration; returns the outputs of the requests that advanced (finished
+        ones have ``finished=True`` and are forgotten by the engine afterwards)."""
+        plan = self.core.schedule()
+        now = time.time()
+        sampled = np.empty(0, dtype=np.int32)
+        per_seq: dict[str, tuple[float, dict[int, Logprob] | None]] = {}
+        if plan.num_tokens > 0:
+            self._note_scheduled(plan, now)
+            sampled, per_seq = self._execute(plan)
+        events = self.core.update(sampled)
+        touched: dict[str, _Request] = {}
+        now = time.time()
+        for engine_id, new_token_ids, finish_reason, stop_token in events:
+            seq = self._seqs.get(engine_id)
+            if seq is None:  # finished here already (stop string or abort)
+                continue
+            self._process_event(seq, list(new_token_ids), finish_reason, stop_token, per_seq, now)
+            touched[seq.parent.request_id] = seq.parent
+        outputs = []
+        for request in touched.values():
+            if request.finished:
+                request.metrics.finished_time = now
+                del self._requests[request.request_id]
+            outputs.append(request.output())
+        return outputs
+
+    def _note_scheduled(self, plan: Any, now: float) -> None:
+        computed = plan.num_computed_tokens
+        for i, engine_id in enumerate(plan.request_ids):
+            seq = self._seqs.get(engine_id)
+            if seq is None:
+                continue
+            request = seq.parent
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = now
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = int(computed[i])
+
+    def _execute(self, plan: Any):
+        """Runs the model and samples; returns (sampled ids for the core, per engine id the
+        sampled token's log-probability and its top-logprob entries)."""
+        hidden = self.runner.execute_model(plan, self._mm_input)
+        request_ids = plan.request_ids
+        sampled_seqs = [self._seqs[request_ids[i]] for i in plan.sampled_seq_indices.tolist()]
+        rows = plan.logits_indices.astype(np.int64)
+        prompt_rows, prompt_targets = self._prompt_logprob_rows(plan)
+        all_rows = np.concatenate([rows, *[r for r, _, _ in prompt_rows]]) if prompt_rows else rows
+        index = torch.from_numpy(all_rows).to(hidden.device)
+        logits = self.runner.compute_logits(hidden.index_select(0, index))
+        num_sampled = len(rows)
+
+        per_seq: dict[str, tuple[float, dict[int, Logprob] | None]] = {}
+        sampled = np.empty(0, dtype=np.int32)
+        if num_sampled:
+            meta = SamplingMetadata.build(
+                [
+                    SamplingRow(
+                        s.params,
+                        s.parent.processed.prompt_token_ids,
+                        s.output_token_ids,
+                        s.generator,
+                    )
+                    for s in sampled_seqs
+                ],
+                vocab_size=logits.shape[1],
+                device=logits.device,
+            )
+            out = self.sampler(logits[:num_sampled], meta)
+            sampled = out.sampled_token_ids.to(torch.int32).cpu().numpy()
+            chosen = out.sampled_logprobs.cpu().tolist()
+            tops = out.logprobs.tolists() if out.logprobs is not None else None
+            for i, seq in enumerate(sampled_seqs):
+                entries = None
+                if tops is not None and seq.params.logprobs is not None:
+                    entries = self._logprob_entries(
+                        tops[0][i], tops[1][i], tops[2][i], seq.params.logprobs
+                    )
+                per_seq[seq.engine_id] = (chosen[i], entries)
+        if prompt_rows:
+            self._record_prompt_logprobs(logits[num_sampled:], prompt_rows, prompt_targets)
+        return sampled, per_seq
+
+    def _prompt_logprob_rows(self, plan: Any):
+        """For requests asking for prompt logprobs: which rows of this step's hidden states
+        predict prompt tokens not yet recorded. Returns ([(rows, request, positions)], targets)."""
+        found = []
+        targets: list[int] = []
+        starts = plan.query_start_loc
+        computed = plan.num_computed_tokens
+        for i, engine_id in enumerate(plan.request_ids):
+            seq = self._seqs.get(engine_id)
+            if seq is None or not seq.wants_prompt_logprobs:
+                continue
+            request = seq.parent
+            prompt_ids = request.processed.prompt_token_ids
+            first = int(computed[i])
+            count = int(starts[i + 1] - starts[i])
+            # Row p predicts prompt token p + 1; the last prompt row is the sampling row.
+            positions = [
+                p
+                for p in range(first, min(first + count, len(prompt_ids) - 1))
+                if request.prompt_logprobs[p + 1] is None
+            ]
+            if not positions:
+                continue
+            rows = np.asarray([int(starts[i]) + p - first for p in positions], dtype=np.int64)
+            found.append((rows, request, positions))
+            targets += [prompt_ids[p + 1] for p in positions]
+        return found, targets
+
+    def _record_prompt_logprobs(self, logits: torch.Tensor, found, targets: list[int]) -> None:
+        k = max(r.params.prompt_logprobs for _, r, _ in found)
+        token_ids = torch.tensor(targets, dtype=torch.int64, device=logits.device)
+        ids, values, ranks = gather_logprobs(logits, token_ids, k).tolists()
+        row = 0
+        for _, request, positions in found:
+            wanted = request.params.prompt_logprobs
+            for p in positions:
+                request.prompt_logprobs[p + 1] = self._logprob_entries(
+                    ids[row], values[row], ranks[row], wanted
+                )
+                row += 1
+
+    def _logprob_entries(
+        self, ids: list[int], values: list[float], rank: int, k: int
+    ) -> dict[int, Logprob]:
+        """{chosen token: its logprob and rank, then the top-k tokens with ranks 1..k}."""
+        entries = {ids[0]: Logprob(values[0], rank, self._decode_token(ids[0]))}
+        for r, (t, v) in enumerate(zip(ids[1 : 1 + k], values[1 : 1 + k]), start=1):
+            if t not in entries:
+                entries[t] = Logprob(v, r, self._decode_token(t))
+        return entries
+
+    def _decode_token(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+            self._token_text[token_id] = text
+        return text
+
+    def _process_event(
+        self,
+        seq: _Sequence,
+        new_token_ids: list[int],
+        finish_reason: str | None,
+        stop_token: int | None,
+        per_seq: dict,
+        now: float,
+    ) -> None:
+        request = seq.parent
+        if new_token_ids:
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+            request.metrics.last_token_time = now
+        step_logprobs = per_seq.get(seq.engine_id)
+        for token_id in new_token_ids:
+            seq.output_token_ids.append(token_id)
+            if step_logprobs is not None:
+                seq.cumulative_logprob += step_logprobs[0]
+                if seq.logprobs is not None:
+                    seq.logprobs.append(step_logprobs[1] or {})
+                step_logprobs = None
+
+        if finish_reason == "stop" and stop_token is not None:
+            seq.stop_reason = stop_token if stop_token in seq.params.stop_token_ids else None
+        if seq.detokenizer is not None:
+            text_ids = new_token_ids
+            if (
+                finish_reason == "stop"
+                and stop_token is not None
+                and not seq.params.include_stop_str_in_output
+                and text_ids
+                and text_ids[-1] == stop_token
+            ):
+                # the stop token ends the completion without being part of its text
+                text_ids = text_ids[:-1]
+            new_text = seq.detokenizer.add_tokens(text_ids)
+            if len(seq.output_token_ids) >= seq.params.min_tokens:
+                stop_str = seq.detokenizer.check_stop(len(new_text))
+                if stop_str is not None:
+                    if finish_reason is None:
+                        self.core.finish_request(seq.engine_id, "stop")
+                    finish_reason, seq.stop_reason = "stop", stop_str
+
+        if finish_reason is not None:
+            # The text was cut at a stop string; otherwise show what a full decode shows.
+            if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
+                seq.detokenizer.flush()
+            seq.finish_reason = finish_reason
+            del self._seqs[seq.engine_id]
+            self.runner.drop_request(seq.engine_id)

@@ -1,0 +1,65 @@
+"""Small building blocks shared by the CLIP tower and the Llama decoder.
+
+Parameters are created uninitialised on the target device and dtype (the checkpoint overwrites
+every one of them), so building a model costs no random initialisation and no second copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def empty_param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T + b. ``shards`` names the checkpoint tensors stacked along the output dim
+    (e.g. q/k/v into one qkv projection) with their row counts, for the weight loader."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+        shards: dict[str, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.weight = empty_param(out_features, in_features, dtype=dtype, device=device)
+        self.bias = empty_param(out_features, dtype=dtype, device=device) if bias else None
+        if shards is not None and sum(shards.values()) != out_features:
+            raise ValueError(f"shards {shards} do not add up to {out_features} rows")
+        self.shards = shards
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.weight = empty_param(size, dtype=dtype, device=device)
+        self.bias = empty_param(size, dtype=dtype, device=device)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm, computed in float32 and cast back before the weight, exactly as HF does
+    (the order matters for bf16/fp16 agreement)."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.weight = empty_param(size, dtype=dtype, device=device)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)

@@ -1,0 +1,159 @@
+"""LLaVA-1.5: CLIP vision tower -> multimodal projector -> Llama decoder, with our own modules.
+
+`encode_images` turns preprocessed pixels into one row of text-space embeddings per image token;
+the runner merges those rows into the token embeddings at the image-token positions and runs the
+decoder (`language_model`) over the paged KV cache.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aphrodite import ops
+from aphrodite.config import PROJECTOR_ACTIVATIONS, LlavaConfig
+from aphrodite.modeling.clip import CLIPVisionTower
+from aphrodite.modeling.layers import Linear, empty_param
+from aphrodite.modeling.llama import AttentionMetadata, LlamaModel
+
+_VISION_LAYER = re.compile(r"^vision_tower\.encoder\.layers\.(\d+)\.")
+# Checkpoint tensors the model has no use for.
+_UNUSED = re.compile(r"(rotary_emb\.inv_freq|^vision_tower\.post_layernorm\.|position_ids$)")
+
+
+class LlavaMultiModalProjector(nn.Module):
+    def __init__(
+        self, in_features: int, hidden: int, bias: bool, act: str, dtype, device
+    ) -> None:
+        super().__init__()
+        self.linear_1 = Linear(in_features, hidden, bias, dtype, device)
+        self.linear_2 = Linear(hidden, hidden, bias, dtype, device)
+        self.activation = PROJECTOR_ACTIVATIONS[act]
+        if not bias:
+            # The projector op always adds a bias; checkpoints without one get zeros.
+            self.register_buffer("zero_bias", torch.zeros(hidden, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b1 = self.linear_1.bias if self.linear_1.bias is not None else self.zero_bias
+        b2 = self.linear_2.bias if self.linear_2.bias is not None else self.zero_bias
+        out = torch.empty(x.shape[0], self.linear_2.weight.shape[0], dtype=x.dtype, device=x.device)
+        ops.llava_projector(
+            x, self.linear_1.weight, b1, self.linear_2.weight, b2, activation=self.activation, out=out
+        )
+        return out
+
+
+class LlavaForConditionalGeneration(nn.Module):
+    def __init__(
+        self, config: LlavaConfig, max_positions: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.feature_layers = config.resolved_feature_layers()
+        self.vision_tower = CLIPVisionTower(
+            config.vision, config.vision_layers_needed, dtype, device
+        )
+        text_hidden = config.text.hidden_size
+        self.multi_modal_projector = LlavaMultiModalProjector(
+            config.vision.hidden_size * len(self.feature_layers),
+            text_hidden,
+            config.multimodal_projector_bias,
+            config.projector_hidden_act,
+            dtype,
+            device,
+        )
+        self.language_model = LlamaModel(config.text, max_positions, dtype, device)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Module()
+            self.lm_head.weight = empty_param(
+                config.text.vocab_size, text_hidden, dtype=dtype, device=device
+            )
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        if self.lm_head is None:
+            return self.language_model.embed_tokens.weight
+        return self.lm_head.weight
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [n, 3, size, size] -> image embeddings [n, num_image_tokens, text_hidden]."""
+        states = self.vision_tower(pixel_values, self.feature_layers)
+        if self.config.vision_feature_select_strategy == "default":
+            states = [s[:, 1:] for s in states]  # drop CLS
+        features = states[0] if len(states) == 1 else torch.cat(states, dim=-1)
+        n, t, d = features.shape
+        return self.multi_modal_projector(features.reshape(n * t, d)).view(n, t, -1)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        return self.language_model(inputs_embeds, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head_weight).float()
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies checkpoint tensors (canonical names, see modeling.weights) into the parameters,
+        converting dtype and device on the way; fails on a missing, unknown or misshapen tensor."""
+        modules = dict(self.named_modules())
+        params = dict(self.named_parameters())
+        # Checkpoint name -> (parameter, first row) for tensors stacked into fused projections.
+        stacked: dict[str, tuple[nn.Parameter, int]] = {}
+        for module_name, module in modules.items():
+            if isinstance(module, Linear) and module.shards:
+                row = 0
+                for shard, rows in module.shards.items():
+                    hf = _shard_name(module_name, shard)
+                    stacked[f"{hf}.weight"] = (module.weight, row)
+                    if module.bias is not None:
+                        stacked[f"{hf}.bias"] = (module.bias, row)
+                    row += rows
+        loaded: set[str] = set()
+        filled_rows: dict[int, int] = {}
+        num_vision_layers = len(self.vision_tower.encoder.layers)
+        for name, tensor in weights:
+            if _UNUSED.search(name):
+                continue
+            m = _VISION_LAYER.match(name)
+            if m and int(m.group(1)) >= num_vision_layers:
+                continue  # past the deepest selected hidden state
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: the embedding matrix serves as the head
+            if name in stacked:
+                param, row = stacked[name]
+                target = param[row : row + tensor.shape[0]]
+                filled_rows[id(param)] = filled_rows.get(id(param), 0) + tensor.shape[0]
+            elif name in params:
+                target = params[name]
+                loaded.add(name)
+            else:
+                raise ValueError(f"unexpected tensor {name!r} in the checkpoint")
+            if target.shape != tensor.shape:
+                raise ValueError(
+                    f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
+                )
+            target.copy_(tensor)
+        missing = [
+            name
+            for name, p in params.items()
+            if name not in loaded and filled_rows.get(id(p), 0) != p.shape[0]
+        ]
+        if missing:
+            raise ValueError(f"tensors missing from the checkpoint: {missing}")
+
+
+def _shard_name(module_name: str, shard: str) -> str:
+    """The checkpoint name of one shard of a fused projection: `…self_attn.qkv_proj` + `q_proj`
+    -> `…self_attn.q_proj`."""
+    return f"{module_name.rsplit('.', 1)[0]}.{shard}"

@@ -1,0 +1,73 @@
+"""Linear layers with a fused bias + activation epilogue, and the LLaVA multimodal projector.
+
+CPU: float32 (blocked AVX2/FMA GEMM). CUDA: float16/bfloat16 on the tensor cores with float32
+accumulation. Weights are in torch's layout ``[out_features, in_features]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional, Union
+
+import torch
+
+from aphrodite import _C
+from aphrodite.ops._stream import stream_of
+
+Activation = Literal["none", "gelu", "gelu_tanh"]
+PackedLinearWeight = _C.ops.PackedLinearWeight
+
+
+def pack_linear_weight(weight: torch.Tensor) -> PackedLinearWeight:
+    """Packs a float32 CPU weight ``[N, K]`` once (at load time) into the CPU GEMM's layout.
+
+    The result can replace the weight in :func:`linear`; it holds its own copy.
+    """
+    return _C.ops.pack_linear_weight(weight)
+
+
+def linear(
+    x: torch.Tensor,
+    weight: Union[torch.Tensor, PackedLinearWeight],
+    bias: Optional[torch.Tensor] = None,
+    activation: Activation = "none",
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``act(x @ weight.T + bias)`` for ``x`` of shape ``[..., K]``; returns ``[..., N]``.
+
+    ``activation``: ``"none"``, ``"gelu"`` (exact erf) or ``"gelu_tanh"``. ``out``, when
+    given, receives the result (shape ``[..., N]``, innermost dimension dense).
+    """
+    n = weight.out_features if isinstance(weight, PackedLinearWeight) else weight.shape[0]
+    lead = x.shape[:-1]
+    rows = math.prod(lead)
+    x2 = x if x.dim() == 2 else x.reshape(rows, x.shape[-1])
+    if out is None:
+        out = torch.empty(*lead, n, dtype=x.dtype, device=x.device)
+    out2 = out if out.dim() == 2 else out.view(rows, n)
+    _C.ops.linear(out2, x2, weight, bias, activation, stream=stream_of(x))
+    return out
+
+
+def llava_projector(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    activation: Literal["gelu", "gelu_tanh"] = "gelu",
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``gelu(x @ w1.T + b1) @ w2.T + b2`` for image features ``x`` ``[tokens, vision_hidden]``.
+
+    Returns ``[tokens, text_hidden]``. The intermediate activations live in a torch-allocated
+    workspace, so on CUDA the call allocates through torch's caching allocator only.
+    """
+    tokens = x.shape[0]
+    workspace = torch.empty(tokens, w1.shape[0], dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(tokens, w2.shape[0], dtype=x.dtype, device=x.device)
+    _C.ops.llava_projector(
+        out, x, w1, b1, w2, b2, activation, workspace=workspace, stream=stream_of(x)
+    )
+    return out

@@ -1,0 +1,1 @@
+"""Helpers around Hugging Face tokenizers."""

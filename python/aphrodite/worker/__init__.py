@@ -1,0 +1,1 @@
+"""Executes scheduler plans on the model (see ModelRunner)."""

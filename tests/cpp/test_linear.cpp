@@ -1,0 +1,243 @@
+// The CPU GEMM behind aphrodite::linear: both kernel sets (scalar and AVX2/FMA) against a
+// double-precision reference, through every edge of the blocking (partial register tiles,
+// partial panels, several K chunks, strided rows, prepacked weights, thread counts), plus the
+// public API's checks and the projector.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "aphrodite/error.h"
+#include "aphrodite/linear.h"
+#include "aphrodite/llava_projector.h"
+#include "aphrodite/parallel.h"
+#include "linear/gemm_cpu.h"
+
+namespace aphrodite {
+namespace {
+
+using detail::CpuIsa;
+
+double activate_ref(double v, Activation act) {
+  if (act == Activation::kGeluErf) return 0.5 * v * std::erfc(-v / std::sqrt(2.0));
+  if (act == Activation::kGeluTanh) {
+    const double y = std::sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v);
+    return 0.5 * v * (1.0 + std::tanh(y));
+  }
+  return v;
+}
+
+std::vector<float> random_vector(std::size_t n, std::mt19937& rng, float scale = 1.0f) {
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& f : v) f = dist(rng);
+  return v;
+}
+
+struct Case {
+  std::int64_t m, n, k;
+  std::int64_t lda, ldw, ldc;
+  bool bias;
+  Activation act;
+};
+
+// Norm-wise relative error of the kernel's C against the double reference, over the valid
+// region only; also fails when anything outside the valid columns of C was written.
+double run_case(const Case& c, CpuIsa isa, bool prepack, std::mt19937& rng) {
+  std::vector<float> a = random_vector(static_cast<std::size_t>(c.m * c.lda), rng);
+  std::vector<float> w =
+      random_vector(static_cast<std::size_t>(c.n * c.ldw), rng,
+                    1.0f / std::sqrt(static_cast<float>(std::max<std::int64_t>(c.k, 1))));
+  std::vector<float> bias = random_vector(static_cast<std::size_t>(c.n), rng);
+  const float sentinel = 12345.0f;
+  std::vector<float> out(static_cast<std::size_t>(c.m * c.ldc), sentinel);
+
+  std::vector<float> packed;
+  detail::GemmF32Args args{};
+  args.a = a.data();
+  args.lda = c.lda;
+  if (prepack) {
+    const std::int64_t panels = (c.n + detail::kGemmNr - 1) / detail::kGemmNr;
+    // 16 spare floats, so that the start can move to a 64-byte boundary (the kernels load
+    // packed panels with aligned loads, as from a Buffer).
+    packed.resize(static_cast<std::size_t>(panels * c.k * detail::kGemmNr + 16));
+    float* base = packed.data();
+    while (reinterpret_cast<std::uintptr_t>(base) % 64 != 0) ++base;
+    detail::pack_weight_f32(w.data(), c.ldw, c.n, c.k, base, isa);
+    args.packed_w = base;
+  } else {
+    args.w = w.data();
+    args.ldw = c.ldw;
+  }
+  args.bias = c.bias ? bias.data() : nullptr;
+  args.c = out.data();
+  args.ldc = c.ldc;
+  args.m = c.m;
+  args.n = c.n;
+  args.k = c.k;
+  args.act = c.act;
+  detail::gemm_f32(args, isa);
+
+  double err2 = 0.0, ref2 = 0.0;
+  for (std::int64_t i = 0; i < c.m; ++i) {
+    for (std::int64_t j = 0; j < c.ldc; ++j) {
+      const float got = out[static_cast<std::size_t>(i * c.ldc + j)];
+      if (j >= c.n) {
+        EXPECT_EQ(got, sentinel) << "wrote past N at row " << i << " col " << j;
+        continue;
+      }
+      double acc = c.bias ? bias[static_cast<std::size_t>(j)] : 0.0;
+      for (std::int64_t p = 0; p < c.k; ++p) {
+        acc += static_cast<double>(a[static_cast<std::size_t>(i * c.lda + p)]) *
+               w[static_cast<std::size_t>(j * c.ldw + p)];
+      }
+      const double ref = activate_ref(acc, c.act);
+      err2 += (got - ref) * (got - ref);
+      ref2 += ref * ref;
+    }
+  }
+  return ref2 > 0 ? std::sqrt(err2 / ref2) : std::sqrt(err2);
+}
+
+std::vector<CpuIsa> isas() {
+  std::vector<CpuIsa> v{CpuIsa::kScalar};
+  if (detail::best_cpu_isa() == CpuIsa::kAvx2) v.push_back(CpuIsa::kAvx2);
+  return v;
+}
+
+std::vector<Case> cases() {
+  const Activation acts[] = {Activation::kNone, Activation::kGeluErf, Activation::kGeluTanh};
+  // Rows 1..6 hit every partial register tile; N off the 16-wide panels; K = 600 takes three
+  // 256-deep chunks (accumulation into C), K = 0 writes act(bias).
+  const std::int64_t shapes[][3] = {{1, 1, 1},    {1, 40, 600}, {2, 16, 7},  {3, 17, 256},
+                                    {4, 33, 257}, {5, 64, 31},  {6, 5, 513}, {7, 100, 64},
+                                    {13, 48, 0},  {50, 70, 300}};
+  std::vector<Case> out;
+  int i = 0;
+  for (const auto& s : shapes) {
+    const Activation act = acts[i % 3];
+    const bool bias = i % 4 != 1;
+    // Every other case with padded row strides (views into wider tensors).
+    const std::int64_t pad = i % 2 == 0 ? 0 : 3;
+    out.push_back({s[0], s[1], s[2], s[2] + pad, s[2] + pad, s[1] + pad, bias, act});
+    ++i;
+  }
+  return out;
+}
+
+class LinearKernels : public ::testing::TestWithParam<int> {
+ protected:
+  void SetUp() override {
+    saved_threads_ = num_threads();
+    set_num_threads(GetParam());
+  }
+  void TearDown() override { set_num_threads(saved_threads_); }
+
+ private:
+  int saved_threads_ = 1;
+};
+
+TEST_P(LinearKernels, MatchReferenceOnEveryEdge) {
+  std::mt19937 rng(42);
+  for (CpuIsa isa : isas()) {
+    for (bool prepack : {false, true}) {
+      for (const Case& c : cases()) {
+        const double err = run_case(c, isa, prepack, rng);
+        EXPECT_LT(err, 1e-5) << detail::cpu_isa_name(isa) << " prepack=" << prepack
+                             << " m=" << c.m << " n=" << c.n << " k=" << c.k
+                             << " act=" << activation_name(c.act);
+      }
+    }
+  }
+}
+
+// 1 thread: one task; 3 threads: column slabs and row blocks split across the pool.
+INSTANTIATE_TEST_SUITE_P(Threads, LinearKernels, ::testing::Values(1, 3));
+
+TEST(Linear, PublicApiChecksArguments) {
+  std::vector<float> x(4 * 8), w(5 * 8), out(4 * 5), bias(5);
+  const TensorView xv(x.data(), DType::kFloat32, Device::cpu(), {4, 8});
+  const TensorView wv(w.data(), DType::kFloat32, Device::cpu(), {5, 8});
+  const TensorView ov(out.data(), DType::kFloat32, Device::cpu(), {4, 5});
+  const TensorView bv(bias.data(), DType::kFloat32, Device::cpu(), {5});
+  EXPECT_NO_THROW(linear(ov, xv, wv, bv, Activation::kGeluTanh));
+
+  const TensorView wrong_k(w.data(), DType::kFloat32, Device::cpu(), {4, 10});
+  EXPECT_THROW(linear(ov, xv, wrong_k, std::nullopt), ValueError);
+  const TensorView bad_bias(bias.data(), DType::kFloat32, Device::cpu(), {4});
+  EXPECT_THROW(linear(ov, xv, wv, bad_bias), ValueError);
+  const TensorView half_x(x.data(), DType::kFloat16, Device::cpu(), {4, 8});
+  EXPECT_THROW(linear(ov, half_x, wv, std::nullopt), TypeError);
+  const TensorView aliased(x.data(), DType::kFloat32, Device::cpu(), {4, 5});
+  EXPECT_THROW(linear(aliased, xv, wv, std::nullopt), ValueError);
+  EXPECT_THROW(parse_activation("relu"), ValueError);
+  EXPECT_EQ(parse_activation("gelu_tanh"), Activation::kGeluTanh);
+
+  const PackedWeight packed = pack_linear_weight(wv);
+  EXPECT_EQ(packed.out_features(), 5);
+  EXPECT_EQ(packed.in_features(), 8);
+  std::vector<float> out2(4 * 5);
+  const TensorView ov2(out2.data(), DType::kFloat32, Device::cpu(), {4, 5});
+  linear(ov2, xv, packed, bv, Activation::kGeluTanh);
+  EXPECT_EQ(out, out2);
+  EXPECT_THROW(linear(ov2, xv, PackedWeight{}, std::nullopt), ValueError);
+}
+
+TEST(LlavaProjector, MatchesReferenceWithAndWithoutWorkspace) {
+  const std::int64_t t = 11, d_in = 40, h = 50, d_out = 19;
+  std::mt19937 rng(3);
+  std::vector<float> x = random_vector(t * d_in, rng);
+  std::vector<float> w1 = random_vector(h * d_in, rng, 0.15f);
+  std::vector<float> b1 = random_vector(h, rng);
+  std::vector<float> w2 = random_vector(d_out * h, rng, 0.15f);
+  std::vector<float> b2 = random_vector(d_out, rng);
+  const Device cpu = Device::cpu();
+  const TensorView xv(x.data(), DType::kFloat32, cpu, {t, d_in});
+  const TensorView w1v(w1.data(), DType::kFloat32, cpu, {h, d_in});
+  const TensorView b1v(b1.data(), DType::kFloat32, cpu, {h});
+  const TensorView w2v(w2.data(), DType::kFloat32, cpu, {d_out, h});
+  const TensorView b2v(b2.data(), DType::kFloat32, cpu, {d_out});
+
+  for (Activation act : {Activation::kGeluErf, Activation::kGeluTanh}) {
+    std::vector<double> ref(static_cast<std::size_t>(t * d_out));
+    for (std::int64_t i = 0; i < t; ++i) {
+      std::vector<double> hid(static_cast<std::size_t>(h));
+      for (std::int64_t j = 0; j < h; ++j) {
+        double acc = b1[static_cast<std::size_t>(j)];
+        for (std::int64_t p = 0; p < d_in; ++p)
+          acc += static_cast<double>(x[static_cast<std::size_t>(i * d_in + p)]) *
+                 w1[static_cast<std::size_t>(j * d_in + p)];
+        hid[static_cast<std::size_t>(j)] = activate_ref(acc, act);
+      }
+      for (std::int64_t j = 0; j < d_out; ++j) {
+        double acc = b2[static_cast<std::size_t>(j)];
+        for (std::int64_t p = 0; p < h; ++p)
+          acc += hid[static_cast<std::size_t>(p)] * w2[static_cast<std::size_t>(j * h + p)];
+        ref[static_cast<std::size_t>(i * d_out + j)] = acc;
+      }
+    }
+    std::vector<float> workspace(static_cast<std::size_t>(t * h));
+    const TensorView wsv(workspace.data(), DType::kFloat32, cpu, {t, h});
+    for (bool with_workspace : {false, true}) {
+      std::vector<float> out(static_cast<std::size_t>(t * d_out));
+      const TensorView ov(out.data(), DType::kFloat32, cpu, {t, d_out});
+      llava_projector(ov, xv, w1v, b1v, w2v, b2v, act,
+                      with_workspace ? std::optional<TensorView>(wsv) : std::nullopt);
+      double err2 = 0, ref2 = 0;
+      for (std::size_t i = 0; i < out.size(); ++i) {
+        err2 += (out[i] - ref[i]) * (out[i] - ref[i]);
+        ref2 += ref[i] * ref[i];
+      }
+      EXPECT_LT(std::sqrt(err2 / ref2), 1e-5) << activation_name(act) << " " << with_workspace;
+    }
+  }
+  std::vector<float> out(static_cast<std::size_t>(t * d_out));
+  const TensorView ov(out.data(), DType::kFloat32, cpu, {t, d_out});
+  EXPECT_THROW(llava_projector(ov, xv, w1v, b1v, w2v, b2v, Activation::kNone), ValueError);
+  EXPECT_THROW(llava_projector(ov, xv, w2v, b1v, w2v, b2v), ValueError);
+}
+
+}  // namespace
+}  // namespace aphrodite

@@ -1,0 +1,195 @@
+"""aphrodite.ops.linear against a float64 torch reference: shapes that are not multiples of the
+tiles, with and without bias, every activation, prepacked weights, strided rows, and every
+rejection path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aphrodite import _C, ops
+
+ACTIVATIONS = ["none", "gelu", "gelu_tanh"]
+# (rows, out_features, in_features): rows 1..300; N and K off the 16-wide panels, the 6-row
+# register tiles, the 256-deep K chunks (CPU) and the 128 x 128 x 32 tiles (CUDA).
+SHAPES = [
+    (1, 1, 8),
+    (1, 4096, 64),
+    (2, 17, 24),
+    (5, 130, 40),
+    (6, 16, 256),
+    (7, 33, 520),
+    (64, 129, 72),
+    (129, 200, 264),
+    (300, 97, 136),
+]
+
+
+def dtypes_for(device: str) -> list[torch.dtype]:
+    return [torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 1e-2
+
+
+def reference(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, activation: str
+) -> torch.Tensor:
+    y = x.double() @ w.double().T
+    if b is not None:
+        y = y + b.double()
+    if activation == "gelu":
+        y = F.gelu(y)
+    elif activation == "gelu_tanh":
+        y = F.gelu(y, approximate="tanh")
+    return y
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double().cpu() - ref.cpu()).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make(shape: tuple[int, ...], dtype: torch.dtype, device: str, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_matches_float64(
+    device: str, shape: tuple[int, int, int], activation: str, with_bias: bool
+) -> None:
+    m, n, k = shape
+    gen = torch.Generator().manual_seed(m * 1000003 + n * 1009 + k)
+    for dtype in dtypes_for(device):
+        x = make((m, k), dtype, device, gen)
+        w = make((n, k), dtype, device, gen) / math.sqrt(k)
+        b = make((n,), dtype, device, gen) if with_bias else None
+        y = ops.linear(x, w, b, activation)
+        assert y.shape == (m, n) and y.dtype == dtype and y.device == x.device
+        err = rel_err(y, reference(x, w, b, activation))
+        assert err < tolerance(dtype), (dtype, err)
+
+
+def test_linear_random_shapes(device: str) -> None:
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(12):
+        m, n, k = (int(v) for v in torch.randint(1, 301, (3,), generator=gen))
+        activation = ACTIVATIONS[int(torch.randint(0, 3, (1,), generator=gen))]
+        for dtype in dtypes_for(device):
+            x = make((m, k), dtype, device, gen)
+            w = make((n, k), dtype, device, gen) / math.sqrt(k)
+            b = make((n,), dtype, device, gen)
+            err = rel_err(ops.linear(x, w, b, activation), reference(x, w, b, activation))
+            assert err < tolerance(dtype), (m, n, k, activation, dtype, err)
+
+
+def test_linear_empty_k_gives_activated_bias(device: str) -> None:
+    for dtype in dtypes_for(device):
+        x = torch.empty(3, 0, dtype=dtype, device=device)
+        w = torch.empty(20, 0, dtype=dtype, device=device)
+        b = torch.randn(20).to(dtype=dtype, device=device)
+        y = ops.linear(x, w, b, "gelu")
+        ref = F.gelu(b.double()).expand(3, 20)
+        assert rel_err(y, ref) < tolerance(dtype)
+
+
+def test_linear_zero_rows(device: str) -> None:
+    for dtype in dtypes_for(device):
+        x = torch.empty(0, 8, dtype=dtype, device=device)
+        w = torch.randn(5, 8).to(dtype=dtype, device=device)
+        assert ops.linear(x, w).shape == (0, 5)
+
+
+def test_gelu_epilogue_is_elementwise_accurate() -> None:
+    # Identity weight: the output is the activation itself, so every element is checked,
+    # including the negative tail where 1 + erf(x) cancels. torch's float64 GELU cancels there
+    # too (it returns 0 below about -8.3), so the references use the cancellation-free forms.
+    x = torch.linspace(-9.0, 9.0, 2 * 16 * 37).reshape(2 * 37, 16)
+    xd = x.double()
+    y_tanh = math.sqrt(2.0 / math.pi) * (xd + 0.044715 * xd**3)
+    refs = {
+        "gelu": 0.5 * xd * torch.special.erfc(-xd / math.sqrt(2.0)),
+        "gelu_tanh": xd * torch.sigmoid(2.0 * y_tanh),
+    }
+    for activation, ref in refs.items():
+        y = ops.linear(x, torch.eye(16), None, activation).double()
+        rel = ((y - ref).abs() / ref.abs().clamp_min(1e-37)).max().item()
+        assert rel < 2e-5, (activation, rel)
+
+
+def test_linear_leading_dims_out_and_strided_rows(device: str) -> None:
+    gen = torch.Generator().manual_seed(11)
+    for dtype in dtypes_for(device):
+        wide = make((2, 3, 80), dtype, device, gen)
+        x = wide[..., :40]  # rows strided by 80, innermost dense
+        w = make((24, 40), dtype, device, gen) / math.sqrt(40)
+        b = make((24,), dtype, device, gen)
+        out = torch.full((2, 3, 24), float("nan"), dtype=dtype, device=device)
+        y = ops.linear(x, w, b, "gelu_tanh", out=out)
+        assert y is out
+        ref = reference(x.reshape(6, 40), w, b, "gelu_tanh").reshape(2, 3, 24)
+        assert rel_err(y, ref) < tolerance(dtype)
+
+        # A strided 2-D view as `out`: only the addressed elements are written.
+        big = torch.zeros(6, 50, dtype=dtype, device=device)
+        _C.ops.linear(big[:, 5:29], x.reshape(6, 40), w, b, "none")
+        assert rel_err(big[:, 5:29], reference(x.reshape(6, 40), w, b, "none")) < tolerance(dtype)
+        assert torch.count_nonzero(big[:, :5]) == 0 and torch.count_nonzero(big[:, 29:]) == 0
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_packed_weight_matches_reference(activation: str) -> None:
+    gen = torch.Generator().manual_seed(3)
+    for m, n, k in [(1, 37, 300), (13, 64, 17), (200, 250, 520)]:
+        x = torch.randn(m, k, generator=gen)
+        w = torch.randn(n, k, generator=gen) / math.sqrt(k)
+        b = torch.randn(n, generator=gen)
+        ref = reference(x, w, b, activation)
+        packed = ops.pack_linear_weight(w)
+        assert (packed.out_features, packed.in_features) == (n, k)
+        w.fill_(float("nan"))  # the packed copy must not refer to the original
+        y = ops.linear(x, packed, b, activation)
+        assert y.shape == (m, n)
+        assert rel_err(y, ref) < 1e-5
+
+
+def test_packed_weight_rejects_mismatched_input() -> None:
+    packed = ops.pack_linear_weight(torch.randn(8, 12))
+    with pytest.raises(ValueError, match="x must have 12 columns"):
+        ops.linear(torch.randn(3, 10), packed)
+    with pytest.raises(TypeError, match="weight"):
+        ops.pack_linear_weight(torch.randn(8, 12, dtype=torch.float64))
+
+
+def test_linear_rejects_bad_arguments(device: str) -> None:
+    dtype = dtypes_for(device)[0]
+    x = torch.randn(4, 8).to(dtype=dtype, device=device)
+    w = torch.randn(5, 8).to(dtype=dtype, device=device)
+    with pytest.raises(ValueError, match="x must have 8 columns"):
+        ops.linear(torch.randn(4, 7).to(dtype=dtype, device=device), w)
+    with pytest.raises(ValueError, match="bias"):
+        ops.linear(x, w, torch.randn(6).to(dtype=dtype, device=device))
+    with pytest.raises(ValueError, match="out"):
+        ops.linear(x, w, out=torch.empty(4, 6, dtype=dtype, device=device))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ops.linear(x, w, activation="relu")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="weight"):
+        ops.linear(x, w.to(torch.float64))
+    with pytest.raises(ValueError, match="innermost|stride|contiguous"):
+        ops.linear(x, w.T.contiguous().T)
+    with pytest.raises(ValueError, match="overlap"):
+        buf = torch.randn(8, 8).to(dtype=dtype, device=device)
+        _C.ops.linear(buf[:4, :8], buf[:4], torch.eye(8).to(dtype=dtype, device=device))
+    if device == "cpu":
+        with pytest.raises(TypeError, match="x"):
+            ops.linear(x.to(torch.bfloat16), w)
+    else:
+        with pytest.raises(TypeError, match="x"):
+            ops.linear(x.float(), w.float())
+        with pytest.raises(ValueError, match="device"):
+            ops.linear(x, w.cpu())

@@ -1,0 +1,203 @@
+"""The whole API path (LLM.generate / LLM.chat -> LLMEngine -> EngineCore -> ModelRunner ->
+sampler -> detokenizer) on a tiny random LLaVA checkpoint, against HF transformers.
+
+Oracle: greedy token ids identical (16+ tokens) and the top-5 logprobs within 1e-4, for
+single prompts, a batch mixing image sizes, image modes and text-only prompts, and a prompt
+with two images. Also: prefix caching with the same and another image, preemption, seeds,
+chat, and the errors raised before anything is scheduled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aphrodite import LLM, SamplingParams
+from aphrodite.testing import build_tiny_llava
+from aphrodite.testing.hf_reference import hf_greedy, hf_llava_model, hf_llava_processor
+
+MAX_TOKENS = 16
+QUESTION = "USER: <image>\nWhat is the content of this image? ASSISTANT:"
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    # 56 px / 14 px patches -> 16 image tokens, so an image spans several 8-token blocks.
+    return build_tiny_llava(tmp_path_factory.mktemp("llm_api") / "tiny", image_size=56, seed=5)
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    return hf_llava_model(checkpoint), hf_llava_processor(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    # Small blocks and a small token budget: prompts are prefilled in chunks that start and end
+    # inside images, and prefix-cache hits are visible at block granularity.
+    return LLM(
+        model=checkpoint,
+        device="cpu",
+        dtype="float32",
+        max_model_len=256,
+        block_size=8,
+        max_num_batched_tokens=20,
+        max_num_seqs=8,
+        limit_mm_per_prompt={"image": 2},
+        kv_cache_memory_gb=0.01,
+    )
+
+
+def _image(seed: int, size=(37, 45), mode="RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    rgba = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8), "RGBA")
+    if mode == "P":
+        return rgba.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    return rgba if mode == "RGBA" else rgba.convert(mode)
+
+
+def _assert_matches_hf(out, ref):
+    completion = out.outputs[0]
+    assert out.prompt_token_ids == ref.prompt_ids
+    assert completion.token_ids == ref.token_ids[:MAX_TOKENS]
+    assert len(completion.token_ids) == MAX_TOKENS
+    for step, (entries, theirs) in enumerate(zip(completion.logprobs, ref.logprobs)):
+        top = theirs.topk(5).indices.tolist()
+        assert set(top) <= set(entries), f"step {step}: top-5 tokens differ"
+        err = max(abs(entries[t].logprob - float(theirs[t])) for t in top)
+        assert err < 1e-4, f"step {step}: top-5 logprobs differ by {err}"
+
+
+def _hf(hf, prompt, images):
+    model, processor = hf
+    return hf_greedy(model, processor, prompt, images, MAX_TOKENS)
+
+
+def test_single_prompt_matches_hf(llm, hf):
+    image = _image(0)
+    out = llm.generate({"prompt": QUESTION, "multi_modal_data": {"image": image}}, GREEDY)
+    assert len(out) == 1 and out[0].finished
+    _assert_matches_hf(out[0], _hf(hf, QUESTION, [image]))
+    completion = out[0].outputs[0]
+    assert completion.finish_reason == "length" and completion.stop_reason is None
+    tokenizer = llm.get_tokenizer()
+    assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
+
+
+def test_batch_of_sizes_modes_and_text_only_matches_hf(llm, hf):
+    cases = [
+        (QUESTION, [_image(1, (90, 20))]),
+        ("USER: Describe a red car. ASSISTANT:", None),
+        (QUESTION, [_image(2, (17, 60), mode="L")]),
+        ("USER: <image>\nWhat color? ASSISTANT:", [_image(3, (50, 50), mode="RGBA")]),
+        (QUESTION, [_image(4, (64, 33), mode="P")]),
+        ("USER: one two three ASSISTANT:", None),
+    ]
+    prompts = [
+        p if images is None else {"prompt": p, "multi_modal_data": {"image": images[0]}}
+        for p, images in cases
+    ]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.prompt for o in outs] == [p for p, _ in cases]  # input order kept
+    for out, (prompt, images) in zip(outs, cases):
+        _assert_matches_hf(out, _hf(hf, prompt, images))
+
+
+def test_two_images_in_one_prompt_match_hf(llm, hf):
+    prompt = "USER: <image>\nand <image>\nWhat differs? ASSISTANT:"
+    images = [_image(5, (40, 70)), _image(6, (80, 30), mode="L")]
+    out = llm.generate({"prompt": prompt, "multi_modal_data": {"image": images}}, GREEDY)[0]
+    assert len(out.multi_modal_placeholders) == 2
+    _assert_matches_hf(out, _hf(hf, prompt, images))
+
+
+def test_prefix_cache_hits_only_for_the_same_image(llm):
+    engine = llm.llm_engine
+    engine.reset_prefix_cache()
+    image = _image(7)
+    first = llm.generate({"prompt": QUESTION, "multi_modal_data": {"image": image}}, GREEDY)[0]
+    before = engine.stats()["prefix_cache_hits"]
+    same = _image(7)  # another object with the same pixels
+    second = llm.generate({"prompt": QUESTION, "multi_modal_data": {"image": same}}, GREEDY)[0]
+    hits = engine.stats()["prefix_cache_hits"] - before
+    prompt_len = len(first.prompt_token_ids)
+    assert second.num_cached_tokens == hits >= (prompt_len - 1) // 8 * 8 - 8 > 0
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+    other = llm.generate({"prompt": QUESTION, "multi_modal_data": {"image": _image(8)}}, GREEDY)[0]
+    image_offset = other.multi_modal_placeholders[0][0]
+    assert other.num_cached_tokens <= image_offset // 8 * 8
+    assert other.outputs[0].token_ids != first.outputs[0].token_ids
+
+
+def test_preemption_gives_the_unconstrained_outputs(checkpoint, llm):
+    prompts = [
+        {"prompt": QUESTION, "multi_modal_data": {"image": _image(10 + i, (30 + 9 * i, 40))}}
+        for i in range(3)
+    ] + ["USER: the cat and the dog ASSISTANT:"]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    free = llm.generate(prompts, params, use_tqdm=False)
+    tight = LLM(
+        model=checkpoint,
+        device="cpu",
+        dtype="float32",
+        max_model_len=256,
+        block_size=8,
+        max_num_batched_tokens=20,
+        max_num_seqs=8,
+        num_kv_blocks=24,
+        enable_prefix_caching=False,
+    )
+    constrained = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.llm_engine.stats()["num_preemptions"] > 0
+    assert [o.outputs[0].token_ids for o in constrained] == [o.outputs[0].token_ids for o in free]
+
+
+def test_seeded_sampling_reproduces_through_llm(llm):
+    seeded = SamplingParams(temperature=0.8, top_k=20, seed=31, max_tokens=12, ignore_eos=True)
+    prompt = {"prompt": QUESTION, "multi_modal_data": {"image": _image(20)}}
+    alone = llm.generate(prompt, seeded, use_tqdm=False)[0].outputs[0].token_ids
+    noisy = SamplingParams(temperature=1.0, max_tokens=5, ignore_eos=True)
+    batch = llm.generate(["USER: hi ASSISTANT:", prompt], [noisy, seeded], use_tqdm=False)
+    assert batch[1].outputs[0].token_ids == alone
+
+
+def test_chat_renders_the_template_and_matches_generate(llm):
+    image = _image(21)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": image},
+                {"type": "text", "text": "What is the content of this image?"},
+            ],
+        }
+    ]
+    out = llm.chat(messages, GREEDY, use_tqdm=False)[0]
+    # the checkpoint's LLaVA-1.5 template: images first, then the text
+    hf_prompt = "USER: <image>\nWhat is the content of this image? ASSISTANT:"
+    assert out.prompt == hf_prompt
+    direct = llm.generate({"prompt": hf_prompt, "multi_modal_data": {"image": image}}, GREEDY)[0]
+    assert out.prompt_token_ids == direct.prompt_token_ids
+    assert out.outputs[0].token_ids == direct.outputs[0].token_ids
+
+
+def test_errors_before_anything_is_scheduled(llm):
+    engine = llm.llm_engine
+    image = _image(22)
+    good = {"prompt": QUESTION, "multi_modal_data": {"image": image}}
+    cases = [
+        ({"prompt": QUESTION, "multi_modal_data": {"image": [image, image]}}, "placeholder"),
+        ({"prompt": "USER: hi", "multi_modal_data": {"image": image}}, "placeholder"),
+        ("word " * 300, "max_model_len"),
+        ({"prompt": QUESTION, "multi_modal_data": {"image": np.zeros((8, 8, 3))}}, "image type"),
+        (
+            {"prompt": QUESTION * 3, "multi_modal_data": {"image": [image] * 3}},
+            "limit_mm_per_prompt",
+        ),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            llm.generate([good, bad], GREEDY, use_tqdm=False)
+        assert not engine.has_unfinished_requests()
+        assert not engine.core.has_unfinished_requests()
