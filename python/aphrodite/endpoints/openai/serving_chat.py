@@ -1,0 +1,209 @@
+"""``POST /v1/chat/completions``: messages with text and image_url parts -> one engine request."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+from fastapi import Request
+
+from aphrodite.endpoints.openai.chat_utils import (
+    ChatTemplate,
+    ChatTemplateError,
+    parse_chat_messages,
+)
+from aphrodite.endpoints.openai.protocol import (
+    ChatChoiceLogProbs,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionResponseStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatResponseMessage,
+    DeltaMessage,
+    UsageInfo,
+    random_id,
+)
+from aphrodite.endpoints.openai.serving_engine import (
+    APIError,
+    ServingContext,
+    chat_logprobs,
+    sampling_params_from,
+    unless_disconnected,
+)
+from aphrodite.outputs import RequestOutput
+
+logger = logging.getLogger("aphrodite.server")
+
+
+class OpenAIServingChat:
+    def __init__(self, ctx: ServingContext, chat_template: ChatTemplate, response_role: str):
+        self.ctx = ctx
+        self.chat_template = chat_template
+        self.response_role = response_role
+
+    def render_prompt(self, request: Any) -> tuple[str, list[str]]:
+        """The prompt text and the image URLs in placeholder order."""
+        template = self.chat_template
+        if request.chat_template:
+            try:
+                template = ChatTemplate(request.chat_template)
+            except ChatTemplateError as e:
+                raise APIError(str(e), param="chat_template") from None
+        parsed = parse_chat_messages(
+            request.messages,
+            image_placeholder=self.ctx.image_placeholder,
+            content_format=template.content_format,
+            max_images=self.ctx.max_images,
+        )
+        tok = self.ctx.tokenizer
+        text = template.render(
+            parsed.conversation,
+            add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message,
+            bos_token=getattr(tok, "bos_token", None),
+            eos_token=getattr(tok, "eos_token", None),
+            extra=request.chat_template_kwargs,
+        )
+        return text, parsed.image_urls
+
+    async def create(self, request: ChatCompletionRequest, raw: Request):
+        ctx = self.ctx
+        ctx.check_model(request.model)
+        text, urls = self.render_prompt(request)
+        images = await ctx.fetcher.fetch_images(urls) if urls else []
+        prompt = ctx.engine_prompt(text, images)
+        top = request.top_logprobs or 0
+        params = sampling_params_from(
+            request, request.requested_max_tokens(), top if request.logprobs else None
+        )
+        request_id = random_id("chatcmpl")
+        if ctx.log_requests:
+            logger.info("request %s: %d image(s), params %s", request_id, len(images), params)
+        created = int(time.time())
+        # Admission errors (prompt too long for the model, ...) surface here, before any byte
+        # of a stream is sent, so they can still be 400s.
+        stream = await ctx.admit(request_id, prompt, params,
+                                 add_special_tokens=ctx.chat_needs_bos(text))
+        if request.stream:
+            return self._stream(request, request_id, created, stream)
+        final = await unless_disconnected(_last(stream), raw)
+        return self._full_response(request, request_id, created, final)
+
+    def _full_response(
+        self, request: ChatCompletionRequest, request_id: str, created: int, out: RequestOutput
+    ) -> ChatCompletionResponse:
+        choices = []
+        for c in out.outputs:
+            logprobs = None
+            if request.logprobs:
+                logprobs = ChatChoiceLogProbs(
+                    content=chat_logprobs(
+                        self.ctx.tokenizer, c.token_ids, c.logprobs or [],
+                        request.top_logprobs or 0,
+                    )
+                )
+            choices.append(
+                ChatCompletionResponseChoice(
+                    index=c.index,
+                    message=ChatResponseMessage(role=self.response_role, content=c.text),
+                    logprobs=logprobs,
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                )
+            )
+        num_prompt = len(out.prompt_token_ids)
+        num_gen = sum(len(c.token_ids) for c in out.outputs)
+        return ChatCompletionResponse(
+            id=request_id,
+            created=created,
+            model=request.model,
+            choices=choices,
+            usage=UsageInfo(
+                prompt_tokens=num_prompt, completion_tokens=num_gen,
+                total_tokens=num_prompt + num_gen,
+            ),
+        )
+
+    async def _stream(
+        self, request: ChatCompletionRequest, request_id: str, created: int,
+        outputs: AsyncGenerator[RequestOutput, None],
+    ) -> AsyncIterator[str]:
+        n = request.n
+        sent_text = [0] * n
+        sent_tokens = [0] * n
+        finished = [False] * n
+        num_prompt = 0
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+        def chunk(choices, usage: UsageInfo | None = None) -> str:
+            body = ChatCompletionStreamResponse(
+                id=request_id, created=created, model=request.model, choices=choices, usage=usage
+            )
+            return f"data: {body.model_dump_json(exclude_unset=False)}\n\n"
+
+        try:
+            yield chunk([
+                ChatCompletionResponseStreamChoice(
+                    index=i, delta=DeltaMessage(role=self.response_role, content="")
+                )
+                for i in range(n)
+            ])
+            async for out in outputs:
+                num_prompt = len(out.prompt_token_ids)
+                for c in out.outputs:
+                    i = c.index
+                    if finished[i]:
+                        continue
+                    delta_text = c.text[sent_text[i]:]
+                    new_ids = c.token_ids[sent_tokens[i]:]
+                    logprobs = None
+                    if request.logprobs and new_ids:
+                        logprobs = ChatChoiceLogProbs(
+                            content=chat_logprobs(
+                                self.ctx.tokenizer, new_ids,
+                                (c.logprobs or [])[sent_tokens[i]:], request.top_logprobs or 0,
+                            )
+                        )
+                    sent_text[i] = len(c.text)
+                    sent_tokens[i] = len(c.token_ids)
+                    if c.finish_reason is not None:
+                        finished[i] = True
+                    if not delta_text and logprobs is None and c.finish_reason is None:
+                        continue
+                    yield chunk([
+                        ChatCompletionResponseStreamChoice(
+                            index=i,
+                            delta=DeltaMessage(content=delta_text or None),
+                            logprobs=logprobs,
+                            finish_reason=c.finish_reason,
+                            stop_reason=c.stop_reason,
+                        )
+                    ])
+            if include_usage:
+                num_gen = sum(sent_tokens)
+                yield chunk([], UsageInfo(
+                    prompt_tokens=num_prompt, completion_tokens=num_gen,
+                    total_tokens=num_prompt + num_gen,
+                ))
+        except APIError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+        except Exception as e:  # the engine died mid-stream: tell the client in-band
+            logger.exception("stream %s failed", request_id)
+            err = APIError(f"internal error: {e}", status_code=500, type="internal_error")
+            yield f"data: {json.dumps(err.body())}\n\n"
+        finally:
+            await outputs.aclose()  # aborts the request when the client went away
+        yield "data: [DONE]\n\n"
+
+
+async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    final = None
+    async for out in outputs:
+        final = out
+    if final is None:
+        raise APIError("the request was aborted", status_code=500, type="internal_error")
+    return final

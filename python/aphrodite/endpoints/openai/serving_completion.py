@@ -1,0 +1,183 @@
+"""``POST /v1/completions``: text (or token-id) prompts, one engine request per prompt."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+
+from fastapi import Request
+
+from aphrodite.endpoints.openai.protocol import (
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionResponseStreamChoice,
+    CompletionStreamResponse,
+    UsageInfo,
+    random_id,
+)
+from aphrodite.endpoints.openai.serving_engine import (
+    APIError,
+    ServingContext,
+    completion_logprobs,
+    merge_async_iterators,
+    sampling_params_from,
+    unless_disconnected,
+)
+from aphrodite.outputs import RequestOutput
+
+logger = logging.getLogger("aphrodite.server")
+
+
+class OpenAIServingCompletion:
+    def __init__(self, ctx: ServingContext):
+        self.ctx = ctx
+
+    def _engine_prompt(self, prompt: str | list[int]):
+        if isinstance(prompt, str):
+            return prompt
+        vocab = len(self.ctx.tokenizer)
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise APIError(f"prompt token id {bad[0]} is out of range [0, {vocab})",
+                           param="prompt")
+        return {"prompt_token_ids": list(prompt)}
+
+    async def create(self, request: CompletionRequest, raw: Request):
+        ctx = self.ctx
+        ctx.check_model(request.model)
+        try:
+            prompts = request.prompts()
+        except ValueError as e:
+            raise APIError(str(e), param="prompt") from None
+        if request.echo and request.stream:
+            raise APIError("echo is not supported with stream", param="echo")
+        params = sampling_params_from(request, request.max_tokens, request.logprobs)
+        request_id = random_id("cmpl")
+        created = int(time.time())
+        streams: list[AsyncGenerator[RequestOutput, None]] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                streams.append(
+                    await ctx.admit(f"{request_id}-{i}", self._engine_prompt(prompt), params,
+                                    add_special_tokens=request.add_special_tokens)
+                )
+        except BaseException:
+            for s in streams:
+                await s.aclose()
+            raise
+        if ctx.log_requests:
+            logger.info("request %s: %d prompt(s), params %s", request_id, len(prompts), params)
+        if request.stream:
+            return self._stream(request, request_id, created, streams)
+        finals = await unless_disconnected(_collect(streams), raw)
+        return self._full_response(request, request_id, created, finals)
+
+    def _choice_logprobs(self, request: CompletionRequest, c, text_offset: int = 0):
+        if request.logprobs is None:
+            return None
+        return completion_logprobs(
+            self.ctx.tokenizer, c.token_ids, c.logprobs or [], request.logprobs, text_offset
+        )
+
+    def _full_response(self, request, request_id, created, finals) -> CompletionResponse:
+        choices = []
+        num_prompt = num_gen = 0
+        for p, out in enumerate(finals):
+            num_prompt += len(out.prompt_token_ids)
+            prefix = ""
+            if request.echo:
+                prefix = out.prompt if out.prompt is not None else self.ctx.tokenizer.decode(
+                    out.prompt_token_ids)
+            for c in out.outputs:
+                num_gen += len(c.token_ids)
+                choices.append(
+                    CompletionResponseChoice(
+                        index=p * request.n + c.index,
+                        text=prefix + c.text,
+                        logprobs=self._choice_logprobs(request, c, len(prefix)),
+                        finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason,
+                    )
+                )
+        return CompletionResponse(
+            id=request_id, created=created, model=request.model, choices=choices,
+            usage=UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_gen,
+                            total_tokens=num_prompt + num_gen),
+        )
+
+    async def _stream(
+        self, request: CompletionRequest, request_id: str, created: int,
+        streams: list[AsyncGenerator[RequestOutput, None]],
+    ) -> AsyncIterator[str]:
+        n = request.n
+        total = n * len(streams)
+        sent_text = [0] * total
+        sent_tokens = [0] * total
+        finished = [False] * total
+        num_prompt = [0] * len(streams)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+        def chunk(choices, usage: UsageInfo | None = None) -> str:
+            body = CompletionStreamResponse(
+                id=request_id, created=created, model=request.model, choices=choices, usage=usage
+            )
+            return f"data: {body.model_dump_json()}\n\n"
+
+        merged = merge_async_iterators(*streams)
+        try:
+            async for p, out in merged:
+                num_prompt[p] = len(out.prompt_token_ids)
+                for c in out.outputs:
+                    i = p * n + c.index
+                    if finished[i]:
+                        continue
+                    delta = c.text[sent_text[i]:]
+                    new_ids = c.token_ids[sent_tokens[i]:]
+                    logprobs = None
+                    if request.logprobs is not None and new_ids:
+                        logprobs = completion_logprobs(
+                            self.ctx.tokenizer, new_ids, (c.logprobs or [])[sent_tokens[i]:],
+                            request.logprobs, sent_text[i],
+                        )
+                    sent_text[i] = len(c.text)
+                    sent_tokens[i] = len(c.token_ids)
+                    if c.finish_reason is not None:
+                        finished[i] = True
+                    if not delta and logprobs is None and c.finish_reason is None:
+                        continue
+                    yield chunk([CompletionResponseStreamChoice(
+                        index=i, text=delta, logprobs=logprobs,
+                        finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                    )])
+            if include_usage:
+                prompt_tokens = sum(num_prompt)
+                gen = sum(sent_tokens)
+                yield chunk([], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=gen,
+                                          total_tokens=prompt_tokens + gen))
+        except Exception as e:
+            logger.exception("stream %s failed", request_id)
+            err = APIError(f"internal error: {e}", status_code=500, type="internal_error")
+            yield f"data: {json.dumps(err.body())}\n\n"
+        finally:
+            await merged.aclose()
+            for s in streams:
+                await s.aclose()  # aborts the requests when the client went away
+        yield "data: [DONE]\n\n"
+
+
+async def _collect(streams: list[AsyncGenerator[RequestOutput, None]]) -> list[RequestOutput]:
+    finals: list[RequestOutput | None] = [None] * len(streams)
+    merged = merge_async_iterators(*streams)
+    try:
+        async for p, out in merged:
+            finals[p] = out
+    finally:
+        await merged.aclose()
+        for s in streams:
+            await s.aclose()
+    if any(f is None for f in finals):
+        raise APIError("the request was aborted", status_code=500, type="internal_error")
+    return finals

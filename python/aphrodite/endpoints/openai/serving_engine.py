@@ -1,0 +1,266 @@
+"""What the chat and completion endpoints share: the model-name check, OpenAI-style errors,
+request -> SamplingParams, logprob formatting and disconnect handling."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from aphrodite.endpoints.openai.protocol import (
+    ChatLogProb,
+    ChatLogProbsContent,
+    CompletionLogProbs,
+    ErrorInfo,
+    ErrorResponse,
+    SamplingFields,
+)
+from aphrodite.outputs import Logprob, RequestOutput
+from aphrodite.sampling_params import SamplingParams
+
+T = TypeVar("T")
+
+
+class APIError(Exception):
+    """An error answered with an OpenAI-style body ``{"error": {"message", "type", "code"}}``."""
+
+    def __init__(
+        self,
+        message: str,
+        status_code: int = 400,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.type = type
+        self.code = code
+        self.param = param
+
+    def body(self) -> dict:
+        return ErrorResponse(
+            error=ErrorInfo(message=self.message, type=self.type, code=self.code, param=self.param)
+        ).model_dump()
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before the response was ready."""
+
+
+@dataclass
+class ServingContext:
+    """What every endpoint needs from the server."""
+
+    engine: Any  # AsyncLLMEngine
+    tokenizer: Any
+    served_model_names: list[str]
+    model_path: str
+    max_model_len: int
+    image_placeholder: str
+    max_images: int | None
+    fetcher: Any  # ImageFetcher
+    metrics: Any  # ServerMetrics
+    log_requests: bool = True
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+    def check_model(self, name: str | None) -> None:
+        if name is None or name in self.served_model_names or name == self.model_path:
+            return
+        raise APIError(
+            f"the model {name!r} does not exist; this server serves "
+            f"{', '.join(repr(n) for n in self.served_model_names)}",
+            code="model_not_found",
+            param="model",
+        )
+
+    def chat_needs_bos(self, rendered: str) -> bool:
+        """Whether to add the tokenizer's special tokens to a rendered chat prompt: not when
+        the template wrote the BOS token itself (the rule LLM.chat follows too)."""
+        bos = getattr(self.tokenizer, "bos_token", None)
+        return not (bos and rendered.startswith(bos))
+
+    def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def engine_prompt(self, text: str, images: list) -> Any:
+        """The engine input for a rendered prompt and its decoded images."""
+        if not images:
+            return text
+        return {"prompt": text, "multi_modal_data": {"image": images}}
+
+    async def admit(
+        self, request_id: str, prompt: Any, params: SamplingParams, add_special_tokens: bool
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """Adds the request to the engine; returns its outputs. Requests the engine refuses
+        (a prompt longer than the model allows, ...) are 400s. Closing the returned iterator
+        before the request finished aborts it."""
+        try:
+            stream = await self.engine.add_request(
+                request_id, prompt, params, add_special_tokens=add_special_tokens
+            )
+        except (ValueError, TypeError) as e:
+            raise APIError(str(e), code="invalid_prompt") from None
+        return stream.__aiter__()
+
+
+def sampling_params_from(
+    request: SamplingFields, max_tokens: int | None, logprobs: int | None
+) -> SamplingParams:
+    """Maps OpenAI request fields (and our extensions) onto SamplingParams; a bad combination is
+    a 400 naming the parameter."""
+    temperature = 1.0 if request.temperature is None else request.temperature
+    try:
+        return SamplingParams(
+            n=request.n,
+            temperature=temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            top_k=0 if request.top_k is None else request.top_k,
+            min_p=0.0 if request.min_p is None else request.min_p,
+            seed=request.seed,
+            stop=request.stop_list(),
+            stop_token_ids=request.stop_token_ids,
+            include_stop_str_in_output=request.include_stop_str_in_output,
+            presence_penalty=request.presence_penalty or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0,
+            repetition_penalty=(
+                1.0 if request.repetition_penalty is None else request.repetition_penalty
+            ),
+            ignore_eos=request.ignore_eos,
+            max_tokens=max_tokens,
+            min_tokens=request.min_tokens,
+            logprobs=logprobs,
+            skip_special_tokens=request.skip_special_tokens,
+            spaces_between_special_tokens=request.spaces_between_special_tokens,
+        )
+    except ValueError as e:
+        raise APIError(str(e)) from None
+
+
+def _token_text(tokenizer: Any, token_id: int, lp: Logprob) -> str:
+    if lp.decoded_token is not None:
+        return lp.decoded_token
+    return tokenizer.decode([token_id])
+
+
+def _top_entries(position: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+    ranked = sorted(position.items(), key=lambda kv: (kv[1].rank or 1 << 30, -kv[1].logprob))
+    return ranked[:k]
+
+
+def chat_logprobs(
+    tokenizer: Any, token_ids: list[int], positions: list[dict[int, Logprob]], top_k: int
+) -> list[ChatLogProbsContent]:
+    out = []
+    for token_id, position in zip(token_ids, positions):
+        lp = position.get(token_id)
+        text = _token_text(tokenizer, token_id, lp) if lp else tokenizer.decode([token_id])
+        tops = [
+            ChatLogProb(
+                token=_token_text(tokenizer, tid, tlp),
+                logprob=max(tlp.logprob, -9999.0),
+                bytes=list(_token_text(tokenizer, tid, tlp).encode("utf-8")),
+            )
+            for tid, tlp in _top_entries(position, top_k)
+        ]
+        out.append(
+            ChatLogProbsContent(
+                token=text,
+                logprob=max(lp.logprob, -9999.0) if lp else -9999.0,
+                bytes=list(text.encode("utf-8")),
+                top_logprobs=tops,
+            )
+        )
+    return out
+
+
+def completion_logprobs(
+    tokenizer: Any,
+    token_ids: list[int],
+    positions: list[dict[int, Logprob] | None],
+    top_k: int,
+    text_offset: int,
+) -> CompletionLogProbs:
+    result = CompletionLogProbs()
+    offset = text_offset
+    for token_id, position in zip(token_ids, positions):
+        lp = position.get(token_id) if position else None
+        text = _token_text(tokenizer, token_id, lp) if lp else tokenizer.decode([token_id])
+        result.tokens.append(text)
+        result.token_logprobs.append(max(lp.logprob, -9999.0) if lp else None)
+        result.top_logprobs.append(
+            {
+                _token_text(tokenizer, tid, tlp): max(tlp.logprob, -9999.0)
+                for tid, tlp in _top_entries(position, top_k)
+            }
+            if position
+            else None
+        )
+        result.text_offset.append(offset)
+        offset += len(text)
+    return result
+
+
+async def until_disconnected(request: Request, poll_s: float = 0.5) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(poll_s)
+
+
+async def unless_disconnected(awaitable: Awaitable[T], request: Request) -> T:
+    """Awaits ``awaitable`` but cancels it (which aborts its engine requests) when the client
+    disconnects first; then raises ClientDisconnected."""
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(until_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if work in done:
+        return work.result()
+    work.cancel()
+    try:
+        await work
+    except (asyncio.CancelledError, Exception):
+        pass
+    raise ClientDisconnected()
+
+
+async def merge_async_iterators(
+    *iterators: AsyncIterator[T],
+) -> AsyncIterator[tuple[int, T]]:
+    """Yields (index of the iterator, item) from several iterators as items arrive; closing the
+    merged iterator cancels (and so aborts) the ones still running."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done_marker = object()
+
+    async def drain(index: int, it: AsyncIterator[T]):
+        try:
+            async for item in it:
+                await queue.put((index, item))
+            await queue.put((index, done_marker))
+        except Exception as e:
+            await queue.put((index, e))
+
+    tasks = [asyncio.ensure_future(drain(i, it)) for i, it in enumerate(iterators)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is done_marker:
+                remaining -= 1
+                continue
+            if isinstance(item, Exception):
+                raise item
+            yield index, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+

@@ -1,0 +1,326 @@
+"""AsyncLLMEngine: the synchronous LLMEngine stepped in a background thread for asyncio servers.
+
+Ownership: only the engine thread touches the LLMEngine (and so the C++ core, the model and
+the KV cache). Coroutines hand it work through two queues (requests to add, requests to abort)
+and wake it with an event; it hands back results through per-request asyncio queues with
+``loop.call_soon_threadsafe``. Between steps the thread drains both queues, so a new request
+waits at most one step to be admitted, and an abort frees the request's KV blocks before the
+next step (``LLMEngine.abort_request`` frees them in the core at once).
+
+After every step and every abort the thread refreshes a stats snapshot (running and waiting
+requests, KV-cache usage, prefix-cache counters) that /metrics reads without locking the engine.
+
+A request's stream is aborted when its consumer goes away: ``generate`` aborts in ``finally``
+unless the request finished, which covers a client disconnect (the server cancels the task or
+closes the generator) as well as errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from aphrodite.outputs import RequestOutput
+from aphrodite.sampling_params import SamplingParams
+
+logger = logging.getLogger("aphrodite.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped after an unexpected error; the server must be restarted."""
+
+
+@dataclass
+class _Pending:
+    request_id: str
+    prompt: Any
+    params: SamplingParams
+    add_special_tokens: bool
+    stream: RequestStream
+    accepted: asyncio.Future
+    arrival: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _RequestTiming:
+    arrival: float
+    num_prompt_tokens: int = 0
+    first_token: float | None = None
+    last_token: float | None = None
+    num_generated: int = 0
+    inter_token: list[float] = field(default_factory=list)
+
+
+class RequestStream:
+    """The outputs of one request, filled from the engine thread, read by one coroutine.
+
+    Iterating yields outputs until the request finishes; leaving the iteration early (the
+    consumer was cancelled or closed the iterator) aborts the request.
+    """
+
+    _FINISHED = object()
+
+    def __init__(
+        self, request_id: str, loop: asyncio.AbstractEventLoop, abort: Callable[[str], None]
+    ):
+        self.request_id = request_id
+        self._loop = loop
+        self._abort = abort
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+    # Called from the engine thread.
+    def put_threadsafe(self, item: Any) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def finish_threadsafe(self, error: BaseException | None = None) -> None:
+        self._loop.call_soon_threadsafe(
+            self._queue.put_nowait, error if error is not None else self._FINISHED
+        )
+
+    async def __aiter__(self) -> AsyncGenerator[RequestOutput, None]:
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is self._FINISHED:
+                    self.finished = True
+                    return
+                if isinstance(item, BaseException):
+                    self.finished = True
+                    raise item
+                if item.finished:
+                    self.finished = True
+                yield item
+                if self.finished:
+                    return
+        finally:
+            if not self.finished:
+                self.finished = True
+                self._abort(self.request_id)
+
+
+class AsyncLLMEngine:
+    """Serves many concurrent requests from asyncio over one :class:`LLMEngine`.
+
+    Args:
+        engine: the synchronous engine (``add_request``, ``process_prompt``, ``step``,
+            ``abort_request``, ``has_unfinished_requests``, ``stats``); after :meth:`start`
+            only the engine thread uses it.
+
+    Hooks (set before :meth:`start`; called on the engine thread):
+        on_finished(finish_reason, prompt tokens, generated tokens, time to first token or
+            None, inter-token gaps, end-to-end seconds) when a request ends;
+        on_preprocessed(seconds) after a prompt was tokenized and its images converted,
+            hashed and expanded.
+    """
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self.on_finished: Callable[..., None] | None = None
+        self.on_preprocessed: Callable[[float], None] | None = None
+        self._lock = threading.Lock()
+        self._adds: deque[_Pending] = deque()
+        self._aborts: deque[str] = deque()
+        self._wakeup = threading.Event()
+        self._stop = False
+        self._streams: dict[str, RequestStream] = {}
+        self._timings: dict[str, _RequestTiming] = {}
+        self._thread: threading.Thread | None = None
+        self._dead: BaseException | None = None
+        self._stats: dict = {}
+        self._refresh_stats()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="aphrodite-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._stop = True
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._dead is None
+
+    @property
+    def dead_error(self) -> BaseException | None:
+        return self._dead
+
+    def stats(self) -> dict:
+        """The latest stats snapshot (refreshed after every step and abort)."""
+        return dict(self._stats)
+
+    # ------------------------------------------------------------------ requests
+
+    async def add_request(
+        self, request_id: str, prompt: Any, params: SamplingParams,
+        add_special_tokens: bool = True,
+    ) -> RequestStream:
+        """Queues a request; returns its stream once the engine accepted it. Raises the
+        engine's ValueError when the request can never run (e.g. the prompt is too long).
+        ``add_special_tokens=False`` for prompts rendered by a chat template, which already
+        carry the BOS token."""
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(request_id, loop, self.abort)
+        pending = _Pending(
+            request_id, prompt, params, add_special_tokens, stream, loop.create_future()
+        )
+        with self._lock:
+            self._adds.append(pending)
+        self._wakeup.set()
+        try:
+            await pending.accepted
+        except asyncio.CancelledError:
+            # The caller went away while the request was queued: it may be admitted anyway.
+            self.abort(request_id)
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Aborts a request (no-op when it already finished); its KV blocks are freed before
+        the engine's next step."""
+        with self._lock:
+            self._aborts.append(request_id)
+        self._wakeup.set()
+
+    async def generate(
+        self, prompt: Any, params: SamplingParams, request_id: str
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """Yields the request's outputs as they grow; aborts it when the consumer stops early."""
+        outputs = (await self.add_request(request_id, prompt, params)).__aiter__()
+        try:
+            async for output in outputs:
+                yield output
+        finally:
+            await outputs.aclose()  # aborts the request unless it finished
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _refresh_stats(self) -> None:
+        self._stats = dict(self.engine.stats())
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self._wakeup.clear()
+                with self._lock:
+                    if self._stop:
+                        break
+                    adds = list(self._adds)
+                    self._adds.clear()
+                    aborts = list(self._aborts)
+                    self._aborts.clear()
+                for pending in adds:
+                    self._admit(pending)
+                if aborts:
+                    self._abort_now(aborts)
+                if self.engine.has_unfinished_requests():
+                    outputs = self.engine.step()
+                    self._dispatch(outputs)
+                    self._refresh_stats()
+                elif not adds and not aborts:
+                    self._wakeup.wait()
+        except BaseException as e:  # noqa: B036 - the thread must report any failure
+            logger.exception("engine loop failed")
+            self._dead = e
+            error = EngineDeadError(f"the engine stopped after an error: {e!r}")
+            with self._lock:
+                adds = list(self._adds)
+                self._adds.clear()
+            for pending in adds:
+                self._resolve(pending.accepted, error)
+            for stream in self._streams.values():
+                stream.finish_threadsafe(error)
+            self._streams.clear()
+
+    def _resolve(self, future: asyncio.Future, error: BaseException | None) -> None:
+        def settle():
+            if future.done():  # cancelled by the caller
+                return
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+        future.get_loop().call_soon_threadsafe(settle)
+
+    def _admit(self, p: _Pending) -> None:
+        if p.request_id in self._streams:
+            self._resolve(p.accepted, ValueError(f"request id {p.request_id!r} is already in use"))
+            return
+        start = time.perf_counter()
+        try:
+            processed = self.engine.process_prompt(
+                p.prompt, add_special_tokens=p.add_special_tokens
+            )
+            if self.on_preprocessed is not None:
+                self.on_preprocessed(time.perf_counter() - start)
+            self.engine.add_request(p.request_id, processed, p.params)
+        except (ValueError, TypeError) as e:
+            self._resolve(p.accepted, e)
+            return
+        self._streams[p.request_id] = p.stream
+        self._timings[p.request_id] = _RequestTiming(
+            arrival=p.arrival, num_prompt_tokens=len(processed.prompt_token_ids)
+        )
+        self._resolve(p.accepted, None)
+
+    def _abort_now(self, request_ids: list[str]) -> None:
+        live = [r for r in request_ids if r in self._streams]
+        if not live:
+            return
+        self.engine.abort_request(live)
+        for request_id in live:
+            self._streams.pop(request_id).finish_threadsafe()
+            self._finish_timing(request_id, "abort")
+        self._refresh_stats()
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        now = time.perf_counter()
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            timing = self._timings[out.request_id]
+            timing.num_prompt_tokens = len(out.prompt_token_ids)
+            generated = sum(len(c.token_ids) for c in out.outputs)
+            if generated > timing.num_generated:
+                if timing.first_token is None:
+                    timing.first_token = now
+                else:
+                    timing.inter_token.append(now - timing.last_token)
+                timing.last_token = now
+                timing.num_generated = generated
+            stream.put_threadsafe(out)
+            if out.finished:
+                del self._streams[out.request_id]
+                reasons = [c.finish_reason for c in out.outputs if c.finish_reason]
+                self._finish_timing(out.request_id, reasons[0] if reasons else "stop")
+
+    def _finish_timing(self, request_id: str, reason: str) -> None:
+        timing = self._timings.pop(request_id, None)
+        if timing is None or self.on_finished is None:
+            return
+        now = time.perf_counter()
+        ttft = timing.first_token - timing.arrival if timing.first_token is not None else None
+        try:
+            self.on_finished(reason, timing.num_prompt_tokens, timing.num_generated, ttft,
+                              timing.inter_token, now - timing.arrival)
+        except Exception:
+            logger.exception("request metrics hook failed")

@@ -1,0 +1,544 @@
+"""The OpenAI-compatible server end to end: a real server process on 127.0.0.1 serving a tiny
+random LLaVA checkpoint on the CPU, driven with the official `openai` client and with httpx,
+with images from a local HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from _image_server import ImageServer
+
+from aphrodite.testing.tiny_llava import build_tiny_llava
+
+REPO = Path(__file__).resolve().parents[2]
+API_KEY = "test-key"
+MODEL = "tiny-llava"
+FETCH_TIMEOUT_S = 2.0
+MAX_MODEL_LEN = 512
+MAX_IMAGES = 2
+MAX_IMAGE_BYTES = 200_000
+STARTUP_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(checkpoint: Path, port: int, extra: list[str], env: dict | None = None):
+    cmd = [
+        sys.executable, "-m", "aphrodite.endpoints.cli", "run", str(checkpoint),
+        "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", "float32",
+        "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "400",
+        "--uvicorn-log-level", "warning", *extra,
+    ]
+    full_env = {**os.environ, "APHRODITE_NUM_THREADS": "1", **(env or {})}
+    full_env.pop("APHRODITE_API_KEY", None)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=full_env)
+
+
+def wait_healthy(proc: subprocess.Popen, base: str) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            if httpx.get(f"{base}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{proc.stdout.read()}")
+
+
+def stop(proc: subprocess.Popen) -> str:
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def images():
+    with ImageServer() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory, images) -> Path:
+    folder = tmp_path_factory.mktemp("media")
+    (folder / "local.png").write_bytes(images.images["/rgb.png"])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, media_dir):
+    port = free_port()
+    proc = start_server(
+        checkpoint, port,
+        ["--api-keys", API_KEY, "--served-model-name", MODEL,
+         "--chat-template", str(REPO / "examples" / "llava.jinja"),
+         "--limit-mm-per-prompt", f"image={MAX_IMAGES}",
+         "--allowed-media-domains", "127.0.0.1",
+         "--allowed-local-media-path", str(media_dir),
+         "--max-image-bytes", str(MAX_IMAGE_BYTES), "--max-image-pixels", str(4096 * 4096)],
+        env={"APHRODITE_IMAGE_FETCH_TIMEOUT": str(FETCH_TIMEOUT_S)},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, base)
+    except BaseException:
+        if proc.poll() is None:
+            stop(proc)
+        raise
+    yield base
+    log = stop(proc)
+    assert "Traceback" not in log, log
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        yield c
+
+
+def user(*parts) -> list[dict]:
+    return [{"role": "user", "content": list(parts)}]
+
+
+def text(t: str) -> dict:
+    return {"type": "text", "text": t}
+
+
+def image(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def data_url(data: bytes, media_type: str = "image/png") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def metric(body: str, name: str, **labels) -> float:
+    """The value of one sample in Prometheus text format (labels must match exactly those
+    given; other labels are ignored)."""
+    for line in body.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def num_image_tokens(http, images) -> int:
+    """Tokens one image takes in the prompt: the usage of a one-image prompt minus its
+    unexpanded token count."""
+    msgs = user(text("hi"), image(data_url(images.images["/rgb.png"])))
+    tok = http.post("/v1/tokenize", json={"model": MODEL, "messages": msgs}).json()
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs,
+                                               "max_tokens": 1}).json()
+    return r["usage"]["prompt_tokens"] - tok["count"] + 1
+
+
+# ------------------------------------------------------------------ basics
+
+
+def test_health_version_models(server, client):
+    assert httpx.get(f"{server}/health").status_code == 200  # no key needed
+    assert re.match(r"\d+\.\d+", httpx.get(f"{server}/version").json()["version"])
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def test_chat_http_and_data_urls(client, images, http):
+    per_image = num_image_tokens(http, images)
+    for url in (images.url("/rgb.jpg"), images.url("/gray.png"), images.url("/rgba.png"),
+                data_url(images.images["/rgb.png"]),
+                data_url(images.images["/rgb.jpg"], "image/jpeg")):
+        msgs = user(text("What's in this image?"), image(url))
+        r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8,
+                                           temperature=0)
+        choice = r.choices[0]
+        assert choice.finish_reason in ("stop", "length")
+        assert isinstance(choice.message.content, str) and choice.message.role == "assistant"
+        tok = http.post("/v1/tokenize", json={"model": MODEL, "messages": msgs}).json()
+        # The server inserted exactly one placeholder, expanded to the image's tokens.
+        assert r.usage.prompt_tokens == tok["count"] - 1 + per_image
+        assert 1 <= r.usage.completion_tokens <= 8
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_two_images_in_one_message(client, images, http):
+    per_image = num_image_tokens(http, images)
+    msgs = user(text("Compare these."), image(images.url("/rgb.png")),
+                image(data_url(images.images["/gray.png"])))
+    rendered = http.post("/v1/tokenize", json={"model": MODEL, "messages": msgs}).json()
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, temperature=0)
+    assert r.usage.prompt_tokens == rendered["count"] - 2 + 2 * per_image
+    # Swapping the images changes the prompt's image content, so the engine must not treat
+    # it as the same prompt: both succeed and the usage is the same.
+    swapped = user(text("Compare these."), image(data_url(images.images["/gray.png"])),
+                   image(images.url("/rgb.png")))
+    r2 = client.chat.completions.create(model=MODEL, messages=swapped, max_tokens=4,
+                                        temperature=0)
+    assert r2.usage.prompt_tokens == r.usage.prompt_tokens
+    # Images spread over two user turns count together.
+    conv = [
+        {"role": "user", "content": [text("First."), image(images.url("/rgb.png"))]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [text("Second."), image(images.url("/gray.png"))]},
+    ]
+    r3 = client.chat.completions.create(model=MODEL, messages=conv, max_tokens=2)
+    assert r3.choices[0].finish_reason in ("stop", "length")
+
+
+def test_stream_equals_non_stream(client, images):
+    msgs = user(text("Describe the picture in detail."), image(images.url("/rgb.jpg")))
+    full = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24,
+                                          temperature=0)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=24, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks
+                if c.choices and c.choices[0].finish_reason]
+    assert streamed == full.choices[0].message.content
+    assert finishes == [full.choices[0].finish_reason]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.model_dump() == full.usage.model_dump()
+    # Without include_usage there is no usage chunk.
+    plain = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4,
+                                                temperature=0, stream=True))
+    assert all(c.usage is None for c in plain)
+
+
+def test_sampling_parameters(client, images):
+    msgs = user(text("Tell me a story."))
+    greedy = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16,
+                                            temperature=0)
+    content = greedy.choices[0].message.content
+    assert greedy.usage.completion_tokens <= 16
+    # max_completion_tokens (OpenAI's newer name) limits like max_tokens.
+    short = client.chat.completions.create(model=MODEL, messages=msgs,
+                                           max_completion_tokens=3, temperature=0)
+    assert short.usage.completion_tokens <= 3
+    assert content.startswith(short.choices[0].message.content)
+    # A stop string cuts the text before it.
+    if len(content) >= 8:
+        stop = content[4:7]
+        cut = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16,
+                                             temperature=0, stop=[stop])
+        assert cut.choices[0].message.content == content[: content.index(stop)]
+        assert cut.choices[0].finish_reason == "stop"
+    # Seeded sampling is reproducible; n gives n choices.
+    a = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12,
+                                       temperature=1.0, top_p=0.9, seed=7, n=2)
+    b = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12,
+                                       temperature=1.0, top_p=0.9, seed=7, n=2)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(model=MODEL, messages=user(text("Hello there")),
+                                       max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0.0
+        assert len(entry.top_logprobs) == 3
+        # Greedy: the chosen token is the most likely one.
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob, abs=1e-4)
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+
+
+def test_completions_and_tokenizer_endpoints(client, http):
+    r = client.completions.create(model=MODEL, prompt="USER: hello ASSISTANT:", max_tokens=5,
+                                  temperature=0, logprobs=2, n=2)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].text == r.choices[1].text  # greedy twice
+    assert len(r.choices[0].logprobs.tokens) == r.choices[0].logprobs.token_logprobs.__len__()
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="USER: hello ASSISTANT:", max_tokens=5, temperature=0,
+        stream=True) if c.choices)
+    assert streamed == r.choices[0].text
+    echo = client.completions.create(model=MODEL, prompt="USER: hi", max_tokens=2, echo=True,
+                                     temperature=0)
+    assert echo.choices[0].text.startswith("USER: hi")
+    # Token-id prompts, and several prompts in one request.
+    ids = http.post("/v1/tokenize", json={"model": MODEL, "prompt": "USER: hello ASSISTANT:"}
+                    ).json()["tokens"]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=5, temperature=0)
+    assert by_ids.choices[0].text == r.choices[0].text
+    multi = client.completions.create(model=MODEL, prompt=["a", "b c"], max_tokens=2)
+    assert sorted(c.index for c in multi.choices) == [0, 1]
+    text_back = http.post("/v1/detokenize", json={"model": MODEL, "tokens": ids}).json()
+    assert "hello" in text_back["prompt"]
+
+
+# ------------------------------------------------------------------ errors
+
+
+def assert_error(resp: httpx.Response, status: int, code: str | None, words: str):
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) >= {"message", "type", "code"}
+    if code is not None:
+        assert err["code"] == code, err
+    assert words.lower() in err["message"].lower(), err
+
+
+@pytest.mark.parametrize(
+    "make_url, code, words",
+    [
+        (lambda s: s.url("/missing.png"), "image_not_found", "404"),
+        (lambda s: s.url("/notimage.png"), "invalid_image", "not an image"),
+        (lambda s: s.url("/truncated.jpg"), "truncated_image", "truncated"),
+        (lambda s: "data:image/png;base64,@@not-base64@@", "invalid_base64", "base64"),
+        (lambda s: s.url(f"/big.bin?n={MAX_IMAGE_BYTES + 1}"), "image_too_large", "byte limit"),
+        (lambda s: s.url(f"/big-chunked.bin?n={2 * MAX_IMAGE_BYTES}"), "image_too_large",
+         "byte limit"),
+        (lambda s: s.url("/bomb.png"), "image_too_many_pixels", "pixel limit"),
+        (lambda s: "http://example.com/cat.png", "domain_not_allowed", "example.com"),
+        (lambda s: "ftp://127.0.0.1/cat.png", "unsupported_url_scheme", "ftp"),
+        (lambda s: "file:///etc/hostname", "local_media_not_allowed", "outside"),
+        (lambda s: s.url("/redirect-to?url=file:///etc/passwd"), "unsupported_url_scheme",
+         "redirect"),
+    ],
+)
+def test_image_errors_are_400(http, images, make_url, code, words):
+    msgs = user(text("What is this?"), image(make_url(images)))
+    resp = http.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs})
+    assert_error(resp, 400, code, words)
+
+
+def test_local_file_inside_allowed_folder(http, media_dir):
+    msgs = user(text("What is this?"), image(f"file://{media_dir}/local.png"))
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs,
+                                               "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+def test_fetch_timeout(http, images):
+    msgs = user(text("slow"), image(images.url("/slow.png?s=30")))
+    start = time.monotonic()
+    resp = http.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs})
+    elapsed = time.monotonic() - start
+    assert_error(resp, 400, "image_fetch_timeout", "timed out")
+    assert FETCH_TIMEOUT_S <= elapsed < FETCH_TIMEOUT_S + 1.0
+
+
+def test_request_validation_errors(http, images):
+    ok = user(text("hi"))
+    cases = [
+        ({"model": "nope", "messages": ok}, "model_not_found", "does not exist"),
+        ({"model": MODEL, "messages": ok, "temperature": 5}, None, "temperature"),
+        ({"model": MODEL, "messages": ok, "n": 0}, None, "n"),
+        ({"model": MODEL, "messages": ok, "top_logprobs": 2}, None, "logprobs"),
+        ({"model": MODEL, "messages": ok, "max_tokens": 0}, None, "max_tokens"),
+        ({"model": MODEL, "messages": []}, None, "messages"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "video"}]}]},
+         None, "messages"),
+        ({"model": MODEL, "messages": user(*[image(images.url("/rgb.png"))] * 3)},
+         "invalid_messages", f"at most {MAX_IMAGES}"),
+        ({"model": MODEL, "messages": user(text("<image> <image>"), image(images.url(
+            "/rgb.png")))}, "invalid_messages", "placeholder"),
+        ({"model": MODEL, "messages": user(text("word " * (MAX_MODEL_LEN * 2)))},
+         "invalid_prompt", "max_model_len"),
+    ]
+    for body, code, words in cases:
+        assert_error(http.post("/v1/chat/completions", json=body), 400, code, words)
+    bad_json = http.post("/v1/chat/completions", content=b"{not json",
+                         headers={"Content-Type": "application/json"})
+    assert_error(bad_json, 400, None, "json")
+    assert_error(http.post("/v1/completions", json={"model": MODEL, "prompt": [10**9]}),
+                 400, None, "out of range")
+
+
+def test_oversized_bodies_and_unknown_routes(http):
+    limit = MAX_IMAGES * MAX_IMAGE_BYTES * 4 // 3 + (1 << 20)
+    huge = json.dumps({"model": MODEL, "messages": user(text("x" * (limit + 10)))}).encode()
+    assert_error(http.post("/v1/chat/completions", content=huge,
+                           headers={"Content-Type": "application/json"}),
+                 413, "request_too_large", "byte limit")
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        yield b'{"model": "tiny-llava", "messages": [{"role": "user", "content": "'
+        for _ in range(limit // 65536 + 2):
+            yield b"y" * 65536
+        yield b'"}]}'
+
+    assert_error(http.post("/v1/chat/completions", content=chunks(),
+                           headers={"Content-Type": "application/json"}),
+                 413, "request_too_large", "byte limit")
+    assert_error(http.get("/v1/nothing-here"), 404, None, "not found")
+
+
+def test_openai_client_sees_errors(client, images):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL, messages=user(text("x"), image(images.url("/missing.png"))))
+    assert "404" in str(info.value)
+
+
+def test_auth(server):
+    body = {"model": MODEL, "messages": user(text("hi")), "max_tokens": 1}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        resp = httpx.post(f"{server}/v1/chat/completions", json=body, headers=headers)
+        assert_error(resp, 401, "invalid_api_key", "api key")
+    assert httpx.get(f"{server}/v1/models").status_code == 401
+    ok = httpx.post(f"{server}/v1/chat/completions", json=body,
+                    headers={"Authorization": f"Bearer {API_KEY}"})
+    assert ok.status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(f"{server}/health").status_code == 200
+    assert httpx.get(f"{server}/metrics").status_code == 200
+
+
+# ------------------------------------------------------------------ load and disconnects
+
+
+def test_concurrent_requests(server, images):
+    async def main():
+        client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0,
+                                    timeout=120)
+
+        async def one(i: int):
+            msgs = user(text(f"Request number {i}"),
+                        *([image(images.url("/rgb.png"))] if i % 3 == 0 else []))
+            if i % 2:
+                stream = await client.chat.completions.create(
+                    model=MODEL, messages=msgs, max_tokens=8, stream=True, temperature=0)
+                finishes = [c.choices[0].finish_reason async for c in stream
+                            if c.choices and c.choices[0].finish_reason]
+                return finishes
+            r = await client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8)
+            return [r.choices[0].finish_reason]
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(32)))
+        finally:
+            await client.close()
+
+    results = asyncio.run(main())
+    assert len(results) == 32
+    assert all(len(f) == 1 and f[0] in ("stop", "length") for f in results)
+
+
+def test_disconnect_mid_stream_frees_blocks(server, http):
+    def scrape() -> str:
+        return httpx.get(f"{server}/metrics").text
+
+    before = scrape()
+    aborted_before = metric(before, "aphrodite:request_success_total", finished_reason="abort")
+    body = {"model": MODEL, "messages": user(text("Go on forever")), "stream": True,
+            "ignore_eos": True, "temperature": 0}
+    with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        got = [line for _, line in zip(range(6), lines) if line.startswith("data:")]
+        assert got
+        mid = scrape()
+        assert metric(mid, "aphrodite:num_requests_running") == 1
+        assert metric(mid, "aphrodite:kv_cache_usage_perc") > 0
+    # Closing the response closed the connection: the server aborts the request and its
+    # blocks go back to the pool.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        now = scrape()
+        if metric(now, "aphrodite:request_success_total", finished_reason="abort") > (
+                aborted_before):
+            break
+        time.sleep(0.1)
+    assert metric(now, "aphrodite:request_success_total", finished_reason="abort") == (
+        aborted_before + 1)
+    assert metric(now, "aphrodite:num_requests_running") == 0
+    assert metric(now, "aphrodite:kv_cache_usage_perc") == 0.0
+    assert metric(now, "aphrodite:kv_cache_free_blocks") == metric(
+        now, "aphrodite:kv_cache_total_blocks")
+
+
+def test_metrics_and_still_serving(server, client, images):
+    body = httpx.get(f"{server}/metrics").text
+    for name in ("aphrodite:time_to_first_token_seconds_bucket",
+                 "aphrodite:inter_token_latency_seconds_bucket",
+                 "aphrodite:e2e_request_latency_seconds_bucket",
+                 "aphrodite:num_requests_waiting", "aphrodite:prefix_cache_hit_rate",
+                 "aphrodite:image_fetch_seconds_count", "aphrodite:image_decode_seconds_count",
+                 "aphrodite:prompt_preprocess_seconds_count"):
+        assert name in body, name
+    assert metric(body, "aphrodite:prompt_tokens_total") > 0
+    assert metric(body, "aphrodite:generation_tokens_total") > 0
+    assert metric(body, "aphrodite:image_fetch_seconds_count") > 0
+    assert metric(body, "aphrodite:http_requests_total", endpoint="/v1/chat/completions",
+                  status="400") > 0
+    assert metric(body, "aphrodite:image_fetch_errors_total", code="image_fetch_timeout") >= 1
+    # Identical prompts hit the prefix cache.
+    assert metric(body, "aphrodite:prefix_cache_hits") > 0
+    # After every error case the server still answers.
+    r = client.chat.completions.create(model=MODEL, max_tokens=2, messages=user(
+        text("still there?"), image(images.url("/rgb.png"))))
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_seed_examples_from_the_docs(server, images):
+    """The seed's curl example (image by URL, content parts) as raw JSON."""
+    payload = json.dumps({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What's in this image?"},
+            {"type": "image_url", "image_url": {"url": images.url("/rgb.jpg")}},
+        ]}],
+    })
+    out = subprocess.run(
+        ["curl", "-sS", "-X", "POST", f"{server}/v1/chat/completions",
+         "-H", "Content-Type: application/json", "-H", f"Authorization: Bearer {API_KEY}",
+         "-d", payload],
+        capture_output=True, text=True, timeout=60)
+    if out.returncode == 127:
+        pytest.fail("curl is not installed")
+    reply = json.loads(out.stdout)
+    assert reply["object"] == "chat.completion" and reply["choices"][0]["message"]["content"]
+
+
+def test_startup_fails_without_chat_template(checkpoint, tmp_path):
+    bare = tmp_path / "no_template"
+    bare.mkdir()
+    for f in checkpoint.iterdir():
+        if f.name not in ("chat_template.jinja", "chat_template.json"):
+            (bare / f.name).symlink_to(f)
+    proc = start_server(bare, free_port(), [])
+    out, _ = proc.communicate(timeout=STARTUP_TIMEOUT_S)
+    assert proc.returncode != 0
+    assert "--chat-template" in out and "no chat template" in out
