@@ -11,6 +11,12 @@ patch 16: 196 image tokens per image) and a Llama decoder of about 350M paramete
 24 layers, 16 query heads and 8 KV heads of 128, MLP 2816, vocabulary 32064: the 1,024 x 2,816
 and 1,024 x 32,064 GEMM shapes of the kernel benchmarks), joined by LLaVA-1.5's two-layer GELU
 projector (768 -> 1024 -> 1024). It is built once into a cache folder.
+
+Its tokenizer is the tiny checkpoint's (a few hundred BPE tokens trained offline), far fewer
+than the 32064 rows of the LM head. The rows of the LM head for special tokens and for ids past
+the tokenizer are zeroed, like the padding rows a trained model never picks: greedy decoding
+then always produces text, so a server streams one chunk per token, as with a real model. The
+compute is unchanged.
 """
 
 from __future__ import annotations
@@ -87,9 +93,25 @@ def build_benchmark_checkpoint(path: str | Path) -> Path:
     if folder.exists():
         shutil.rmtree(folder)
     build_tiny_llava(folder, **BENCHMARK_MODEL_SHAPES)
+    _zero_lm_head_rows_without_text(folder)
     # Written last: a build that was interrupted has no marker and is redone.
     marker.write_text(json.dumps(BENCHMARK_MODEL_SHAPES, indent=2) + "\n")
     return folder
+
+
+def _zero_lm_head_rows_without_text(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    config = json.loads((folder / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    weights_file = folder / "model.safetensors"
+    tensors = load_file(weights_file)
+    (lm_head,) = [name for name in tensors if name.endswith("lm_head.weight")]
+    # The tokenizer's trained vocabulary ends where the <image> token was added.
+    tensors[lm_head][config["image_token_index"] :] = 0
+    tensors[lm_head][tokenizer.all_special_ids] = 0
+    save_file(tensors, weights_file, metadata={"format": "pt"})
 
 
 def _image(rng: np.random.Generator, width: int, height: int) -> Image.Image:

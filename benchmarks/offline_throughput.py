@@ -30,13 +30,11 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from benchmark_dataset import BenchmarkRequest, build_benchmark_checkpoint, synthetic_requests
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -187,8 +185,6 @@ def run_hf(
         token_ids.extend(generated)
         ttft.extend([clock.first_token_time - start] * len(batch))
     elapsed = time.perf_counter() - start
-    del model
-    gc.collect()
     return RunResult(
         engine="HF transformers",
         elapsed_s=elapsed,
@@ -272,9 +268,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--kv-cache-gb", type=float, default=2.0, help="aphrodite's KV cache on the CPU, GiB"
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="a smoke run: 4 requests x 16 tokens"
-    )
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 4 requests x 16 tokens")
     args = parser.parse_args(argv)
     if args.quick:
         args.num_requests, args.output_len = 4, 16
@@ -287,7 +281,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[RunResult]:
+    """Runs the benchmark and prints its report; returns aphrodite's result, then HF's."""
     args = parse_args(argv)
     if args.model:
         model = args.model
@@ -342,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     if len(results) == 2:
         print(_agreement(results[0].token_ids, results[1].token_ids))
     print(_summary(args, model_name, results), flush=True)
+    return results
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from benchmark_dataset import synthetic_requests
 
 
@@ -153,8 +152,7 @@ def _stats_line(name: str, values_s: list[float]) -> str:
         return f"{name:<26}{'n/a':>10}"
     ms = np.asarray(values_s) * 1000.0
     return (
-        f"{name:<26}{ms.mean():>10.1f}{np.percentile(ms, 50):>10.1f}"
-        f"{np.percentile(ms, 99):>10.1f}"
+        f"{name:<26}{ms.mean():>10.1f}{np.percentile(ms, 50):>10.1f}{np.percentile(ms, 99):>10.1f}"
     )
 
 
@@ -163,9 +161,7 @@ def report(args, timings: list[RequestTiming], duration: float) -> str:
     failed = [t for t in timings if not t.ok]
     prompt_tokens = sum(t.prompt_tokens for t in done)
     output_tokens = sum(t.output_tokens for t in done)
-    tpot = [
-        (t.latency_s - t.ttft_s) / (t.output_tokens - 1) for t in done if t.output_tokens > 1
-    ]
+    tpot = [(t.latency_s - t.ttft_s) / (t.output_tokens - 1) for t in done if t.output_tokens > 1]
     lines = [
         f"requests: {len(done)} completed, {len(failed)} failed; request rate "
         f"{args.request_rate}/s; duration {duration:.2f} s",
