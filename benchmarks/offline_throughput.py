@@ -28,7 +28,6 @@ The greedy outputs of the two are compared as a cross-check that both did the sa
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import time
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 class RunResult:
     engine: str
     elapsed_s: float
+    cpu_s: float  # CPU time of the process (every thread) during the run
     prompt_tokens: int
     output_tokens: int
     ttft_s: list[float]  # per request
@@ -75,42 +75,49 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_aphrodite(
-    model: str,
-    requests: list[BenchmarkRequest],
-    warmup: BenchmarkRequest,
-    output_len: int,
-    device: str,
-    dtype: str,
-    kv_cache_gb: float,
-) -> RunResult:
-    from aphrodite import LLM, SamplingParams
+class AphroditeRunner:
+    engine = "aphrodite"
 
-    kwargs = {"kv_cache_memory_gb": kv_cache_gb} if device == "cpu" else {}
-    llm = LLM(model=model, device=device, dtype=dtype, **kwargs)
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    def __init__(self, model: str, args: argparse.Namespace) -> None:
+        from aphrodite import LLM, SamplingParams
 
-    def prompts(batch: list[BenchmarkRequest]) -> list[dict]:
-        return [{"prompt": r.prompt, "multi_modal_data": {"image": r.image}} for r in batch]
+        self.device = args.device
+        memory = (
+            {"kv_cache_memory_gb": args.kv_cache_gb}
+            if args.device == "cpu"
+            else {"gpu_memory_utilization": args.gpu_memory_utilization}
+        )
+        self.llm = LLM(model=model, device=args.device, dtype=args.dtype, **memory)
+        self.params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+        self.warmup_params = SamplingParams(temperature=0.0, max_tokens=2)
 
-    llm.generate(prompts([warmup]), SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
-    _sync(device)
-    start_wall = time.time()
-    start = time.perf_counter()
-    outputs = llm.generate(prompts(requests), params, use_tqdm=False)
-    _sync(device)
-    elapsed = time.perf_counter() - start
-    result = RunResult(
-        engine="aphrodite",
-        elapsed_s=elapsed,
-        prompt_tokens=sum(len(o.prompt_token_ids) for o in outputs),
-        output_tokens=sum(len(o.outputs[0].token_ids) for o in outputs),
-        ttft_s=[o.metrics.first_token_time - start_wall for o in outputs],
-        token_ids=[list(o.outputs[0].token_ids) for o in outputs],
-    )
-    del llm, outputs
-    gc.collect()
-    return result
+    @staticmethod
+    def _prompts(requests: list[BenchmarkRequest]) -> list[dict]:
+        return [{"prompt": r.prompt, "multi_modal_data": {"image": r.image}} for r in requests]
+
+    def warm_up(self, request: BenchmarkRequest) -> None:
+        self.llm.generate(self._prompts([request]), self.warmup_params, use_tqdm=False)
+        _sync(self.device)
+
+    def run(self, requests: list[BenchmarkRequest]) -> RunResult:
+        # Repeated runs must not reuse the previous run's KV blocks.
+        if not self.llm.llm_engine.reset_prefix_cache():
+            raise RuntimeError("could not reset the prefix cache")
+        start_wall = time.time()
+        start = time.perf_counter()
+        start_cpu = time.process_time()
+        outputs = self.llm.generate(self._prompts(requests), self.params, use_tqdm=False)
+        _sync(self.device)
+        elapsed = time.perf_counter() - start
+        return RunResult(
+            engine=self.engine,
+            elapsed_s=elapsed,
+            cpu_s=time.process_time() - start_cpu,
+            prompt_tokens=sum(len(o.prompt_token_ids) for o in outputs),
+            output_tokens=sum(len(o.outputs[0].token_ids) for o in outputs),
+            ttft_s=[o.metrics.first_token_time - start_wall for o in outputs],
+            token_ids=[list(o.outputs[0].token_ids) for o in outputs],
+        )
 
 
 class _FirstTokenClock:
@@ -130,69 +137,73 @@ class _FirstTokenClock:
         pass
 
 
-def run_hf(
-    model_path: str,
-    requests: list[BenchmarkRequest],
-    warmup: BenchmarkRequest,
-    output_len: int,
-    device: str,
-    dtype: str,
-    batch_size: int,
-) -> RunResult:
-    from aphrodite.testing.hf_reference import hf_llava_model, hf_llava_processor
+class HFRunner:
+    engine = "HF transformers"
 
-    torch_dtype = getattr(torch, dtype)
-    model = hf_llava_model(model_path, dtype=torch_dtype, device=device)
-    processor = hf_llava_processor(model_path)
-    processor.tokenizer.padding_side = "left"
-    pad_token_id = processor.tokenizer.pad_token_id
-    if pad_token_id is None:
-        pad_token_id = processor.tokenizer.eos_token_id
+    def __init__(self, model: str, args: argparse.Namespace) -> None:
+        from aphrodite.testing.hf_reference import hf_llava_model, hf_llava_processor
+
+        self.device = args.device
+        self.dtype = getattr(torch, args.dtype)
+        self.output_len = args.output_len
+        self.batch_size = args.hf_batch_size
+        self.model = hf_llava_model(model, dtype=self.dtype, device=args.device)
+        self.processor = hf_llava_processor(model)
+        self.processor.tokenizer.padding_side = "left"
+        self.pad_token_id = self.processor.tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = self.processor.tokenizer.eos_token_id
 
     @torch.inference_mode()
-    def generate(batch: list[BenchmarkRequest], new_tokens: int, clock: _FirstTokenClock | None):
-        inputs = processor(
+    def _generate(
+        self, batch: list[BenchmarkRequest], new_tokens: int, clock: _FirstTokenClock | None
+    ) -> tuple[int, list[list[int]]]:
+        inputs = self.processor(
             images=[r.image for r in batch],
             text=[r.prompt for r in batch],
             padding=True,
             return_tensors="pt",
         )
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
-        out = model.generate(
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        out = self.model.generate(
             **inputs,
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
-            pad_token_id=pad_token_id,
+            pad_token_id=self.pad_token_id,
             streamer=clock,
         )
         prompt_len = inputs["input_ids"].shape[1]
         num_prompt_tokens = int(inputs["attention_mask"].sum())
         return num_prompt_tokens, out[:, prompt_len:].cpu().tolist()
 
-    generate([warmup], 2, None)
-    _sync(device)
-    prompt_tokens = 0
-    ttft: list[float] = []
-    token_ids: list[list[int]] = []
-    start = time.perf_counter()
-    for i in range(0, len(requests), batch_size):
-        batch = requests[i : i + batch_size]
-        clock = _FirstTokenClock()
-        num_prompt_tokens, generated = generate(batch, output_len, clock)
-        prompt_tokens += num_prompt_tokens
-        token_ids.extend(generated)
-        ttft.extend([clock.first_token_time - start] * len(batch))
-    elapsed = time.perf_counter() - start
-    return RunResult(
-        engine="HF transformers",
-        elapsed_s=elapsed,
-        prompt_tokens=prompt_tokens,
-        output_tokens=sum(len(t) for t in token_ids),
-        ttft_s=ttft,
-        token_ids=token_ids,
-    )
+    def warm_up(self, request: BenchmarkRequest) -> None:
+        self._generate([request], 2, None)
+        _sync(self.device)
+
+    def run(self, requests: list[BenchmarkRequest]) -> RunResult:
+        prompt_tokens = 0
+        ttft: list[float] = []
+        token_ids: list[list[int]] = []
+        start = time.perf_counter()
+        start_cpu = time.process_time()
+        for i in range(0, len(requests), self.batch_size):
+            batch = requests[i : i + self.batch_size]
+            clock = _FirstTokenClock()
+            num_prompt_tokens, generated = self._generate(batch, self.output_len, clock)
+            prompt_tokens += num_prompt_tokens
+            token_ids.extend(generated)
+            ttft.extend([clock.first_token_time - start] * len(batch))
+        return RunResult(
+            engine=self.engine,
+            elapsed_s=time.perf_counter() - start,
+            cpu_s=time.process_time() - start_cpu,
+            prompt_tokens=prompt_tokens,
+            output_tokens=sum(len(t) for t in token_ids),
+            ttft_s=ttft,
+            token_ids=token_ids,
+        )
 
 
 def _agreement(ours: list[list[int]], theirs: list[list[int]]) -> str:
@@ -212,13 +223,14 @@ def _agreement(ours: list[list[int]], theirs: list[list[int]]) -> str:
 def _table(results: list[RunResult]) -> str:
     header = (
         f"{'engine':<16}{'req/s':>9}{'out tok/s':>11}{'total tok/s':>13}"
-        f"{'median TTFT s':>15}{'elapsed s':>11}"
+        f"{'median TTFT s':>15}{'elapsed s':>11}{'CPU s':>9}"
     )
     lines = [header]
     for r in results:
         lines.append(
             f"{r.engine:<16}{r.requests_per_s:>9.3f}{r.output_tokens_per_s:>11.2f}"
             f"{r.total_tokens_per_s:>13.2f}{r.median_ttft_s:>15.3f}{r.elapsed_s:>11.2f}"
+            f"{r.cpu_s:>9.1f}"
         )
     if len(results) == 2:
         ours, hf = results
@@ -227,7 +239,7 @@ def _table(results: list[RunResult]) -> str:
             f"{ours.output_tokens_per_s / hf.output_tokens_per_s:>10.2f}x"
             f"{ours.total_tokens_per_s / hf.total_tokens_per_s:>12.2f}x"
             f"{hf.median_ttft_s / ours.median_ttft_s:>14.2f}x"
-            f"{'':>11}   (TTFT: HF's / ours)"
+            f"{'':>20}   (TTFT: HF's / ours)"
         )
     return "\n".join(lines)
 
@@ -236,8 +248,8 @@ def _summary(args: argparse.Namespace, model_name: str, results: list[RunResult]
     ours = results[0]
     text = (
         f"offline_throughput {model_name} {args.device} {args.dtype} "
-        f"{args.num_requests}x{args.output_len}: aphrodite {ours.output_tokens_per_s:.2f} out "
-        f"tok/s, median TTFT {ours.median_ttft_s:.3f} s"
+        f"{args.num_requests}x{args.output_len} best of {args.repeat}: aphrodite "
+        f"{ours.output_tokens_per_s:.2f} out tok/s, median TTFT {ours.median_ttft_s:.3f} s"
     )
     if len(results) == 2:
         hf = results[1]
@@ -268,10 +280,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--kv-cache-gb", type=float, default=2.0, help="aphrodite's KV cache on the CPU, GiB"
     )
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 4 requests x 16 tokens")
+    parser.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.5,
+        help="aphrodite's share of the GPU (HF shares the process)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=2,
+        help="timed rounds, alternating the engines' order; the fastest round of each counts",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: 4 requests x 16 tokens, one round"
+    )
     args = parser.parse_args(argv)
     if args.quick:
-        args.num_requests, args.output_len = 4, 16
+        args.num_requests, args.output_len, args.repeat = 4, 16, 1
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
     if args.num_requests < 1 or args.output_len < 1:
         parser.error("--num-requests and --output-len must be >= 1")
     if args.hf_batch_size is None:
@@ -303,27 +331,32 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
         f"{_C.num_threads()}",
         flush=True,
     )
-    results = [
-        run_aphrodite(
-            model, requests, warmup, args.output_len, args.device, args.dtype, args.kv_cache_gb
-        )
-    ]
+    runners: list[AphroditeRunner | HFRunner] = [AphroditeRunner(model, args)]
     if not args.skip_hf:
-        results.append(
-            run_hf(
-                model,
-                requests,
-                warmup,
-                args.output_len,
-                args.device,
-                args.dtype,
-                args.hf_batch_size,
+        runners.append(HFRunner(model, args))
+    for runner in runners:
+        runner.warm_up(warmup)
+    runs: dict[str, list[RunResult]] = {runner.engine: [] for runner in runners}
+    expected_tokens = args.num_requests * args.output_len
+    for round_index in range(args.repeat):
+        # Alternate the order so that a change in the machine's load hits both engines alike.
+        for runner in runners if round_index % 2 == 0 else runners[::-1]:
+            result = runner.run(requests)
+            if result.output_tokens != expected_tokens:
+                raise RuntimeError(
+                    f"{result.engine} generated {result.output_tokens} tokens, "
+                    f"not {expected_tokens}"
+                )
+            runs[runner.engine].append(result)
+            print(
+                f"round {round_index + 1}: {result.engine} {result.elapsed_s:.2f} s "
+                f"(process CPU time {result.cpu_s:.1f} s)",
+                flush=True,
             )
-        )
-    for r in results:
-        expected = args.num_requests * args.output_len
-        if r.output_tokens != expected:
-            raise RuntimeError(f"{r.engine} generated {r.output_tokens} tokens, not {expected}")
+    hits = runners[0].llm.llm_engine.stats()["prefix_cache_hits"]
+    if hits:
+        raise RuntimeError(f"aphrodite's timed runs hit the prefix cache ({hits} tokens)")
+    results = [min(runs[runner.engine], key=lambda r: r.elapsed_s) for runner in runners]
     if len(results) == 2 and results[0].prompt_tokens != results[1].prompt_tokens:
         print(
             f"note: prompt tokens differ: aphrodite {results[0].prompt_tokens}, "

@@ -32,5 +32,5 @@ def test_offline_throughput_quick_matches_hf(offline_throughput, tmp_path, capsy
     assert ours.prompt_tokens == hf.prompt_tokens
     assert ours.token_ids == hf.token_ids
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1].startswith("offline_throughput tiny cpu float32 4x16: aphrodite ")
+    assert lines[-1].startswith("offline_throughput tiny cpu float32 4x16 best of 1: aphrodite ")
     assert "x HF" in lines[-1]
