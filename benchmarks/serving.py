@@ -9,7 +9,9 @@ from the synthetic dataset of the offline benchmark (benchmark_dataset.py, fixed
 greedy, with exactly --output-len tokens (``ignore_eos``, an extra body field that vLLM-style
 servers accept; --no-ignore-eos leaves it out). Requests start all at once
 (--request-rate inf, the default) or at Poisson arrivals of the given rate per second, at
-most --max-concurrency in flight.
+most --max-concurrency in flight, after one untimed warm-up request (another image).
+A server's prefix cache keeps the images of earlier runs: run again with another --seed, or
+the repeated prompts are served from the cache.
 
 Reported: request and token throughput over the whole run, and per request (mean, median,
 p99): time to first token (request sent -> first content chunk), time per output token
@@ -65,7 +67,9 @@ def build_requests(num_prompts: int, seed: int) -> list[ChatRequest]:
     return requests
 
 
-async def _one_request(client, model: str, request: ChatRequest, args) -> RequestTiming:
+async def _one_request(
+    client, model: str, request: ChatRequest, args, max_tokens: int | None = None
+) -> RequestTiming:
     extra_body = {} if args.no_ignore_eos else {"ignore_eos": True}
     messages = [
         {
@@ -84,7 +88,7 @@ async def _one_request(client, model: str, request: ChatRequest, args) -> Reques
         stream = await client.chat.completions.create(
             model=model,
             messages=messages,
-            max_tokens=args.output_len,
+            max_tokens=max_tokens or args.output_len,
             temperature=0.0,
             stream=True,
             stream_options={"include_usage": True},
@@ -128,6 +132,13 @@ async def run_benchmark(args, requests: list[ChatRequest]) -> tuple[list[Request
     model = args.model
     if model is None:
         model = (await client.models.list()).data[0].id
+    if args.warmup:
+        # One short request with another image first: the server's first step pays one-time
+        # costs (allocations, thread start-up) that are not what a loaded server does.
+        warmup = build_requests(1, args.seed + 1_000_003)[0]
+        timing = await _one_request(client, model, warmup, args, max_tokens=2)
+        if not timing.ok:
+            raise RuntimeError(f"the warm-up request failed: {timing.error}")
     rng = np.random.default_rng(args.seed)
     limit = asyncio.Semaphore(args.max_concurrency or len(requests))
 
@@ -137,10 +148,10 @@ async def run_benchmark(args, requests: list[ChatRequest]) -> tuple[list[Request
 
     tasks = []
     start = time.perf_counter()
-    for request in requests:
-        tasks.append(asyncio.create_task(limited(request)))
-        if args.request_rate != float("inf"):
+    for i, request in enumerate(requests):
+        if i > 0 and args.request_rate != float("inf"):
             await asyncio.sleep(rng.exponential(1.0 / args.request_rate))
+        tasks.append(asyncio.create_task(limited(request)))
     timings = await asyncio.gather(*tasks)
     duration = time.perf_counter() - start
     await client.close()
@@ -205,6 +216,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=1800.0, help="per request, seconds")
     parser.add_argument(
         "--no-ignore-eos", action="store_true", help="let requests stop at end-of-sequence"
+    )
+    parser.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="skip the untimed warm-up request",
     )
     args = parser.parse_args(argv)
     if args.num_prompts < 1 or args.output_len < 1:
