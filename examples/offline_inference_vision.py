@@ -44,7 +44,7 @@ def main() -> None:
             from aphrodite.testing.tiny_llava import build_tiny_llava
 
             model = build_tiny_llava(tmp)
-        llm = LLM(model=model, device=args.device, max_model_len=2048)
+        llm = LLM(model=model, device=args.device)
         images = [Image.open(p) for p in args.image] or [
             demo_image("red", "circle"),
             demo_image("blue", "square"),

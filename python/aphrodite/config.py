@@ -133,7 +133,8 @@ def _parse_rope(text: dict[str, Any], max_position_embeddings: int) -> RopeConfi
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(
-            f"rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+            f"rope type {rope_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
         )
     if float(_get(params, "partial_rotary_factor", _get(text, "partial_rotary_factor", 1.0))) != 1:
         raise ValueError("partial_rotary_factor != 1 is not supported for Llama")
@@ -263,9 +264,13 @@ def parse_image_processor(pp: dict[str, Any]) -> dict[str, Any]:
     else:
         shortest_edge = int(size)
     crop = pp.get("crop_size", {"height": 224, "width": 224})
-    crop_size = (int(crop["height"]), int(crop["width"])) if isinstance(crop, dict) else (
-        int(crop),
-        int(crop),
+    crop_size = (
+        (int(crop["height"]), int(crop["width"]))
+        if isinstance(crop, dict)
+        else (
+            int(crop),
+            int(crop),
+        )
     )
     do_normalize = bool(pp.get("do_normalize", True))
     resample = int(pp.get("resample", 3))
@@ -301,7 +306,9 @@ def resolve_model_path(model: str | os.PathLike, revision: str | None = None) ->
         from huggingface_hub import snapshot_download
         from huggingface_hub.constants import HF_HUB_CACHE
     except ImportError as e:  # pragma: no cover - huggingface_hub is a dependency
-        raise ValueError(f"model {model!r} is not a local folder and huggingface_hub is missing") from e
+        raise ValueError(
+            f"model {model!r} is not a local folder and huggingface_hub is missing"
+        ) from e
     try:
         return Path(
             snapshot_download(
@@ -328,7 +335,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
         usable = _C.cuda_compiled() and torch.cuda.is_available()
         return torch.device("cuda" if usable else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}") from e
     if dev.type == "cuda":
         from aphrodite import _C
 
@@ -342,19 +352,27 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str | None, device: torch.device):
-    """`auto` takes the checkpoint's dtype (float32 when it names none); on CPU a float16
-    checkpoint runs in bfloat16, since the CPU kernels and torch's CPU GEMMs favour it."""
+    """`auto` takes the checkpoint's dtype (float32 when it names none), except that on the CPU
+    a float16 checkpoint runs in bfloat16 (torch's CPU GEMMs favour it) and on CUDA a float32
+    one runs in bfloat16 (the CUDA attention and GEMM kernels are 16-bit only)."""
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():
             raise ValueError(f"dtype {dtype} is not one of float32, float16, bfloat16")
-        return dtype
-    if dtype != "auto":
+        resolved = dtype
+    elif dtype != "auto":
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be 'auto', 'float32', 'float16' or 'bfloat16', not {dtype!r}")
-        return _DTYPES[dtype]
-    resolved = _DTYPES.get(str(checkpoint_dtype).replace("torch.", ""), torch.float32)
-    if resolved == torch.float16 and device.type == "cpu":
-        return torch.bfloat16
+            raise ValueError(
+                f"dtype must be 'auto', 'float32', 'float16' or 'bfloat16', not {dtype!r}"
+            )
+        resolved = _DTYPES[dtype]
+    else:
+        resolved = _DTYPES.get(str(checkpoint_dtype).replace("torch.", ""), torch.float32)
+        if resolved == torch.float16 and device.type == "cpu":
+            return torch.bfloat16
+        if resolved == torch.float32 and device.type == "cuda":
+            return torch.bfloat16
+    if resolved == torch.float32 and device.type == "cuda":
+        raise ValueError("float32 is not supported on CUDA (the kernels are float16/bfloat16)")
     return resolved
 
 

@@ -7,16 +7,17 @@ inside images, and its greedy tokens and logprobs are compared with HF generate 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
-from llava_plans import Planner, image_spans
-from PIL import Image
-
 from aphrodite.config import ModelConfig
 from aphrodite.testing import build_tiny_llava
 from aphrodite.testing.hf_reference import hf_greedy, hf_llava_model, hf_llava_processor
 from aphrodite.worker.model_runner import ModelRunner
+from llava_plans import Planner, image_spans
+from PIL import Image
 
 MAX_NEW_TOKENS = 18
 PROMPT = "USER: <image>\nWhat is the content of this image? ASSISTANT:"
@@ -224,10 +225,27 @@ def test_encoder_cache_lifecycle(checkpoints):
     assert runner.encoder_cache == {}
     runner.execute_model(planner.schedule(), lambda rid, idx: array)  # first half of the image
     assert list(runner.encoder_cache) == [("x", 0)]
+    runner.drop_request("y")
+    assert list(runner.encoder_cache) == [("x", 0)]
     runner.drop_request("x")
     assert runner.encoder_cache == {}
     with pytest.raises(RuntimeError, match="never encoded"):
         runner.execute_model(planner.schedule(), lambda rid, idx: array)
+
+    # A preempted request's embeddings go too (the core re-encodes them when it recomputes).
+    planner = Planner(block_size=16, blocks_per_request=4, chunk=3)
+    planner.add("z", prompt, [(2, 4)])
+    runner.execute_model(planner.schedule(), lambda rid, idx: array)
+    assert list(runner.encoder_cache) == [("z", 0)]
+    empty = SimpleNamespace(
+        num_tokens=0,
+        encoder_inputs=[],
+        mm_embeds=[],
+        freed_encoder_outputs=[],
+        preempted_request_ids=["z"],
+    )
+    assert runner.execute_model(empty, lambda rid, idx: array).shape == (0, cfg.hidden_size)
+    assert runner.encoder_cache == {}
 
 
 def test_bad_inputs_are_rejected(checkpoints):

@@ -489,27 +489,60 @@ def test_disconnect_mid_stream_frees_blocks(server, http):
         now, "aphrodite:kv_cache_total_blocks")
 
 
-def test_metrics_and_still_serving(server, client, images):
-    body = httpx.get(f"{server}/metrics").text
+def test_disconnect_while_waiting_for_a_full_response(server):
+    def aborted() -> float:
+        return metric(httpx.get(f"{server}/metrics").text, "aphrodite:request_success_total",
+                      finished_reason="abort")
+
+    before = aborted()
+    body = {"model": MODEL, "messages": user(text("Keep talking")), "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server}/v1/chat/completions", json=body, timeout=0.3,
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    deadline = time.monotonic() + 15
+    while aborted() == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert aborted() == before + 1
+    assert metric(httpx.get(f"{server}/metrics").text, "aphrodite:kv_cache_usage_perc") == 0.0
+
+
+def test_metrics(server, client, http, images):
+    def scrape() -> str:
+        return httpx.get(f"{server}/metrics").text
+
+    before = scrape()
+    long_prompt = "Describe the scene with the red car and the small dog " * 4
+    msgs = user(text(long_prompt), image(images.url("/rgb.png")))
+    for _ in range(2):  # the second one finds the prompt's blocks in the prefix cache
+        client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3)
+    missing = user(text("x"), image(images.url("/missing.png")))
+    assert http.post("/v1/chat/completions", json={"model": MODEL, "messages": missing}
+                     ).status_code == 400
+    body = scrape()
     for name in ("aphrodite:time_to_first_token_seconds_bucket",
                  "aphrodite:inter_token_latency_seconds_bucket",
                  "aphrodite:e2e_request_latency_seconds_bucket",
-                 "aphrodite:num_requests_waiting", "aphrodite:prefix_cache_hit_rate",
-                 "aphrodite:image_fetch_seconds_count", "aphrodite:image_decode_seconds_count",
-                 "aphrodite:prompt_preprocess_seconds_count"):
+                 "aphrodite:num_requests_waiting", "aphrodite:prefix_cache_hit_rate"):
         assert name in body, name
-    assert metric(body, "aphrodite:prompt_tokens_total") > 0
-    assert metric(body, "aphrodite:generation_tokens_total") > 0
-    assert metric(body, "aphrodite:image_fetch_seconds_count") > 0
-    assert metric(body, "aphrodite:http_requests_total", endpoint="/v1/chat/completions",
-                  status="400") > 0
-    assert metric(body, "aphrodite:image_fetch_errors_total", code="image_fetch_timeout") >= 1
-    # Identical prompts hit the prefix cache.
-    assert metric(body, "aphrodite:prefix_cache_hits") > 0
-    # After every error case the server still answers.
-    r = client.chat.completions.create(model=MODEL, max_tokens=2, messages=user(
-        text("still there?"), image(images.url("/rgb.png"))))
-    assert r.choices[0].finish_reason in ("stop", "length")
+
+    def grew(name: str, by: float = 1, **labels) -> bool:
+        return metric(body, name, **labels) >= metric(before, name, **labels) + by
+
+    assert grew("aphrodite:request_success_total", 2, finished_reason="length")
+    assert grew("aphrodite:prompt_tokens_total", 2 * len(long_prompt.split()))
+    assert grew("aphrodite:generation_tokens_total", 6)
+    assert grew("aphrodite:time_to_first_token_seconds_count", 2)
+    assert grew("aphrodite:inter_token_latency_seconds_count", 4)
+    assert grew("aphrodite:e2e_request_latency_seconds_count", 2)
+    assert grew("aphrodite:image_fetch_seconds_count", 2)
+    assert grew("aphrodite:image_decode_seconds_count", 2)
+    assert grew("aphrodite:prompt_preprocess_seconds_count", 2)
+    assert grew("aphrodite:image_fetch_errors_total", code="image_not_found")
+    assert grew("aphrodite:http_requests_total", 2, endpoint="/v1/chat/completions",
+                status="200")
+    assert grew("aphrodite:http_requests_total", endpoint="/v1/chat/completions", status="400")
+    assert grew("aphrodite:prefix_cache_hits", 16)
+    assert 0.0 < metric(body, "aphrodite:prefix_cache_hit_rate") <= 1.0
 
 
 def test_seed_examples_from_the_docs(server, images):
@@ -542,3 +575,10 @@ def test_startup_fails_without_chat_template(checkpoint, tmp_path):
     out, _ = proc.communicate(timeout=STARTUP_TIMEOUT_S)
     assert proc.returncode != 0
     assert "--chat-template" in out and "no chat template" in out
+
+
+def test_still_serving_after_all_error_cases(client, images):
+    # Last in the module: every error case above has run against this server.
+    r = client.chat.completions.create(model=MODEL, max_tokens=2, messages=user(
+        text("still there?"), image(images.url("/rgb.png"))))
+    assert r.choices[0].finish_reason in ("stop", "length")

@@ -272,7 +272,10 @@ class AsyncLLMEngine:
             if self.on_preprocessed is not None:
                 self.on_preprocessed(time.perf_counter() - start)
             self.engine.add_request(p.request_id, processed, p.params)
-        except (ValueError, TypeError) as e:
+        except Exception as e:
+            # A bad request (ValueError/TypeError: too long, bad ids, ...) or an unexpected
+            # failure while preparing it: either way only this request fails, the engine and
+            # the other requests carry on.
             self._resolve(p.accepted, e)
             return
         self._streams[p.request_id] = p.stream

@@ -32,15 +32,20 @@ class CLIPEmbeddings(nn.Module):
         self.image_size = cfg.image_size
         self.class_embedding = empty_param(d, dtype=dtype, device=device)
         self.patch_embedding = nn.Module()
-        self.patch_embedding.weight = empty_param(d, cfg.num_channels, p, p, dtype=dtype, device=device)
+        self.patch_embedding.weight = empty_param(
+            d, cfg.num_channels, p, p, dtype=dtype, device=device
+        )
         self.position_embedding = nn.Module()
-        self.position_embedding.weight = empty_param(cfg.num_patches + 1, d, dtype=dtype, device=device)
+        self.position_embedding.weight = empty_param(
+            cfg.num_patches + 1, d, dtype=dtype, device=device
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         n, _, h, w = pixel_values.shape
         if (h, w) != (self.image_size, self.image_size):
             raise ValueError(
-                f"pixel_values are {h}x{w}, the vision tower takes {self.image_size}x{self.image_size}"
+                f"pixel_values are {h}x{w}, the vision tower takes "
+                f"{self.image_size}x{self.image_size}"
             )
         weight = self.patch_embedding.weight
         patches = F.conv2d(pixel_values.to(weight.dtype), weight, stride=self.patch_size)
@@ -55,7 +60,9 @@ class CLIPAttention(nn.Module):
         d = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
         self.head_dim = d // self.num_heads
-        self.qkv_proj = Linear(d, 3 * d, True, dtype, device, shards={"q_proj": d, "k_proj": d, "v_proj": d})
+        self.qkv_proj = Linear(
+            d, 3 * d, True, dtype, device, shards={"q_proj": d, "k_proj": d, "v_proj": d}
+        )
         self.out_proj = Linear(d, d, True, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +111,9 @@ class CLIPVisionTower(nn.Module):
             CLIPEncoderLayer(cfg, dtype, device) for _ in range(num_layers)
         )
 
-    def forward(self, pixel_values: torch.Tensor, hidden_state_indices: list[int]) -> list[torch.Tensor]:
+    def forward(
+        self, pixel_values: torch.Tensor, hidden_state_indices: list[int]
+    ) -> list[torch.Tensor]:
         """The hidden states at ``hidden_state_indices`` (0 = the pre-normed embeddings, i = the
         output of encoder layer i, as in HF's ``hidden_states``), each [n, 1 + patches, d]."""
         wanted = set(hidden_state_indices)

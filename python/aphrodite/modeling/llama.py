@@ -134,7 +134,12 @@ class LlamaMLP(nn.Module):
         i = cfg.intermediate_size
         self.intermediate_size = i
         self.gate_up_proj = Linear(
-            cfg.hidden_size, 2 * i, cfg.mlp_bias, dtype, device, shards={"gate_proj": i, "up_proj": i}
+            cfg.hidden_size,
+            2 * i,
+            cfg.mlp_bias,
+            dtype,
+            device,
+            shards={"gate_proj": i, "up_proj": i},
         )
         self.down_proj = Linear(i, cfg.hidden_size, cfg.mlp_bias, dtype, device)
 
@@ -164,8 +169,12 @@ class LlamaModel(nn.Module):
     ) -> None:
         super().__init__()
         self.embed_tokens = nn.Module()
-        self.embed_tokens.weight = empty_param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, dtype, device) for _ in range(cfg.num_hidden_layers))
+        self.embed_tokens.weight = empty_param(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, dtype, device) for _ in range(cfg.num_hidden_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope, max_positions, device)
 

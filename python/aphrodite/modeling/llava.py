@@ -26,25 +26,39 @@ _UNUSED = re.compile(r"(rotary_emb\.inv_freq|^vision_tower\.post_layernorm\.|pos
 
 
 class LlavaMultiModalProjector(nn.Module):
-    def __init__(
-        self, in_features: int, hidden: int, bias: bool, act: str, dtype, device
-    ) -> None:
+    """linear_1 -> GELU -> linear_2 through `ops.llava_projector`.
+
+    The op computes in float32 on the CPU (and float16/bfloat16 on CUDA), so a CPU model in a
+    16-bit dtype keeps float32 copies of the projector weights (made once, after loading) and
+    casts the result back to the model dtype.
+    """
+
+    def __init__(self, in_features: int, hidden: int, bias: bool, act: str, dtype, device) -> None:
         super().__init__()
         self.linear_1 = Linear(in_features, hidden, bias, dtype, device)
         self.linear_2 = Linear(hidden, hidden, bias, dtype, device)
         self.activation = PROJECTOR_ACTIVATIONS[act]
-        if not bias:
-            # The projector op always adds a bias; checkpoints without one get zeros.
-            self.register_buffer("zero_bias", torch.zeros(hidden, dtype=dtype, device=device))
+        self.compute_dtype = torch.float32 if torch.device(device).type == "cpu" else dtype
+        self._op_weights: tuple[torch.Tensor, ...] | None = None
+
+    def op_weights(self) -> tuple[torch.Tensor, ...]:
+        """(w1, b1, w2, b2) in the op's dtype; missing biases (multimodal_projector_bias=False)
+        become zeros, since the op always adds one."""
+        if self._op_weights is None:
+            weights = []
+            for linear in (self.linear_1, self.linear_2):
+                w = linear.weight
+                b = linear.bias if linear.bias is not None else w.new_zeros(w.shape[0])
+                weights += [w.to(self.compute_dtype), b.to(self.compute_dtype)]
+            self._op_weights = tuple(weights)
+        return self._op_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b1 = self.linear_1.bias if self.linear_1.bias is not None else self.zero_bias
-        b2 = self.linear_2.bias if self.linear_2.bias is not None else self.zero_bias
-        out = torch.empty(x.shape[0], self.linear_2.weight.shape[0], dtype=x.dtype, device=x.device)
-        ops.llava_projector(
-            x, self.linear_1.weight, b1, self.linear_2.weight, b2, activation=self.activation, out=out
+        w1, b1, w2, b2 = self.op_weights()
+        out = ops.llava_projector(
+            x.to(self.compute_dtype), w1, b1, w2, b2, activation=self.activation
         )
-        return out
+        return out.to(x.dtype)
 
 
 class LlavaForConditionalGeneration(nn.Module):
@@ -82,7 +96,7 @@ class LlavaForConditionalGeneration(nn.Module):
         return self.lm_head.weight
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [n, 3, size, size] -> image embeddings [n, num_image_tokens, text_hidden]."""
+        """pixel_values [n, 3, size, size] -> embeddings [n, num_image_tokens, text_hidden]."""
         states = self.vision_tower(pixel_values, self.feature_layers)
         if self.config.vision_feature_select_strategy == "default":
             states = [s[:, 1:] for s in states]  # drop CLS
@@ -141,7 +155,8 @@ class LlavaForConditionalGeneration(nn.Module):
                 raise ValueError(f"unexpected tensor {name!r} in the checkpoint")
             if target.shape != tensor.shape:
                 raise ValueError(
-                    f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
+                    f"tensor {name!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(target.shape)}"
                 )
             target.copy_(tensor)
         missing = [
@@ -151,6 +166,7 @@ class LlavaForConditionalGeneration(nn.Module):
         ]
         if missing:
             raise ValueError(f"tensors missing from the checkpoint: {missing}")
+        self.multi_modal_projector._op_weights = None
 
 
 def _shard_name(module_name: str, shard: str) -> str:

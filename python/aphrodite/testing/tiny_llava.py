@@ -82,7 +82,11 @@ def _randomize(model, seed: int, logit_scale: float) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            if name.endswith("class_embedding") or "embed_tokens" in name or "position_embedding" in name:
+            if (
+                name.endswith("class_embedding")
+                or "embed_tokens" in name
+                or "position_embedding" in name
+            ):
                 p.copy_(torch.randn(p.shape, generator=gen))
             elif p.ndim == 1 and ("norm" in name or "layrnorm" in name) and name.endswith("weight"):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))

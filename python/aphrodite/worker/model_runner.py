@@ -59,7 +59,9 @@ class ModelRunner:
         """Per layer K and V [num_blocks, block_size, num_kv_heads, head_dim] in the model dtype.
         Zero-filled so that padding reads (the null block 0) never see NaN bit patterns."""
         if num_blocks < 2:
-            raise ValueError(f"num_blocks must be at least 2 (block 0 is the null block), got {num_blocks}")
+            raise ValueError(
+                f"num_blocks must be at least 2 (block 0 is the null block), got {num_blocks}"
+            )
         c = self.model_config
         shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
         self.kv_caches = []
@@ -76,6 +78,10 @@ class ModelRunner:
         """Runs one step; returns the final-normed hidden states [plan.num_tokens, hidden]."""
         if not self.kv_caches:
             raise RuntimeError("allocate_kv_cache() must be called before execute_model()")
+        # A preempted request is recomputed later with its images encoded afresh; it is not in
+        # this step's batch (the core admits nothing in a step that preempts).
+        for request_id in getattr(plan, "preempted_request_ids", ()):
+            self.drop_request(request_id)
         self._encode(list(plan.encoder_inputs), mm_inputs)
         num_tokens = int(plan.num_tokens)
         hidden_size = self.model_config.hidden_size
@@ -256,7 +262,9 @@ def determine_num_kv_blocks(
     block_bytes = runner.kv_block_bytes(block_size)
     if runner.device.type == "cuda":
         if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}"
+            )
         peak = runner.profile_peak_memory(max_num_batched_tokens, max_num_seqs, max_images)
         free, total = torch.cuda.mem_get_info(runner.device)
         outside_torch = max(0, (total - free) - torch.cuda.memory_reserved(runner.device))
@@ -270,7 +278,9 @@ def determine_num_kv_blocks(
             env = os.environ.get("APHRODITE_CPU_KVCACHE_SPACE")
             cpu_kvcache_space_gib = float(env) if env else DEFAULT_CPU_KVCACHE_SPACE_GIB
         if cpu_kvcache_space_gib <= 0:
-            raise ValueError(f"the CPU KV-cache space must be positive, got {cpu_kvcache_space_gib}")
+            raise ValueError(
+                f"the CPU KV-cache space must be positive, got {cpu_kvcache_space_gib}"
+            )
         available = int(cpu_kvcache_space_gib * 2**30)
         where = f"CPU KV-cache space {cpu_kvcache_space_gib} GiB (APHRODITE_CPU_KVCACHE_SPACE)"
     num_blocks = available // block_bytes

@@ -378,6 +378,9 @@ def run_server_from_args(args: argparse.Namespace, parser: argparse.ArgumentPars
     """Validates the flags, loads the model, starts the engine and serves until interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: "
                         "%(message)s", datefmt="%H:%M:%S")
+    # httpx logs every image download at INFO, URL included: too noisy, and URLs may carry
+    # credentials.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         limits = parse_limit_mm_per_prompt(args.limit_mm_per_prompt)
         policy = fetch_policy_from_args(args)
