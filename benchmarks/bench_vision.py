@@ -16,10 +16,11 @@ import time
 
 import numpy as np
 import torch
-from aphrodite import _C, ops
-from aphrodite.ops.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from aphrodite import _C, ops
+from aphrodite.ops.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 CONFIG = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}}
 PHOTO_SIZES = [(480, 640), (720, 1280), (1080, 1920), (768, 1024), (1080, 810), (600, 800)]

@@ -78,15 +78,18 @@ __device__ __forceinline__ std::uint32_t smem_address(const void* p) {
 
 // 16-byte global -> shared copy; `bytes` 0 fills the destination with zeros.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)),
-               "l"(src), "r"(bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(dst)), "l"(src),
+               "r"(bytes)
+               : "memory");
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 __device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&r)[4], const void* p) {
@@ -296,8 +299,8 @@ void launch(const LinearCudaArgs& a) {
   k.pair_stores = a.ldo % 2 == 0 && reinterpret_cast<std::uintptr_t>(a.out) % 4 == 0;
   cudaStream_t stream = to_cuda_stream(a.stream);
 
-  const bool tiled = a.k % 8 == 0 && a.ldx % 8 == 0 && a.ldw % 8 == 0 && aligned16(a.x) &&
-                     aligned16(a.w);
+  const bool tiled =
+      a.k % 8 == 0 && a.ldx % 8 == 0 && a.ldw % 8 == 0 && aligned16(a.x) && aligned16(a.w);
   // Rows map to gridDim.y (at most 65535 blocks).
   const long long max_rows = 65535LL * (tiled ? kBlockM : 8);
   if (a.m > max_rows) {

@@ -200,10 +200,9 @@ void bind_engine(py::module_& m) {
           },
           py::arg("request_id"), py::arg("prompt_token_ids"),
           py::arg("mm_items") = std::vector<std::tuple<std::int32_t, std::int32_t, py::bytes>>{},
-          py::arg("max_tokens") = 16, py::arg("min_tokens") = 0,
-          py::arg("ignore_eos") = false, py::arg("eos_token_id") = -1,
-          py::arg("stop_token_ids") = std::vector<std::int32_t>{}, py::arg("priority") = 0,
-          py::arg("cache_salt") = py::none())
+          py::arg("max_tokens") = 16, py::arg("min_tokens") = 0, py::arg("ignore_eos") = false,
+          py::arg("eos_token_id") = -1, py::arg("stop_token_ids") = std::vector<std::int32_t>{},
+          py::arg("priority") = 0, py::arg("cache_salt") = py::none())
       .def(
           "abort_request",
           [](PyEngineCore& self, const std::string& request_id) {
@@ -303,14 +302,15 @@ void bind_engine(py::module_& m) {
              std::lock_guard<std::mutex> lock(self.mu);
              return self.core.reset_prefix_cache();
            })
-      .def("check_consistency",
-           [](PyEngineCore& self) {
-             py::gil_scoped_release release;
-             std::lock_guard<std::mutex> lock(self.mu);
-             self.core.check_consistency();
-           },
-           "Verifies the core's block and encoder-cache bookkeeping; raises RuntimeError on a "
-           "violation (for tests).")
+      .def(
+          "check_consistency",
+          [](PyEngineCore& self) {
+            py::gil_scoped_release release;
+            std::lock_guard<std::mutex> lock(self.mu);
+            self.core.check_consistency();
+          },
+          "Verifies the core's block and encoder-cache bookkeeping; raises RuntimeError on a "
+          "violation (for tests).")
       .def_property_readonly("config", [](PyEngineCore& self) { return self.core.config(); });
 
   m.def(

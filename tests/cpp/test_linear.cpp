@@ -145,9 +145,8 @@ TEST_P(LinearKernels, MatchReferenceOnEveryEdge) {
     for (bool prepack : {false, true}) {
       for (const Case& c : cases()) {
         const double err = run_case(c, isa, prepack, rng);
-        EXPECT_LT(err, 1e-5) << detail::cpu_isa_name(isa) << " prepack=" << prepack
-                             << " m=" << c.m << " n=" << c.n << " k=" << c.k
-                             << " act=" << activation_name(c.act);
+        EXPECT_LT(err, 1e-5) << detail::cpu_isa_name(isa) << " prepack=" << prepack << " m=" << c.m
+                             << " n=" << c.n << " k=" << c.k << " act=" << activation_name(c.act);
       }
     }
   }

@@ -31,7 +31,9 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
     err = (out64 - ref).abs()
     bound = tol * (ref.abs() + scale)
     worst = (err / bound).max().item()
-    assert worst <= 1.0, f"max error {err.max().item():.3g} exceeds {tol} relative (ratio {worst:.3g})"
+    assert worst <= 1.0, (
+        f"max error {err.max().item():.3g} exceeds {tol} relative (ratio {worst:.3g})"
+    )
 
 
 class Batch:
@@ -100,13 +102,24 @@ class Batch:
             self.query = qkv[:, :width].view(num_tokens, num_heads, head_size)
         else:
             self.query = rnd(num_tokens, num_heads, head_size)
-        self.query_start_loc = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
+        self.query_start_loc = torch.tensor(
+            [0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32
+        )
         self.seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
 
     def to_device(self) -> None:
         d = self.device
-        for name in ("block_tables", "key_cache", "value_cache", "step_key", "step_value",
-                     "slot_mapping", "query", "query_start_loc", "seq_lens_t"):
+        for name in (
+            "block_tables",
+            "key_cache",
+            "value_cache",
+            "step_key",
+            "step_value",
+            "slot_mapping",
+            "query",
+            "query_start_loc",
+            "seq_lens_t",
+        ):
             setattr(self, name, getattr(self, name).to(d))
 
     def reference(self, scale: float, sliding_window: int) -> torch.Tensor:
@@ -144,8 +157,19 @@ def run_case(
     fused_qkv: bool = False,
     strided_out: bool = False,
 ) -> None:
-    b = Batch(gen, device, dtype, num_heads, num_kv_heads, head_size, block_size, q_lens,
-              seq_lens, pad_tokens, fused_qkv)
+    b = Batch(
+        gen,
+        device,
+        dtype,
+        num_heads,
+        num_kv_heads,
+        head_size,
+        block_size,
+        q_lens,
+        seq_lens,
+        pad_tokens,
+        fused_qkv,
+    )
     b.to_device()
     ops.reshape_and_cache(b.step_key, b.step_value, b.key_cache, b.value_cache, b.slot_mapping)
     num_tokens = sum(q_lens)
@@ -156,12 +180,23 @@ def run_case(
         out = torch.empty(num_tokens, num_heads, head_size, dtype=dtype, device=device)
     out.fill_(float("nan"))
     scale = float(torch.empty(1).uniform_(0.5, 1.5, generator=gen)) / math.sqrt(head_size)
-    ops.paged_attention(out, b.query, b.key_cache, b.value_cache, b.block_tables, b.seq_lens_t,
-                        b.query_start_loc, scale, sliding_window)
+    ops.paged_attention(
+        out,
+        b.query,
+        b.key_cache,
+        b.value_cache,
+        b.block_tables,
+        b.seq_lens_t,
+        b.query_start_loc,
+        scale,
+        sliding_window,
+    )
     assert_close(out, b.reference(scale, sliding_window), dtype)
 
 
-def random_composition(gen: torch.Generator, num_seqs: int, max_ctx: int) -> tuple[list[int], list[int]]:
+def random_composition(
+    gen: torch.Generator, num_seqs: int, max_ctx: int
+) -> tuple[list[int], list[int]]:
     """Decode tokens, prefill chunks over a cached prefix and whole prompts, mixed."""
     q_lens, seq_lens = [], []
     for _ in range(num_seqs):
@@ -180,13 +215,25 @@ def random_composition(gen: torch.Generator, num_seqs: int, max_ctx: int) -> tup
 
 @pytest.mark.parametrize("head_size", HEAD_SIZES)
 @pytest.mark.parametrize("num_heads,num_kv_heads", HEAD_LAYOUTS)
-def test_paged_attention_mixed_batch(device: str, head_size: int, num_heads: int, num_kv_heads: int) -> None:
+def test_paged_attention_mixed_batch(
+    device: str, head_size: int, num_heads: int, num_kv_heads: int
+) -> None:
     gen = torch.Generator().manual_seed(1000 * head_size + 10 * num_heads + num_kv_heads)
     for _ in range(2):
         q_lens, seq_lens = random_composition(gen, num_seqs=5, max_ctx=150)
         block_size = [8, 16, 32][int(torch.randint(0, 3, (1,), generator=gen))]
-        run_case(device, gen, default_dtype(device), num_heads, num_kv_heads, head_size,
-                 block_size, q_lens, seq_lens, pad_tokens=2)
+        run_case(
+            device,
+            gen,
+            default_dtype(device),
+            num_heads,
+            num_kv_heads,
+            head_size,
+            block_size,
+            q_lens,
+            seq_lens,
+            pad_tokens=2,
+        )
 
 
 @pytest.mark.parametrize("block_size", [8, 16, 32])
@@ -194,8 +241,18 @@ def test_paged_attention_mixed_batch(device: str, head_size: int, num_heads: int
 def test_paged_attention_sliding_window(device: str, block_size: int, sliding_window: int) -> None:
     gen = torch.Generator().manual_seed(block_size * 100 + sliding_window)
     q_lens, seq_lens = random_composition(gen, num_seqs=4, max_ctx=130)
-    run_case(device, gen, default_dtype(device), 8, 2, 64, block_size, q_lens, seq_lens,
-             sliding_window=sliding_window)
+    run_case(
+        device,
+        gen,
+        default_dtype(device),
+        8,
+        2,
+        64,
+        block_size,
+        q_lens,
+        seq_lens,
+        sliding_window=sliding_window,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -214,15 +271,27 @@ def test_paged_attention_long_decode(device: str) -> None:
 
 def test_paged_attention_long_prefill(device: str) -> None:
     gen = torch.Generator().manual_seed(4)
-    run_case(device, gen, default_dtype(device), 4, 1, 128, 16, [300, 1], [300, 700],
-             sliding_window=0)
+    run_case(
+        device, gen, default_dtype(device), 4, 1, 128, 16, [300, 1], [300, 700], sliding_window=0
+    )
 
 
 def test_paged_attention_strided_query_and_out(device: str) -> None:
     gen = torch.Generator().manual_seed(5)
     q_lens, seq_lens = random_composition(gen, num_seqs=5, max_ctx=90)
-    run_case(device, gen, default_dtype(device), 8, 2, 96, 16, q_lens, seq_lens,
-             fused_qkv=True, strided_out=True)
+    run_case(
+        device,
+        gen,
+        default_dtype(device),
+        8,
+        2,
+        96,
+        16,
+        q_lens,
+        seq_lens,
+        fused_qkv=True,
+        strided_out=True,
+    )
 
 
 def test_paged_attention_sequence_without_tokens(device: str) -> None:
@@ -247,7 +316,9 @@ def test_reshape_and_cache_writes_only_mapped_slots(device: str) -> None:
         expect_k.view(-1, kv_heads, head_size)[slots[keep]] = key[keep]
         expect_v.view(-1, kv_heads, head_size)[slots[keep]] = value[keep]
         dk, dv = cache_k.to(device), cache_v.to(device)
-        ops.reshape_and_cache(key.to(device), value.to(device), dk, dv, slots.to(device, index_dtype))
+        ops.reshape_and_cache(
+            key.to(device), value.to(device), dk, dv, slots.to(device, index_dtype)
+        )
         assert torch.equal(dk.cpu(), expect_k)
         assert torch.equal(dv.cpu(), expect_v)
 
@@ -279,11 +350,15 @@ def test_paged_attention_rejects_bad_arguments(device: str) -> None:
         bad = torch.zeros(4, 12, 2, 64, dtype=args["key_cache"].dtype, device=device)
         ops.paged_attention(**{**args, "key_cache": bad, "value_cache": bad})
     with pytest.raises(ValueError, match="dense"):
-        ops.paged_attention(**{**args, "query": args["query"].transpose(0, 1).contiguous().transpose(0, 1)})
+        ops.paged_attention(
+            **{**args, "query": args["query"].transpose(0, 1).contiguous().transpose(0, 1)}
+        )
     with pytest.raises(ValueError, match="sliding_window"):
         ops.paged_attention(**args, sliding_window=-1)
     with pytest.raises(TypeError, match="out"):
-        ops.paged_attention(**{**args, "out": args["out"].float() if device != "cpu" else args["out"].half()})
+        ops.paged_attention(
+            **{**args, "out": args["out"].float() if device != "cpu" else args["out"].half()}
+        )
 
 
 def test_paged_attention_cpu_checks_metadata() -> None:
@@ -316,3 +391,45 @@ def test_cuda_rejects_float32_and_unsupported_head_sizes(device: str) -> None:
     odd["value_cache"] = odd["key_cache"].clone()
     with pytest.raises(ValueError, match="head sizes"):
         ops.paged_attention(**odd)
+
+
+def test_paged_attention_cuda_graph_replay() -> None:
+    """Captured once, replayed on new query values: the split-context path (workspace from
+    torch's allocator, merge kernel) runs inside the graph with no host work."""
+    from conftest import CUDA_USABLE
+
+    if not CUDA_USABLE:
+        pytest.skip("no usable CUDA device")
+    gen = torch.Generator().manual_seed(9)
+    b = Batch(gen, "cuda", torch.bfloat16, 32, 8, 128, 16, [1, 1, 2], [3000, 1777, 2500])
+    b.to_device()
+    ops.reshape_and_cache(b.step_key, b.step_value, b.key_cache, b.value_cache, b.slot_mapping)
+    out = torch.empty_like(b.query)
+    scale = 1 / math.sqrt(128)
+
+    def step() -> None:
+        ops.paged_attention(
+            out,
+            b.query,
+            b.key_cache,
+            b.value_cache,
+            b.block_tables,
+            b.seq_lens_t,
+            b.query_start_loc,
+            scale,
+        )
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture, as torch recommends
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(2):
+        b.query.copy_(torch.randn(b.query.shape, generator=gen).to(b.query))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, b.reference(scale, 0), torch.bfloat16)

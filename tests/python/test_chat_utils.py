@@ -1,4 +1,5 @@
-"""Chat messages -> prompt text and images, for part-reading and string templates."""
+"""The shared chat parser as LLM.chat uses it: dict messages with PIL/URL image parts -> prompt
+text and images, for part-reading and string templates."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from aphrodite.endpoints.chat_utils import render_chat, template_reads_parts
+from aphrodite.endpoints.chat_utils import ChatTemplate, render_chat, resolve_chat_template
+from aphrodite.multimodal import load_images
 
 # llava-hf/llava-1.5-7b-hf's chat template (reads the parts' "type").
 LLAVA_HF_TEMPLATE = (
@@ -36,6 +38,18 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="<unk>")
 
 
+def _chat(messages, template: str | None):
+    """What LLM.chat does with one conversation: (prompt, loaded images)."""
+    tokenizer = _tokenizer()
+    prompt, sources = render_chat(
+        resolve_chat_template(None, template, how_to_pass="chat_template="),
+        messages,
+        image_placeholder="<image>",
+        tokenizer=tokenizer,
+    )
+    return prompt, load_images(sources)
+
+
 def _data_url(color) -> tuple[str, Image.Image]:
     image = Image.new("RGB", (5, 4), color)
     buf = io.BytesIO()
@@ -44,8 +58,8 @@ def _data_url(color) -> tuple[str, Image.Image]:
 
 
 def test_template_format_detection():
-    assert template_reads_parts(LLAVA_HF_TEMPLATE)
-    assert not template_reads_parts(STRING_TEMPLATE)
+    assert ChatTemplate(LLAVA_HF_TEMPLATE).content_format == "openai"
+    assert ChatTemplate(STRING_TEMPLATE).content_format == "string"
 
 
 def test_parts_template_gets_image_parts_in_order():
@@ -61,7 +75,7 @@ def test_parts_template_gets_image_parts_in_order():
             ],
         }
     ]
-    prompt, images = render_chat(_tokenizer(), messages, LLAVA_HF_TEMPLATE, "<image>")
+    prompt, images = _chat(messages, LLAVA_HF_TEMPLATE)
     assert prompt == "USER: <image>\n<image>\nCompare ASSISTANT:"
     assert len(images) == 2
     np.testing.assert_array_equal(np.asarray(images[0]), np.asarray(image))
@@ -81,30 +95,17 @@ def test_string_template_gets_placeholders_before_text():
         {"role": "assistant", "content": "Green."},
         {"role": "user", "content": "Sure?"},
     ]
-    prompt, images = render_chat(_tokenizer(), messages, STRING_TEMPLATE, "<image>")
+    prompt, images = _chat(messages, STRING_TEMPLATE)
     assert prompt == "USER: <image>\nWhat is it?\nASSISTANT: Green.\nUSER: Sure?\nASSISTANT:"
     assert len(images) == 1
 
 
 def test_chat_errors():
     with pytest.raises(ValueError, match="chat template"):
-        render_chat(_tokenizer(), [{"role": "user", "content": "hi"}], None, "<image>")
+        _chat([{"role": "user", "content": "hi"}], None)
     with pytest.raises(ValueError, match="unsupported chat content part"):
-        render_chat(
-            _tokenizer(),
-            [{"role": "user", "content": [{"type": "audio_url", "audio_url": "x"}]}],
-            STRING_TEMPLATE,
-            "<image>",
-        )
+        audio = {"type": "audio_url", "audio_url": "x"}
+        _chat([{"role": "user", "content": [audio]}], STRING_TEMPLATE)
     with pytest.raises(ValueError, match="cannot load image"):
-        render_chat(
-            _tokenizer(),
-            [
-                {
-                    "role": "user",
-                    "content": [{"type": "image_url", "image_url": {"url": "/nope.png"}}],
-                }
-            ],
-            STRING_TEMPLATE,
-            "<image>",
-        )
+        missing = {"type": "image_url", "image_url": {"url": "/nope.png"}}
+        _chat([{"role": "user", "content": [missing]}], STRING_TEMPLATE)

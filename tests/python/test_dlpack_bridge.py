@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+
 from aphrodite import _C
 
 DTYPES = [

@@ -75,8 +75,15 @@ class Driver:
 
     def add(self, req: Request, **kw):
         self.core.add_request(
-            req.rid, req.prompt, req.mm, max_tokens=req.max_tokens, min_tokens=req.min_tokens,
-            ignore_eos=req.ignore_eos, eos_token_id=req.eos, stop_token_ids=req.stop_ids, **kw
+            req.rid,
+            req.prompt,
+            req.mm,
+            max_tokens=req.max_tokens,
+            min_tokens=req.min_tokens,
+            ignore_eos=req.ignore_eos,
+            eos_token_id=req.eos,
+            stop_token_ids=req.stop_ids,
+            **kw,
         )
         self.reqs[req.rid] = req
 
@@ -208,24 +215,40 @@ def _random_request(rng, i, cfg, vocab, images):
     prefix = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16] if rng.random() < 0.5 else []
     prompt = (prefix + [rng.randrange(vocab) for _ in range(plen)])[:plen]
     return Request(
-        f"r{i}", prompt, mm, max_tokens, rng.randint(0, max_tokens), rng.random() < 0.5,
-        rng.choice([-1, 3]), rng.sample(range(vocab), rng.randint(0, 2)),
+        f"r{i}",
+        prompt,
+        mm,
+        max_tokens,
+        rng.randint(0, max_tokens),
+        rng.random() < 0.5,
+        rng.choice([-1, 3]),
+        rng.sample(range(vocab), rng.randint(0, 2)),
     )
 
 
 @pytest.mark.parametrize(
     "seed,num_blocks,block_size,chunked,caching",
-    [(0, 12, 4, True, True), (1, 40, 8, True, True), (2, 30, 4, False, True),
-     (3, 20, 16, True, False), (4, 9, 2, True, True)],
+    [
+        (0, 12, 4, True, True),
+        (1, 40, 8, True, True),
+        (2, 30, 4, False, True),
+        (3, 20, 16, True, False),
+        (4, 9, 2, True, True),
+    ],
 )
 def test_randomized_workload(seed, num_blocks, block_size, chunked, caching):
     rng = random.Random(seed)
     max_model_len = min(64, (num_blocks - 1) * block_size)
     cfg = _C.EngineConfig(
-        num_blocks=num_blocks, block_size=block_size, max_num_seqs=rng.choice([3, 8, 16]),
+        num_blocks=num_blocks,
+        block_size=block_size,
+        max_num_seqs=rng.choice([3, 8, 16]),
         max_num_batched_tokens=max_model_len if not chunked else rng.choice([16, 24, 64]),
-        max_model_len=max_model_len, max_num_encoder_tokens=12, encoder_cache_size=20,
-        enable_prefix_caching=caching, enable_chunked_prefill=chunked,
+        max_model_len=max_model_len,
+        max_num_encoder_tokens=12,
+        encoder_cache_size=20,
+        enable_prefix_caching=caching,
+        enable_chunked_prefill=chunked,
     )
     d = Driver(cfg, seed)
     vocab = 12  # small, so that EOS and stop tokens happen
@@ -236,8 +259,9 @@ def test_randomized_workload(seed, num_blocks, block_size, chunked, caching):
     while added < n_requests or d.core.has_unfinished_requests():
         for _ in range(rng.randint(0, 3)):
             if added < n_requests:
-                d.add(_random_request(rng, added, cfg, vocab, images),
-                      priority=rng.choice([0, 0, 1]))
+                d.add(
+                    _random_request(rng, added, cfg, vocab, images), priority=rng.choice([0, 0, 1])
+                )
                 added += 1
         if rng.random() < 0.05 and live():
             r = rng.choice(live())
@@ -254,8 +278,15 @@ def test_randomized_workload(seed, num_blocks, block_size, chunked, caching):
 
 
 def _cfg(**kw):
-    base = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
-                max_model_len=128, max_num_encoder_tokens=16, encoder_cache_size=32)
+    base = dict(
+        num_blocks=64,
+        block_size=4,
+        max_num_seqs=8,
+        max_num_batched_tokens=64,
+        max_model_len=128,
+        max_num_encoder_tokens=16,
+        encoder_cache_size=32,
+    )
     base.update(kw)
     return _C.EngineConfig(**base)
 
@@ -368,7 +399,9 @@ def test_add_request_rejects_what_can_never_fit():
         small.add_request("a", list(range(10)), [(0, 5, _image_hash("x"))], max_tokens=1)
     with pytest.raises(ValueError, match="overlaps"):
         core.add_request(
-            "a", list(range(10)), [(0, 4, _image_hash("x")), (3, 2, _image_hash("y"))],
+            "a",
+            list(range(10)),
+            [(0, 4, _image_hash("x")), (3, 2, _image_hash("y"))],
             max_tokens=1,
         )
     with pytest.raises(ValueError, match="32 bytes"):

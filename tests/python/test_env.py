@@ -5,8 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import aphrodite
 import pytest
+
+import aphrodite
 from aphrodite import _C
 
 

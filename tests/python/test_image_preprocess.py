@@ -7,10 +7,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from aphrodite import _C, ops
-from aphrodite.ops.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from aphrodite import _C, ops
+from aphrodite.ops.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
 def fresh_rng() -> np.random.Generator:

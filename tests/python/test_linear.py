@@ -4,6 +4,7 @@ rejection path."""
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -25,6 +26,9 @@ SHAPES = [
     (64, 129, 72),
     (129, 200, 264),
     (300, 97, 136),
+    # K not a multiple of 8: on CUDA these take the kernel without 16-byte copies.
+    (4, 21, 13),
+    (37, 150, 301),
 ]
 
 
@@ -53,7 +57,9 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double().cpu() - ref.cpu()).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def make(shape: tuple[int, ...], dtype: torch.dtype, device: str, gen: torch.Generator) -> torch.Tensor:
+def make(
+    shape: tuple[int, ...], dtype: torch.dtype, device: str, gen: torch.Generator
+) -> torch.Tensor:
     return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
 
 
@@ -142,6 +148,18 @@ def test_linear_leading_dims_out_and_strided_rows(device: str) -> None:
         assert torch.count_nonzero(big[:, :5]) == 0 and torch.count_nonzero(big[:, 29:]) == 0
 
 
+def test_linear_unaligned_inputs(device: str) -> None:
+    # x and weight starting one element into their storage: no 16-byte alignment (on CUDA the
+    # tiled kernel's precondition), still correct.
+    gen = torch.Generator().manual_seed(13)
+    for dtype in dtypes_for(device):
+        x = make((70, 65), dtype, device, gen)[:, 1:]
+        w = make((90, 65), dtype, device, gen)[:, 1:] / 8.0
+        b = make((90,), dtype, device, gen)
+        err = rel_err(ops.linear(x, w, b, "gelu"), reference(x, w, b, "gelu"))
+        assert err < tolerance(dtype), (dtype, err)
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_packed_weight_matches_reference(activation: str) -> None:
     gen = torch.Generator().manual_seed(3)
@@ -156,6 +174,15 @@ def test_packed_weight_matches_reference(activation: str) -> None:
         y = ops.linear(x, packed, b, activation)
         assert y.shape == (m, n)
         assert rel_err(y, ref) < 1e-5
+
+
+def test_packed_weight_owns_one_buffer_until_dropped() -> None:
+    start = _C.live_buffers()
+    packed = ops.pack_linear_weight(torch.randn(40, 24))
+    assert _C.live_buffers() == start + 1
+    del packed
+    gc.collect()
+    assert _C.live_buffers() == start
 
 
 def test_packed_weight_rejects_mismatched_input() -> None:

@@ -10,13 +10,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from llava_plans import Planner, image_spans
+from PIL import Image
+
 from aphrodite.config import ModelConfig, parse_image_processor, parse_llava_config
 from aphrodite.modeling.weights import canonical_name, iterate_weights, safetensors_files
 from aphrodite.testing import build_tiny_llava
 from aphrodite.testing.hf_reference import hf_greedy, hf_llava_model, hf_llava_processor
 from aphrodite.worker.model_runner import ModelRunner, determine_num_kv_blocks
-from llava_plans import Planner, image_spans
-from PIL import Image
 
 # config.json of llava-hf/llava-1.5-7b-hf: most fields are left to transformers' defaults.
 LLAVA_15_7B = {

@@ -12,12 +12,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from llava_plans import Planner, image_spans
+from PIL import Image
+
 from aphrodite.config import ModelConfig
 from aphrodite.testing import build_tiny_llava
 from aphrodite.testing.hf_reference import hf_greedy, hf_llava_model, hf_llava_processor
 from aphrodite.worker.model_runner import ModelRunner
-from llava_plans import Planner, image_spans
-from PIL import Image
 
 MAX_NEW_TOKENS = 18
 PROMPT = "USER: <image>\nWhat is the content of this image? ASSISTANT:"

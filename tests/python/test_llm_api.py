@@ -32,20 +32,22 @@ def hf(checkpoint):
     return hf_llava_model(checkpoint), hf_llava_processor(checkpoint)
 
 
+# Small blocks and a small token budget: prompts are prefilled in chunks that start and end
+# inside images, and prefix-cache hits are visible at block granularity.
+SMALL_STEPS = dict(
+    device="cpu",
+    dtype="float32",
+    max_model_len=256,
+    block_size=8,
+    max_num_batched_tokens=20,
+    max_num_seqs=8,
+)
+
+
 @pytest.fixture(scope="module")
 def llm(checkpoint):
-    # Small blocks and a small token budget: prompts are prefilled in chunks that start and end
-    # inside images, and prefix-cache hits are visible at block granularity.
     return LLM(
-        model=checkpoint,
-        device="cpu",
-        dtype="float32",
-        max_model_len=256,
-        block_size=8,
-        max_num_batched_tokens=20,
-        max_num_seqs=8,
-        limit_mm_per_prompt={"image": 2},
-        kv_cache_memory_gb=0.01,
+        model=checkpoint, **SMALL_STEPS, limit_mm_per_prompt={"image": 2}, kv_cache_memory_gb=0.01
     )
 
 
@@ -137,17 +139,7 @@ def test_preemption_gives_the_unconstrained_outputs(checkpoint, llm):
     ] + ["USER: the cat and the dog ASSISTANT:"]
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     free = llm.generate(prompts, params, use_tqdm=False)
-    tight = LLM(
-        model=checkpoint,
-        device="cpu",
-        dtype="float32",
-        max_model_len=256,
-        block_size=8,
-        max_num_batched_tokens=20,
-        max_num_seqs=8,
-        num_kv_blocks=24,
-        enable_prefix_caching=False,
-    )
+    tight = LLM(model=checkpoint, **SMALL_STEPS, num_kv_blocks=24, enable_prefix_caching=False)
     constrained = tight.generate(prompts, params, use_tqdm=False)
     assert tight.llm_engine.stats()["num_preemptions"] > 0
     assert [o.outputs[0].token_ids for o in constrained] == [o.outputs[0].token_ids for o in free]

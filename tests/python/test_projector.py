@@ -61,11 +61,13 @@ def test_projector_matches_float64(
 
 
 def test_projector_without_workspace_and_into_out(device: str) -> None:
-    # The core allocates the intermediate itself when no workspace is passed.
+    # The core allocates the intermediate itself when no workspace is passed, and frees it.
     for dtype in dtypes_for(device):
         x, w1, b1, w2, b2 = make_inputs((9, 40, 72, 24), dtype, device, seed=1)
         out = torch.full((9, 24), float("nan"), dtype=dtype, device=device)
+        start = _C.live_buffers()
         _C.ops.llava_projector(out, x, w1, b1, w2, b2, "gelu")
+        assert _C.live_buffers() == start
         if device == "cuda":
             torch.cuda.synchronize()
         assert rel_err(out, reference(x, w1, b1, w2, b2, "none")) < tolerance(dtype)
@@ -88,6 +90,12 @@ def test_projector_rejects_bad_arguments(device: str) -> None:
         ops.llava_projector(x, w1, b1, w2, b2.to(torch.float64))
     with pytest.raises(ValueError, match="workspace"):
         _C.ops.llava_projector(
-            torch.empty(4, 6, dtype=dtype, device=device), x, w1, b1, w2, b2, "gelu",
+            torch.empty(4, 6, dtype=dtype, device=device),
+            x,
+            w1,
+            b1,
+            w2,
+            b2,
+            "gelu",
             workspace=torch.empty(4, 11, dtype=dtype, device=device),
         )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from aphrodite.endpoints.openai.chat_utils import (
+from aphrodite.endpoints.chat_utils import (
     ChatInputError,
     ChatTemplate,
     ChatTemplateError,
@@ -44,7 +44,7 @@ def render(template: ChatTemplate, messages, **kw) -> tuple[str, list[str]]:
     parsed = parse_chat_messages(messages, image_placeholder="<image>",
                                  content_format=template.content_format, **kw)
     return template.render(parsed.conversation, bos_token="<s>", eos_token="</s>"), (
-        parsed.image_urls)
+        parsed.images)
 
 
 def test_llava_template_inserts_one_placeholder_per_image_in_order():

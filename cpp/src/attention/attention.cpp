@@ -124,7 +124,6 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
   }
   backend_for(device);
 #ifdef APHRODITE_WITH_CUDA
-  check_cuda_head_size(p.head_size);
   detail::reshape_and_cache_cuda(p, device.index, stream);
 #else
   (void)stream;

@@ -1,10 +1,10 @@
 // CPU reshape_and_cache and paged_attention: metadata checks, work split and the portable build
 // of the inner kernels (the AVX2 build lives in attention_cpu_avx2.cpp).
 //
-// paged_attention splits the batch into items of (sequence, kv head, up to kRowsPerItem query
-// rows): the query heads of one GQA group and a few consecutive tokens share every K/V block read
-// from the cache. Each item walks its blocks through the block table with an online softmax, so
-// no score matrix larger than rows x block_size exists at any time.
+// paged_attention splits the batch into work items (see WorkItem): the query heads of one GQA
+// group and a few consecutive tokens share every K/V block read from the cache. Each item walks
+// its blocks through the block table with an online softmax, so no score matrix larger than
+// rows x block_size exists at any time.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -114,6 +114,10 @@ void row_from_f32_scalar(const float* src, float mul, int head_size, DType dtype
   }
 }
 
+void pack_query_scalar(const float* q, int rows, int head_size, float* packed) {
+  std::memcpy(packed, q, static_cast<std::size_t>(rows) * head_size * sizeof(float));
+}
+
 void attend_block_scalar(const float* q, int rows, int head_size, const float* k, const float* v,
                          std::int64_t kv_stride, int num_keys, const int* key_begin,
                          const int* key_end, float* m, float* l, float* acc, float* scratch) {
@@ -205,18 +209,26 @@ void check_metadata(const PagedAttentionParams& p) {
   }
 }
 
-// Query rows an item handles at most (whole GQA groups; at least one token).
-constexpr int kRowsPerItem = 32;
+// Query rows of one KV head an item handles at most (whole GQA groups; at least one token).
+constexpr int kRowsPerHead = 32;
 
+// A tile of work: tokens [token_begin, token_end) of one sequence against KV heads
+// [kv_head_begin, kv_head_end). Prefill chunks take one KV head each (their cost is compute);
+// decode tokens take several, so that each cache block is read as one contiguous run of
+// block_size * heads * head_size elements instead of head_size-long rows a page apart.
 struct WorkItem {
   int seq;
   int token_begin;
   int token_end;
-  int kv_head;
+  int kv_head_begin;
+  int kv_head_end;
 };
 
+// How far ahead (in cache blocks) run_item prefetches K/V.
+constexpr int kPrefetchBlocks = 2;
+
 struct Scratch {
-  std::vector<float> q, acc, m, l, kf, vf, block;
+  std::vector<float> q_rows, q, acc, m, l, kf, vf, block;
   std::vector<int> pos_begin, pos_end, key_begin, key_end;
 };
 
@@ -226,17 +238,21 @@ void run_item(const PagedAttentionParams& p, const AttentionCpuKernels& kern, co
   const int D = p.head_size;
   const int bs = p.block_size;
   const int tokens = item.token_end - item.token_begin;
-  const int rows = tokens * group;
+  const int heads = item.kv_head_end - item.kv_head_begin;
+  const int head_rows = tokens * group;  // rows of one KV head: token-major, then group head
+  const int rows = heads * head_rows;    // KV-head-major
   const std::size_t esize = dtype_size(p.dtype);
-  sc.q.resize(static_cast<std::size_t>(rows) * D);
+  const std::size_t packed = static_cast<std::size_t>(packed_query_floats(head_rows, D));
+  sc.q_rows.resize(static_cast<std::size_t>(rows) * D);
+  sc.q.resize(packed * heads);
   sc.acc.assign(static_cast<std::size_t>(rows) * D, 0.0f);
   sc.m.assign(rows, -std::numeric_limits<float>::infinity());
   sc.l.assign(rows, 0.0f);
-  sc.pos_begin.resize(rows);
-  sc.pos_end.resize(rows);
-  sc.key_begin.resize(rows);
-  sc.key_end.resize(rows);
-  sc.block.resize(static_cast<std::size_t>(attend_block_scratch_floats(rows, bs, D)));
+  sc.pos_begin.resize(head_rows);
+  sc.pos_end.resize(head_rows);
+  sc.key_begin.resize(head_rows);
+  sc.key_end.resize(head_rows);
+  sc.block.resize(static_cast<std::size_t>(attend_block_scratch_floats(head_rows, bs)));
   if (p.dtype != DType::kFloat32) {
     sc.kf.resize(static_cast<std::size_t>(bs) * D);
     sc.vf.resize(static_cast<std::size_t>(bs) * D);
@@ -254,81 +270,92 @@ void run_item(const PagedAttentionParams& p, const AttentionCpuKernels& kern, co
         p.sliding_window > 0 ? std::max<std::int64_t>(0, pos - p.sliding_window + 1) : 0;
     first_key = std::min(first_key, begin);
     last_key = std::max(last_key, pos + 1);
-    const char* qrow =
-        static_cast<const char*>(p.query) +
-        (token * p.query_token_stride + static_cast<std::int64_t>(item.kv_head) * group * D) *
-            static_cast<std::int64_t>(esize);
-    kern.rows_to_f32(qrow, p.dtype, D, group, D, p.scale,
-                     sc.q.data() + static_cast<std::size_t>(t) * group * D);
+    for (int h = 0; h < heads; ++h) {
+      const char* qrow = static_cast<const char*>(p.query) +
+                         (token * p.query_token_stride +
+                          static_cast<std::int64_t>(item.kv_head_begin + h) * group * D) *
+                             static_cast<std::int64_t>(esize);
+      kern.rows_to_f32(
+          qrow, p.dtype, D, group, D, p.scale,
+          sc.q_rows.data() + (static_cast<std::size_t>(h) * head_rows + t * group) * D);
+    }
     for (int g = 0; g < group; ++g) {
       sc.pos_begin[t * group + g] = static_cast<int>(begin);
       sc.pos_end[t * group + g] = static_cast<int>(pos + 1);
     }
   }
 
+  for (int h = 0; h < heads; ++h) {
+    kern.pack_query(sc.q_rows.data() + static_cast<std::size_t>(h) * head_rows * D, head_rows, D,
+                    sc.q.data() + h * packed);
+  }
+
   const std::int32_t* table =
       p.block_tables + static_cast<std::int64_t>(item.seq) * p.max_blocks_per_seq;
-  const std::int64_t row_stride = static_cast<std::int64_t>(p.num_kv_heads) * D;  // between keys
+  const std::int64_t key_stride = static_cast<std::int64_t>(p.num_kv_heads) * D;  // elements
+  const std::int64_t run_bytes =
+      static_cast<std::int64_t>(heads) * D * static_cast<std::int64_t>(esize);
   for (std::int64_t bi = first_key / bs; bi * bs < last_key; ++bi) {
     const std::int64_t base = bi * bs;
     const int n = static_cast<int>(std::min<std::int64_t>(bs, last_key - base));
-    const std::int64_t offset =
-        (static_cast<std::int64_t>(table[bi]) * bs * p.num_kv_heads + item.kv_head) * D;
-    if ((bi + 1) * bs < last_key) {
-      // The next block's rows are a constant 4 KiB-ish stride apart, which hardware prefetchers
-      // that stop at page boundaries follow poorly: ask for them explicitly.
+    if ((bi + kPrefetchBlocks) * bs < last_key) {
+      // Blocks are scattered and each holds short runs: prefetch one a few blocks ahead while
+      // this one is computed.
       const std::int64_t next =
-          (static_cast<std::int64_t>(table[bi + 1]) * bs * p.num_kv_heads + item.kv_head) * D;
-      const std::int64_t row_bytes =
-          static_cast<std::int64_t>(D) * static_cast<std::int64_t>(esize);
+          (static_cast<std::int64_t>(table[bi + kPrefetchBlocks]) * bs * p.num_kv_heads +
+           item.kv_head_begin) *
+          D;
       for (int j = 0; j < bs; ++j) {
-        const char* kr = static_cast<const char*>(p.key_cache) +
-                         (next + j * row_stride) * static_cast<std::int64_t>(esize);
-        const char* vr = static_cast<const char*>(p.value_cache) +
-                         (next + j * row_stride) * static_cast<std::int64_t>(esize);
-        for (std::int64_t b = 0; b < row_bytes; b += 64) {
-          __builtin_prefetch(kr + b);
-          __builtin_prefetch(vr + b);
+        const std::int64_t at = (next + j * key_stride) * static_cast<std::int64_t>(esize);
+        for (std::int64_t b = 0; b < run_bytes; b += 64) {
+          __builtin_prefetch(static_cast<const char*>(p.key_cache) + at + b);
+          __builtin_prefetch(static_cast<const char*>(p.value_cache) + at + b);
         }
       }
     }
-    const float* k;
-    const float* v;
-    std::int64_t kv_stride;
-    if (p.dtype == DType::kFloat32) {
-      k = static_cast<const float*>(p.key_cache) + offset;
-      v = static_cast<const float*>(p.value_cache) + offset;
-      kv_stride = row_stride;
-    } else {
-      const char* kc =
-          static_cast<const char*>(p.key_cache) + offset * static_cast<std::int64_t>(esize);
-      const char* vc =
-          static_cast<const char*>(p.value_cache) + offset * static_cast<std::int64_t>(esize);
-      kern.rows_to_f32(kc, p.dtype, row_stride, n, D, 1.0f, sc.kf.data());
-      kern.rows_to_f32(vc, p.dtype, row_stride, n, D, 1.0f, sc.vf.data());
-      k = sc.kf.data();
-      v = sc.vf.data();
-      kv_stride = D;
-    }
-    for (int r = 0; r < rows; ++r) {
+    for (int r = 0; r < head_rows; ++r) {
       sc.key_begin[r] = static_cast<int>(std::clamp<std::int64_t>(sc.pos_begin[r] - base, 0, n));
       sc.key_end[r] = static_cast<int>(std::clamp<std::int64_t>(sc.pos_end[r] - base, 0, n));
     }
-    kern.attend_block(sc.q.data(), rows, D, k, v, kv_stride, n, sc.key_begin.data(),
-                      sc.key_end.data(), sc.m.data(), sc.l.data(), sc.acc.data(), sc.block.data());
+    for (int h = 0; h < heads; ++h) {
+      const std::int64_t offset =
+          (static_cast<std::int64_t>(table[bi]) * bs * p.num_kv_heads + item.kv_head_begin + h) * D;
+      const float* k;
+      const float* v;
+      std::int64_t kv_stride;
+      if (p.dtype == DType::kFloat32) {
+        k = static_cast<const float*>(p.key_cache) + offset;
+        v = static_cast<const float*>(p.value_cache) + offset;
+        kv_stride = key_stride;
+      } else {
+        const std::int64_t at = offset * static_cast<std::int64_t>(esize);
+        kern.rows_to_f32(static_cast<const char*>(p.key_cache) + at, p.dtype, key_stride, n, D,
+                         1.0f, sc.kf.data());
+        kern.rows_to_f32(static_cast<const char*>(p.value_cache) + at, p.dtype, key_stride, n, D,
+                         1.0f, sc.vf.data());
+        k = sc.kf.data();
+        v = sc.vf.data();
+        kv_stride = D;
+      }
+      const std::size_t r0 = static_cast<std::size_t>(h) * head_rows;
+      kern.attend_block(sc.q.data() + h * packed, head_rows, D, k, v, kv_stride, n,
+                        sc.key_begin.data(), sc.key_end.data(), sc.m.data() + r0, sc.l.data() + r0,
+                        sc.acc.data() + r0 * D, sc.block.data());
+    }
   }
 
-  for (int t = 0; t < tokens; ++t) {
-    const int token = item.token_begin + t;
-    for (int g = 0; g < group; ++g) {
-      const int r = t * group + g;
-      char* orow =
-          static_cast<char*>(p.out) +
-          (token * p.out_token_stride + (static_cast<std::int64_t>(item.kv_head) * group + g) * D) *
-              static_cast<std::int64_t>(esize);
-      // l > 0: every row sees at least its own key.
-      kern.row_from_f32(sc.acc.data() + static_cast<std::size_t>(r) * D, 1.0f / sc.l[r], D, p.dtype,
-                        orow);
+  for (int h = 0; h < heads; ++h) {
+    for (int t = 0; t < tokens; ++t) {
+      const int token = item.token_begin + t;
+      for (int g = 0; g < group; ++g) {
+        const std::size_t r = static_cast<std::size_t>(h) * head_rows + t * group + g;
+        char* orow = static_cast<char*>(p.out) +
+                     (token * p.out_token_stride +
+                      (static_cast<std::int64_t>(item.kv_head_begin + h) * group + g) * D) *
+                         static_cast<std::int64_t>(esize);
+        // l > 0: every row sees at least its own key.
+        kern.row_from_f32(sc.acc.data() + r * D, 1.0f / sc.l[r], D, p.dtype, orow);
+      }
     }
   }
 }
@@ -336,20 +363,48 @@ void run_item(const PagedAttentionParams& p, const AttentionCpuKernels& kern, co
 }  // namespace
 
 AttentionCpuKernels attention_cpu_kernels_scalar() {
-  return {&rows_to_f32_scalar, &row_from_f32_scalar, &attend_block_scalar};
+  return {&rows_to_f32_scalar, &row_from_f32_scalar, &pack_query_scalar, &attend_block_scalar};
 }
 
 void paged_attention_cpu(const PagedAttentionParams& p) {
   check_metadata(p);
   const int group = p.num_heads / p.num_kv_heads;
-  const int tokens_per_item = std::max(1, kRowsPerItem / group);
+  const int tokens_per_item = std::max(1, kRowsPerHead / group);
+  // Sequences whose tokens fit one item (decode) share KV heads per item: as many as keep at
+  // least 4 items per thread for load balance.
+  std::int64_t short_seqs = 0;
+  std::int64_t long_items = 0;
+  for (int s = 0; s < p.num_seqs; ++s) {
+    const int q_len = p.query_start_loc[s + 1] - p.query_start_loc[s];
+    if (q_len == 0) continue;
+    if (q_len <= tokens_per_item) {
+      ++short_seqs;
+    } else {
+      long_items += static_cast<std::int64_t>((q_len + tokens_per_item - 1) / tokens_per_item) *
+                    p.num_kv_heads;
+    }
+  }
+  int heads_per_short_item = p.num_kv_heads;
+  const std::int64_t wanted = 4 * static_cast<std::int64_t>(num_threads());
+  while (heads_per_short_item > 1 &&
+         long_items + short_seqs * (p.num_kv_heads / heads_per_short_item) < wanted) {
+    int h = heads_per_short_item - 1;
+    while (p.num_kv_heads % h != 0) --h;
+    heads_per_short_item = h;
+  }
   std::vector<WorkItem> items;
   for (int s = 0; s < p.num_seqs; ++s) {
     const int begin = p.query_start_loc[s];
     const int end = p.query_start_loc[s + 1];
+    if (end - begin <= tokens_per_item) {
+      for (int h = 0; h < p.num_kv_heads && end > begin; h += heads_per_short_item) {
+        items.push_back({s, begin, end, h, h + heads_per_short_item});
+      }
+      continue;
+    }
     for (int t = begin; t < end; t += tokens_per_item) {
       for (int h = 0; h < p.num_kv_heads; ++h) {
-        items.push_back({s, t, std::min(end, t + tokens_per_item), h});
+        items.push_back({s, t, std::min(end, t + tokens_per_item), h, h + 1});
       }
     }
   }

@@ -11,6 +11,9 @@ namespace aphrodite::detail {
 
 namespace {
 
+// The small fixed loops over register tiles below carry `#pragma GCC unroll`: fully unrolled, the
+// accumulator arrays live in registers instead of being stored back on every iteration.
+
 // exp(x) for float32 lanes (Cephes polynomial, relative error ~1e-7); -inf and very negative
 // inputs give 0.
 inline __m256 exp256(__m256 x) {
@@ -90,111 +93,225 @@ void row_from_f32(const float* src, float mul, int head_size, DType dtype, void*
   }
 }
 
-// s[r][j0 .. j0 + 8V) = q[r] . kt[:, j0 .. j0 + 8V) for R rows; kt is [head_size][np].
-template <int R, int V>
-void qk_tile(const float* q, int head_size, const float* kt, int np, int j0, float* s) {
-  __m256 c[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) c[r][v] = _mm256_setzero_ps();
+// Rows from which the query is kept transposed ([head_size][rows rounded up to 8]) so that
+// scores come out as [key][row] vectors; below it each score is one dot product.
+constexpr int kTransposeRows = 8;
+
+int padded_rows(int rows) { return (rows + 7) / 8 * 8; }
+
+void pack_query(const float* q, int rows, int head_size, float* packed) {
+  if (rows < kTransposeRows) {
+    for (std::int64_t i = 0; i < static_cast<std::int64_t>(rows) * head_size; ++i) packed[i] = q[i];
+    return;
+  }
+  const int rp = padded_rows(rows);
   for (int d = 0; d < head_size; ++d) {
-    __m256 kv[V];
-    for (int v = 0; v < V; ++v)
-      kv[v] = _mm256_loadu_ps(kt + static_cast<std::int64_t>(d) * np + j0 + 8 * v);
-    for (int r = 0; r < R; ++r) {
-      const __m256 qb = _mm256_broadcast_ss(q + static_cast<std::int64_t>(r) * head_size + d);
-      for (int v = 0; v < V; ++v) c[r][v] = _mm256_fmadd_ps(qb, kv[v], c[r][v]);
+    float* dst = packed + static_cast<std::int64_t>(d) * rp;
+    for (int r = 0; r < rp; ++r)
+      dst[r] = r < rows ? q[static_cast<std::int64_t>(r) * head_size + d] : 0.0f;
+  }
+}
+
+// st[j][rv * 8 ..] = k[j] . qt[:, rv * 8 ..] for KJ keys from j0 and NV row vectors from rv0.
+template <int KJ, int NV>
+void qk_tile(const float* qt, int rp, int rv0, const float* k, std::int64_t kv_stride, int j0,
+             int head_size, float* st) {
+  __m256 c[KJ][NV];
+#pragma GCC unroll 8
+  for (int j = 0; j < KJ; ++j)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) c[j][v] = _mm256_setzero_ps();
+  const float* kr = k + j0 * kv_stride;
+  for (int d = 0; d < head_size; ++d) {
+    __m256 qv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      qv[v] = _mm256_loadu_ps(qt + static_cast<std::int64_t>(d) * rp + (rv0 + v) * 8);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < KJ; ++j) {
+      const __m256 kb = _mm256_broadcast_ss(kr + j * kv_stride + d);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) c[j][v] = _mm256_fmadd_ps(kb, qv[v], c[j][v]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v)
-      _mm256_storeu_ps(s + static_cast<std::int64_t>(r) * np + j0 + 8 * v, c[r][v]);
+#pragma GCC unroll 8
+  for (int j = 0; j < KJ; ++j)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      _mm256_storeu_ps(st + static_cast<std::int64_t>(j0 + j) * rp + (rv0 + v) * 8, c[j][v]);
 }
 
-template <int R>
-void qk_rows(const float* q, int head_size, const float* kt, int np, float* s) {
-  int j0 = 0;
-  for (; j0 + 16 <= np; j0 += 16) qk_tile<R, 2>(q, head_size, kt, np, j0, s);
-  if (j0 < np) qk_tile<R, 1>(q, head_size, kt, np, j0, s);
+template <int KJ, int NV>
+void qk_keys(const float* qt, int rp, int rv0, const float* k, std::int64_t kv_stride, int num_keys,
+             int head_size, float* st) {
+  int j = 0;
+  for (; j + KJ <= num_keys; j += KJ) qk_tile<KJ, NV>(qt, rp, rv0, k, kv_stride, j, head_size, st);
+  for (; j < num_keys; ++j) qk_tile<1, NV>(qt, rp, rv0, k, kv_stride, j, head_size, st);
 }
 
-// acc[r][d0 .. d0 + 8V) = alpha[r] * acc[r][...] + sum_j p[r][j] * v[j][...] for R rows.
+// acc[r][d0 .. d0 + 8V) = alpha[r] * acc[r][...] + sum_j p(r, j) * v[j][...] for R rows, where
+// p(r, j) = p[r * p_row + j * p_key].
 template <int R, int V>
-void pv_tile(const float* p, int np, const float* alpha, const float* v, std::int64_t kv_stride,
-             int num_keys, float* acc, int head_size, int d0) {
+void pv_tile(const float* p, std::int64_t p_row, std::int64_t p_key, const float* alpha,
+             const float* v, std::int64_t kv_stride, int num_keys, float* acc, int head_size,
+             int d0) {
   __m256 c[R][V];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     const __m256 a = _mm256_broadcast_ss(alpha + r);
+#pragma GCC unroll 8
     for (int w = 0; w < V; ++w)
       c[r][w] = _mm256_mul_ps(
           a, _mm256_loadu_ps(acc + static_cast<std::int64_t>(r) * head_size + d0 + 8 * w));
   }
   for (int j = 0; j < num_keys; ++j) {
     __m256 vv[V];
+#pragma GCC unroll 8
     for (int w = 0; w < V; ++w) vv[w] = _mm256_loadu_ps(v + j * kv_stride + d0 + 8 * w);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m256 pb = _mm256_broadcast_ss(p + static_cast<std::int64_t>(r) * np + j);
+      const __m256 pb = _mm256_broadcast_ss(p + r * p_row + j * p_key);
+#pragma GCC unroll 8
       for (int w = 0; w < V; ++w) c[r][w] = _mm256_fmadd_ps(pb, vv[w], c[r][w]);
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
     for (int w = 0; w < V; ++w)
       _mm256_storeu_ps(acc + static_cast<std::int64_t>(r) * head_size + d0 + 8 * w, c[r][w]);
 }
 
 template <int R>
-void pv_rows(const float* p, int np, const float* alpha, const float* v, std::int64_t kv_stride,
-             int num_keys, float* acc, int head_size) {
+void pv_rows(const float* p, std::int64_t p_row, std::int64_t p_key, const float* alpha,
+             const float* v, std::int64_t kv_stride, int num_keys, float* acc, int head_size) {
   int d0 = 0;
   for (; d0 + 16 <= head_size; d0 += 16)
-    pv_tile<R, 2>(p, np, alpha, v, kv_stride, num_keys, acc, head_size, d0);
-  if (d0 < head_size) pv_tile<R, 1>(p, np, alpha, v, kv_stride, num_keys, acc, head_size, d0);
+    pv_tile<R, 2>(p, p_row, p_key, alpha, v, kv_stride, num_keys, acc, head_size, d0);
+  if (d0 < head_size)
+    pv_tile<R, 1>(p, p_row, p_key, alpha, v, kv_stride, num_keys, acc, head_size, d0);
 }
 
-// Rows from which the transposed-K tiles pay off; below it each score is one dot product.
-constexpr int kTransposeRows = 8;
+void pv_all_rows(const float* p, std::int64_t p_row, std::int64_t p_key, const float* alpha,
+                 const float* v, std::int64_t kv_stride, int num_keys, float* acc, int rows,
+                 int head_size) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    pv_rows<4>(p + r * p_row, p_row, p_key, alpha + r, v, kv_stride, num_keys,
+               acc + static_cast<std::int64_t>(r) * head_size, head_size);
+  }
+  for (; r < rows; ++r) {
+    pv_rows<1>(p + r * p_row, p_row, p_key, alpha + r, v, kv_stride, num_keys,
+               acc + static_cast<std::int64_t>(r) * head_size, head_size);
+  }
+}
 
-void attend_block(const float* q, int rows, int head_size, const float* k, const float* v,
-                  std::int64_t kv_stride, int num_keys, const int* key_begin, const int* key_end,
-                  float* m, float* l, float* acc, float* scratch) {
+// Many rows: scores as [key][row] from the transposed query, softmax vectorised over rows.
+void attend_block_transposed(const float* qt, int rows, int head_size, const float* k,
+                             const float* v, std::int64_t kv_stride, int num_keys,
+                             const int* key_begin, const int* key_end, float* m, float* l,
+                             float* acc, float* scratch) {
+  const int rp = padded_rows(rows);
+  float* st = scratch;                                           // [num_keys][rp]
+  float* alpha = st + static_cast<std::int64_t>(num_keys) * rp;  // [rp]
+  float* mp = alpha + rp;
+  float* lp = mp + rp;
+  int* kb = reinterpret_cast<int*>(lp + rp);
+  int* ke = kb + rp;
+  for (int r = 0; r < rp; ++r) {
+    const bool real = r < rows;
+    mp[r] = real ? m[r] : -INFINITY;
+    lp[r] = real ? l[r] : 0.0f;
+    kb[r] = real ? key_begin[r] : 0;
+    ke[r] = real ? key_end[r] : 0;
+  }
+  const int rv_total = rp / 8;
+  for (int rv0 = 0; rv0 < rv_total;) {
+    const int nv = rv_total - rv0 < 4 ? rv_total - rv0 : 4;
+    switch (nv) {
+      case 4:
+        qk_keys<2, 4>(qt, rp, rv0, k, kv_stride, num_keys, head_size, st);
+        break;
+      case 3:
+        qk_keys<2, 3>(qt, rp, rv0, k, kv_stride, num_keys, head_size, st);
+        break;
+      case 2:
+        qk_keys<4, 2>(qt, rp, rv0, k, kv_stride, num_keys, head_size, st);
+        break;
+      default:
+        qk_keys<8, 1>(qt, rp, rv0, k, kv_stride, num_keys, head_size, st);
+        break;
+    }
+    rv0 += nv;
+  }
+
+  const __m256 vneg = _mm256_set1_ps(-INFINITY);
+  for (int rv = 0; rv < rv_total; ++rv) {
+    const __m256 m_old = _mm256_loadu_ps(mp + rv * 8);
+    const __m256i kbv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kb + rv * 8));
+    const __m256i kev = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ke + rv * 8));
+    __m256 mx = vneg;
+    for (int j = 0; j < num_keys; ++j) {
+      float* sj = st + static_cast<std::int64_t>(j) * rp + rv * 8;
+      const __m256i jv = _mm256_set1_epi32(j);
+      // valid: key_begin <= j < key_end
+      const __m256i valid =
+          _mm256_andnot_si256(_mm256_cmpgt_epi32(kbv, jv), _mm256_cmpgt_epi32(kev, jv));
+      const __m256 x = _mm256_blendv_ps(vneg, _mm256_loadu_ps(sj), _mm256_castsi256_ps(valid));
+      _mm256_storeu_ps(sj, x);
+      mx = _mm256_max_ps(mx, x);
+    }
+    const __m256 m_new = _mm256_max_ps(m_old, mx);
+    // A row with no key yet (m_old = -inf) has nothing to rescale.
+    const __m256 had_keys = _mm256_cmp_ps(m_old, vneg, _CMP_GT_OQ);
+    const __m256 a = _mm256_and_ps(exp256(_mm256_sub_ps(m_old, m_new)), had_keys);
+    __m256 sum = _mm256_setzero_ps();
+    for (int j = 0; j < num_keys; ++j) {
+      float* sj = st + static_cast<std::int64_t>(j) * rp + rv * 8;
+      const __m256 x = _mm256_loadu_ps(sj);
+      const __m256 valid = _mm256_cmp_ps(x, vneg, _CMP_GT_OQ);
+      const __m256 pj = _mm256_and_ps(exp256(_mm256_sub_ps(x, m_new)), valid);
+      _mm256_storeu_ps(sj, pj);
+      sum = _mm256_add_ps(sum, pj);
+    }
+    // Rows that still saw no key keep alpha 1 so that their (zero) state stays as it is.
+    const __m256 has_max = _mm256_cmp_ps(m_new, vneg, _CMP_GT_OQ);
+    _mm256_storeu_ps(alpha + rv * 8, _mm256_blendv_ps(_mm256_set1_ps(1.0f), a, has_max));
+    _mm256_storeu_ps(lp + rv * 8, _mm256_fmadd_ps(_mm256_loadu_ps(lp + rv * 8), a, sum));
+    _mm256_storeu_ps(mp + rv * 8, m_new);
+  }
+  for (int r = 0; r < rows; ++r) {
+    m[r] = mp[r];
+    l[r] = lp[r];
+  }
+  pv_all_rows(st, 1, rp, alpha, v, kv_stride, num_keys, acc, rows, head_size);
+}
+
+// Few rows (decode): one dot product per score.
+void attend_block_rows(const float* q, int rows, int head_size, const float* k, const float* v,
+                       std::int64_t kv_stride, int num_keys, const int* key_begin,
+                       const int* key_end, float* m, float* l, float* acc, float* scratch) {
   const int np = (num_keys + 7) / 8 * 8;
-  float* kt = scratch;
-  float* s = kt + static_cast<std::int64_t>(np) * head_size;
+  float* s = scratch;
   float* alpha = s + static_cast<std::int64_t>(rows) * np;
   const float neg_inf = -INFINITY;
-
-  if (rows >= kTransposeRows) {
-    for (int j = 0; j < np; ++j) {
+  for (int r = 0; r < rows; ++r) {
+    const float* qr = q + static_cast<std::int64_t>(r) * head_size;
+    float* sr = s + static_cast<std::int64_t>(r) * np;
+    for (int j = key_begin[r]; j < key_end[r]; ++j) {
       const float* kr = k + j * kv_stride;
-      for (int d = 0; d < head_size; ++d) {
-        kt[static_cast<std::int64_t>(d) * np + j] = j < num_keys ? kr[d] : 0.0f;
+      __m256 c0 = _mm256_setzero_ps();
+      __m256 c1 = _mm256_setzero_ps();
+      int d = 0;
+      for (; d + 16 <= head_size; d += 16) {
+        c0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kr + d), c0);
+        c1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d + 8), _mm256_loadu_ps(kr + d + 8), c1);
       }
-    }
-    int r = 0;
-    for (; r + 4 <= rows; r += 4) {
-      qk_rows<4>(q + static_cast<std::int64_t>(r) * head_size, head_size, kt, np,
-                 s + static_cast<std::int64_t>(r) * np);
-    }
-    for (; r < rows; ++r) {
-      qk_rows<1>(q + static_cast<std::int64_t>(r) * head_size, head_size, kt, np,
-                 s + static_cast<std::int64_t>(r) * np);
-    }
-  } else {
-    for (int r = 0; r < rows; ++r) {
-      const float* qr = q + static_cast<std::int64_t>(r) * head_size;
-      float* sr = s + static_cast<std::int64_t>(r) * np;
-      for (int j = key_begin[r]; j < key_end[r]; ++j) {
-        const float* kr = k + j * kv_stride;
-        __m256 c0 = _mm256_setzero_ps();
-        __m256 c1 = _mm256_setzero_ps();
-        int d = 0;
-        for (; d + 16 <= head_size; d += 16) {
-          c0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kr + d), c0);
-          c1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d + 8), _mm256_loadu_ps(kr + d + 8), c1);
-        }
-        if (d < head_size)
-          c0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kr + d), c0);
-        sr[j] = hsum(_mm256_add_ps(c0, c1));
+      if (d < head_size) {
+        c0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kr + d), c0);
       }
+      sr[j] = hsum(_mm256_add_ps(c0, c1));
     }
   }
 
@@ -231,22 +348,25 @@ void attend_block(const float* q, int rows, int head_size, const float* k, const
     l[r] = l[r] * alpha[r] + hsum(sum);
     m[r] = m_new;
   }
+  pv_all_rows(s, np, 1, alpha, v, kv_stride, num_keys, acc, rows, head_size);
+}
 
-  int r = 0;
-  for (; r + 4 <= rows; r += 4) {
-    pv_rows<4>(s + static_cast<std::int64_t>(r) * np, np, alpha + r, v, kv_stride, num_keys,
-               acc + static_cast<std::int64_t>(r) * head_size, head_size);
-  }
-  for (; r < rows; ++r) {
-    pv_rows<1>(s + static_cast<std::int64_t>(r) * np, np, alpha + r, v, kv_stride, num_keys,
-               acc + static_cast<std::int64_t>(r) * head_size, head_size);
+void attend_block(const float* q, int rows, int head_size, const float* k, const float* v,
+                  std::int64_t kv_stride, int num_keys, const int* key_begin, const int* key_end,
+                  float* m, float* l, float* acc, float* scratch) {
+  if (rows >= kTransposeRows) {
+    attend_block_transposed(q, rows, head_size, k, v, kv_stride, num_keys, key_begin, key_end, m, l,
+                            acc, scratch);
+  } else {
+    attend_block_rows(q, rows, head_size, k, v, kv_stride, num_keys, key_begin, key_end, m, l, acc,
+                      scratch);
   }
 }
 
 }  // namespace
 
 AttentionCpuKernels attention_cpu_kernels_avx2() {
-  return {&rows_to_f32, &row_from_f32, &attend_block};
+  return {&rows_to_f32, &row_from_f32, &pack_query, &attend_block};
 }
 
 }  // namespace aphrodite::detail

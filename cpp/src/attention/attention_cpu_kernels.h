@@ -8,11 +8,17 @@
 
 namespace aphrodite::detail {
 
-// Floats of scratch attend_block needs for `rows` query rows, keys blocks of up to `block_size`
-// and head size `head_size`.
-inline std::int64_t attend_block_scratch_floats(int rows, int block_size, int head_size) {
-  const std::int64_t padded = (block_size + 7) / 8 * 8;
-  return padded * head_size + static_cast<std::int64_t>(rows) * padded + rows;
+// Floats of scratch attend_block needs for `rows` query rows and key blocks of up to
+// `block_size` keys.
+inline std::int64_t attend_block_scratch_floats(int rows, int block_size) {
+  const std::int64_t keys = (block_size + 7) / 8 * 8;
+  const std::int64_t padded_rows = (rows + 7) / 8 * 8;
+  return (keys + 6) * padded_rows;
+}
+
+// Floats of the packed query (pack_query) of `rows` rows.
+inline std::int64_t packed_query_floats(int rows, int head_size) {
+  return (rows + 7) / 8 * 8 * static_cast<std::int64_t>(head_size);
 }
 
 struct AttentionCpuKernels {
@@ -21,7 +27,9 @@ struct AttentionCpuKernels {
                       int head_size, float mul, float* dst);
   // dst[d] = mul * src[d] converted to dtype (round to nearest even).
   void (*row_from_f32)(const float* src, float mul, int head_size, DType dtype, void* dst);
-  // Online-softmax update of `rows` query rows (q: [rows, head_size], already scaled) with one
+  // Lays out q [rows, head_size] (already scaled) the way attend_block reads it.
+  void (*pack_query)(const float* q, int rows, int head_size, float* packed);
+  // Online-softmax update of `rows` query rows (q packed by pack_query) with one
   // block of `num_keys` keys (k, v: rows of head_size floats `kv_stride` apart). Row r sees the
   // keys [key_begin[r], key_end[r]) of the block; m/l/acc are its running max, sum and
   // unnormalised output; scratch holds attend_block_scratch_floats() floats.

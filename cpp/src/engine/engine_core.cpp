@@ -29,8 +29,8 @@ void EngineConfig::validate() const {
   auto require = [](bool ok, const std::string& msg) {
     if (!ok) throw ValueError("EngineConfig: " + msg);
   };
-  require(num_blocks >= 2, "num_blocks must be >= 2 (block 0 is the null block), got " +
-                               std::to_string(num_blocks));
+  require(num_blocks >= 2,
+          "num_blocks must be >= 2 (block 0 is the null block), got " + std::to_string(num_blocks));
   require(block_size >= 1, "block_size must be >= 1");
   require(max_num_seqs >= 1, "max_num_seqs must be >= 1");
   require(max_model_len >= 1, "max_model_len must be >= 1");
@@ -77,8 +77,8 @@ struct Request {
   std::int32_t stop_token = -1;
   bool finish_reported = false;
 
-  std::int32_t num_computed = 0;   // tokens whose KV is in the cache
-  std::int32_t num_scheduled = 0;  // tokens in the step being planned / awaiting update
+  std::int32_t num_computed = 0;    // tokens whose KV is in the cache
+  std::int32_t num_scheduled = 0;   // tokens in the step being planned / awaiting update
   std::int32_t enc_tokens_now = 0;  // encoder budget taken in the step being planned
   bool samples_now = false;
   std::vector<std::int32_t> blocks;
@@ -112,8 +112,8 @@ struct EngineCore::Impl {
   std::unordered_map<std::string, std::unique_ptr<Request>> requests;  // unfinished ones
   std::vector<std::unique_ptr<Request>> finished;  // kept until their event has been reported
   std::set<Request*, WaitingOrder> waiting;
-  std::vector<Request*> running;  // row order of the plan
-  std::vector<Request*> scheduled;  // the plan's sequences, awaiting update()
+  std::vector<Request*> running;              // row order of the plan
+  std::vector<Request*> scheduled;            // the plan's sequences, awaiting update()
   std::vector<Request*> externally_finished;  // events for the next update()
   std::vector<FreedEncoderOutput> pending_freed;
   bool awaiting_update = false;
@@ -318,7 +318,8 @@ void EngineCore::Impl::preempt(Request& r) {
 // priority, most recently admitted first) while blocks are short. Returns false when r itself
 // was the one preempted.
 bool EngineCore::Impl::fit_blocks(Request& r, std::int32_t new_total_tokens) {
-  const std::int32_t need = ceil_div(new_total_tokens, bs) - static_cast<std::int32_t>(r.blocks.size());
+  const std::int32_t need =
+      ceil_div(new_total_tokens, bs) - static_cast<std::int32_t>(r.blocks.size());
   while (need > pool.num_free_blocks()) {
     Request* victim = nullptr;
     for (Request* c : running) {
@@ -352,8 +353,8 @@ void EngineCore::Impl::schedule_running(Request& r) {
 bool EngineCore::Impl::try_admit(Request& r) {
   // Longest cached prefix; at least one token is recomputed so that the step yields logits.
   std::int32_t hits = 0;
-  const std::int32_t max_hits = std::min<std::int32_t>(static_cast<std::int32_t>(r.keys.size()),
-                                                       (r.num_tokens() - 1) / bs);
+  const std::int32_t max_hits =
+      std::min<std::int32_t>(static_cast<std::int32_t>(r.keys.size()), (r.num_tokens() - 1) / bs);
   std::int32_t free_hits = 0;  // hit blocks now in the free queue: acquiring them uses it up
   for (; hits < max_hits; ++hits) {
     const std::int32_t b = pool.lookup(r.keys[static_cast<std::size_t>(hits)]);
@@ -594,9 +595,10 @@ const SchedulerOutput& EngineCore::schedule() {
   }
   SchedulerOutput& out = s.out;
   // Finished requests whose event went out can go now: no plan or event refers to them any more.
-  s.finished.erase(std::remove_if(s.finished.begin(), s.finished.end(),
-                                  [](const std::unique_ptr<Request>& r) { return r->finish_reported; }),
-                   s.finished.end());
+  s.finished.erase(
+      std::remove_if(s.finished.begin(), s.finished.end(),
+                     [](const std::unique_ptr<Request>& r) { return r->finish_reported; }),
+      s.finished.end());
   s.scheduled.clear();
   out.request_ids.clear();
   out.encoder_inputs.clear();
@@ -715,10 +717,10 @@ EngineStats EngineCore::stats() const {
   st.prefix_cache_queries = s.prefix_queries;
   st.prefix_cache_hits = s.prefix_hits;
   st.num_preemptions = s.num_preemptions;
-  st.encoder_cache_usage =
-      s.cfg.encoder_cache_size > 0
-          ? static_cast<double>(s.encoder_cache_used) / static_cast<double>(s.cfg.encoder_cache_size)
-          : 0.0;
+  st.encoder_cache_usage = s.cfg.encoder_cache_size > 0
+                               ? static_cast<double>(s.encoder_cache_used) /
+                                     static_cast<double>(s.cfg.encoder_cache_size)
+                               : 0.0;
   return st;
 }
 
@@ -733,7 +735,8 @@ void EngineCore::check_consistency() const {
   for (const auto& kv : s.requests) {
     const Request& r = *kv.second;
     if (r.status == Status::kRunning) {
-      if (s.running[static_cast<std::size_t>(r.running_index)] != &r) fail(r.id + ": running index");
+      if (s.running[static_cast<std::size_t>(r.running_index)] != &r)
+        fail(r.id + ": running index");
       if (static_cast<std::int32_t>(r.blocks.size()) < ceil_div(r.num_computed, s.bs)) {
         fail(r.id + ": fewer blocks than computed tokens");
       }

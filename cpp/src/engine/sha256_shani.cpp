@@ -27,10 +27,10 @@ void sha256_compress_shani(std::uint32_t* state, const std::uint8_t* data, std::
   const __m128i byte_swap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
   __m128i tmp = _mm_loadu_si128(reinterpret_cast<const __m128i*>(state));
   __m128i state1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(state + 4));
-  tmp = _mm_shuffle_epi32(tmp, 0xB1);               // CDAB
-  state1 = _mm_shuffle_epi32(state1, 0x1B);         // EFGH
+  tmp = _mm_shuffle_epi32(tmp, 0xB1);                // CDAB
+  state1 = _mm_shuffle_epi32(state1, 0x1B);          // EFGH
   __m128i state0 = _mm_alignr_epi8(tmp, state1, 8);  // ABEF
-  state1 = _mm_blend_epi16(state1, tmp, 0xF0);      // CDGH
+  state1 = _mm_blend_epi16(state1, tmp, 0xF0);       // CDGH
 
   for (std::size_t b = 0; b < num_blocks; ++b, data += 64) {
     const __m128i abef_save = state0;

@@ -131,8 +131,8 @@ CpuIsa best_cpu_isa() {
 #if defined(__x86_64__) || defined(_M_X64)
   static const CpuIsa isa = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? CpuIsa::kAvx2 :
-                                                                             CpuIsa::kScalar;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? CpuIsa::kAvx2
+                                                                           : CpuIsa::kScalar;
   }();
   return isa;
 #else
@@ -176,9 +176,9 @@ void gemm_f32(const GemmF32Args& args, CpuIsa isa) {
     const std::int64_t m0 = mb * row_block;
     const std::int64_t rows = std::min(row_block, m - m0);
     float* scratch =
-        prepacked ? nullptr :
-                    packing_scratch(static_cast<std::size_t>(std::min(kGemmKc, std::max<std::int64_t>(k, 1)) *
-                                                             num_panels * kGemmNr));
+        prepacked ? nullptr
+                  : packing_scratch(static_cast<std::size_t>(
+                        std::min(kGemmKc, std::max<std::int64_t>(k, 1)) * num_panels * kGemmNr));
 
     // At least one chunk, so that K == 0 still writes act(bias).
     std::int64_t pc = 0;
@@ -194,8 +194,7 @@ void gemm_f32(const GemmF32Args& args, CpuIsa isa) {
         for (std::int64_t p = 0; p < num_panels; ++p) {
           const std::int64_t row0 = n0 + p * kGemmNr;
           kernels.pack(args.w + row0 * args.ldw + pc, args.ldw,
-                       std::min<std::int64_t>(kGemmNr, n - row0), kc,
-                       scratch + p * kc * kGemmNr);
+                       std::min<std::int64_t>(kGemmNr, n - row0), kc, scratch + p * kc * kGemmNr);
         }
         block.panels = scratch;
         block.panel_stride = kc * kGemmNr;

@@ -8,6 +8,9 @@
 // bias and applies the activation before it stores the tile, so C is written once per chunk and
 // never re-read for the epilogue.
 //
+// Decode-sized calls (few rows) run through the same kernels; with a prepacked weight each panel
+// is streamed once per call, with packing per call the packing costs as much as the product.
+//
 // The kernels exist twice with one contract: *_scalar (portable, gemm_cpu.cpp) and *_avx2
 // (AVX2/FMA, gemm_f32_avx2.cpp). The structs here are plain data so that the AVX2 file needs no
 // templates shared with the rest of the library.
@@ -19,8 +22,8 @@
 
 namespace aphrodite::detail {
 
-constexpr int kGemmMr = 6;    // rows of a register tile
-constexpr int kGemmNr = 16;   // columns of a register tile = features per packed panel
+constexpr int kGemmMr = 6;   // rows of a register tile
+constexpr int kGemmNr = 16;  // columns of a register tile = features per packed panel
 static_assert(kGemmNr == PackedWeight::kPanelWidth, "packed weights use the kernel's panels");
 
 // Activation codes as the kernels see them (same values as aphrodite::Activation).
@@ -30,21 +33,22 @@ enum GemmActivation : int {
   kGemmActGeluTanh = static_cast<int>(Activation::kGeluTanh),
 };
 
-// One K chunk of one task: rows [0, m) of `a`, `num_panels` packed panels.
+// One K chunk of one task: rows [0, m) of `a` against columns [0, n) of the slab, which span
+// ceil(n / kGemmNr) packed panels.
 struct GemmBlock {
-  const float* a;           // A at (first row, first k of the chunk)
+  const float* a;  // A at (first row, first k of the chunk)
   std::int64_t lda;
-  const float* panels;      // first panel at (first k of the chunk)
+  const float* panels;        // first panel at (first k of the chunk)
   std::int64_t panel_stride;  // floats between consecutive panels
-  std::int64_t m;           // rows
-  std::int64_t n;           // valid columns across the panels (<= num_panels * kGemmNr)
-  std::int64_t kc;          // depth of the chunk
-  float* c;                 // C at (first row, first column of the slab)
+  std::int64_t m;             // rows
+  std::int64_t n;             // valid columns across the panels (<= num_panels * kGemmNr)
+  std::int64_t kc;            // depth of the chunk
+  float* c;                   // C at (first row, first column of the slab)
   std::int64_t ldc;
-  const float* bias;        // bias at the slab's first column, or nullptr
-  int accumulate;           // add to C (an earlier chunk wrote it) instead of overwriting
-  int finish;               // last chunk: apply bias and activation
-  int act;                  // GemmActivation
+  const float* bias;  // bias at the slab's first column, or nullptr
+  int accumulate;     // add to C (an earlier chunk wrote it) instead of overwriting
+  int finish;         // last chunk: apply bias and activation
+  int act;            // GemmActivation
 };
 
 using GemmBlockFn = void (*)(const GemmBlock& block);

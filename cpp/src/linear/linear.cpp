@@ -164,7 +164,8 @@ PackedWeight pack_linear_weight(const TensorView& weight) {
 
 void linear(const TensorView& out, const TensorView& x, const PackedWeight& weight,
             const std::optional<TensorView>& bias, Activation act) {
-  if (weight.empty()) throw ValueError("weight is an empty PackedWeight (not built by pack_linear_weight)");
+  if (weight.empty())
+    throw ValueError("weight is an empty PackedWeight (not built by pack_linear_weight)");
   check_linear_args(out, x, weight.out_features(), weight.in_features(), bias);
   check_device(x, "x", Device::cpu());
   check_no_overlap(out, x, "x");

@@ -12,8 +12,9 @@ void llava_projector(const TensorView& out, const TensorView& x, const TensorVie
                      Activation gelu, const std::optional<TensorView>& workspace,
                      StreamHandle stream) {
   if (gelu != Activation::kGeluErf && gelu != Activation::kGeluTanh) {
-    throw ValueError(std::string("the projector's activation must be 'gelu' or 'gelu_tanh', got '") +
-                     activation_name(gelu) + "'");
+    throw ValueError(
+        std::string("the projector's activation must be 'gelu' or 'gelu_tanh', got '") +
+        activation_name(gelu) + "'");
   }
   // The projector's own checks name its arguments; linear() repeats the layout checks.
   check_dim(x, "x", 2);

@@ -7,9 +7,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from aphrodite.endpoints.chat_utils import render_chat
+from aphrodite.endpoints.chat_utils import render_chat, resolve_chat_template
 from aphrodite.engine import EngineArgs, LLMEngine
 from aphrodite.inputs import PromptInputs
+from aphrodite.multimodal import load_images
 from aphrodite.outputs import RequestOutput
 from aphrodite.sampling_params import SamplingParams
 
@@ -95,29 +96,36 @@ class LLM:
         """Answers one conversation (a list of OpenAI-style messages) or a list of them.
 
         Message content is a string or a list of parts ({"type": "text", "text": ...},
-        {"type": "image_url", "image_url": {"url": ...}}, {"type": "image", "image": img}); the
-        model's chat template (or chat_template) renders the prompt."""
+        {"type": "image_url", "image_url": {"url": ...}}, {"type": "image", "image": img},
+        {"type": "image_pil", "image_pil": img}); images are PIL images, http(s)/data:/file:
+        URLs or local paths. The model's chat template (or chat_template: the template text or
+        a path to a .jinja file) renders the prompt, exactly as the server does."""
         if not messages:
             raise ValueError("chat() needs at least one message")
         conversations = [messages] if isinstance(messages[0], Mapping) else list(messages)
         engine = self.llm_engine
         tokenizer = engine.get_tokenizer()
-        template = chat_template or engine.model_config.chat_template
-        placeholder = None
+        template = resolve_chat_template(
+            chat_template,
+            engine.model_config.chat_template,
+            how_to_pass="chat_template= (the template text or a path to a .jinja file) to chat()",
+        )
+        placeholder = "<image>"
         if engine.model_config.image_token_id is not None:
             placeholder = tokenizer.convert_ids_to_tokens(engine.model_config.image_token_id)
         prompts: list[PromptInputs] = []
         for conversation in conversations:
-            text, images = render_chat(
-                tokenizer,
-                conversation,
+            text, sources = render_chat(
                 template,
-                placeholder or "<image>",
-                add_generation_prompt=add_generation_prompt,
+                conversation,
+                image_placeholder=placeholder,
+                tokenizer=tokenizer,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
                 continue_final_message=continue_final_message,
             )
             prompt: dict[str, Any] = {"prompt": text}
-            if images:
+            if sources:
+                images = load_images(sources)
                 prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
             prompts.append(prompt)
         # A template that writes the BOS token itself must not get a second one.

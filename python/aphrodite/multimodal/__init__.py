@@ -9,13 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from aphrodite.multimodal.image import (
-    hash_embeddings,
-    hash_rgb_array,
-    image_fetch_timeout,
-    load_image,
-    to_rgb_array,
-)
+from aphrodite.multimodal.fetch import fetch_timeout_from_env, load_image, load_images
+from aphrodite.multimodal.image import hash_embeddings, hash_rgb_array, to_rgb_array
 
 # "image": one PIL image, a list of them (one per <image> placeholder, in order), or
 # precomputed image embeddings: a tensor [num_image_tokens, hidden] for one image or
@@ -48,7 +43,8 @@ __all__ = [
     "MultiModalItem",
     "hash_embeddings",
     "hash_rgb_array",
-    "image_fetch_timeout",
+    "fetch_timeout_from_env",
     "load_image",
+    "load_images",
     "to_rgb_array",
 ]

@@ -1,5 +1,9 @@
 """Fetching images named by URL (http(s), data: and, when allowed, file:) with hard limits.
 
+This is the one image loader: the server's :class:`ImageFetcher` and the offline API's
+:func:`load_images` (``LLM.chat``) share the URL handling, base64 decoding, decoding checks and
+error codes below; they differ only in their :class:`MediaFetchPolicy`.
+
 A server that fetches whatever URL a client names can be abused: to make it download huge files,
 to hang it on slow hosts, to decode decompression bombs, or to reach hosts only it can see
 (server-side request forgery). Every fetch is therefore bounded:
@@ -15,6 +19,9 @@ to hang it on slow hosts, to decode decompression bombs, or to reach hosts only 
 
 Every failure raises :class:`MediaFetchError` carrying a short machine-readable ``code`` and a
 message naming the cause; the server turns it into a 400.
+
+The offline API (:func:`offline_policy`) loads what its own user names, so it may read any local
+file and reach any host, with generous size caps; the deadline is the same.
 """
 
 from __future__ import annotations
@@ -22,14 +29,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import io
 import os
 import time
 import urllib.parse
 import warnings
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import httpx
 from PIL import Image, UnidentifiedImageError
@@ -39,6 +48,11 @@ DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 6000 * 6000
 DEFAULT_MAX_REDIRECTS = 5
 _CHUNK = 64 * 1024
+# Offline caps: Pillow's own decompression-bomb limit (where Image.open raises by default) and a
+# byte cap that only stops reading a wrong, huge file.
+OFFLINE_MAX_PIXELS = 2 * 89_478_485
+OFFLINE_MAX_BYTES = 1 << 30
+_T = TypeVar("_T")
 
 
 class MediaFetchError(ValueError):
@@ -351,3 +365,78 @@ class ImageFetcher:
             code = "truncated_image" if "truncated" in str(e) else "invalid_image"
             raise MediaFetchError(f"image{where} is truncated or corrupt: {e}", code) from None
         return image
+
+
+# --------------------------------------------------------------------------- offline (sync) API
+
+
+def offline_policy(timeout_s: float | None = None) -> MediaFetchPolicy:
+    """The policy of ``LLM.chat``: any host, any local file (the caller names its own inputs),
+    the generous ``OFFLINE_*`` caps, and the deadline ``timeout_s`` (default
+    ``APHRODITE_IMAGE_FETCH_TIMEOUT``)."""
+    return MediaFetchPolicy(
+        timeout_s=fetch_timeout_from_env() if timeout_s is None else timeout_s,
+        max_bytes=OFFLINE_MAX_BYTES,
+        max_pixels=OFFLINE_MAX_PIXELS,
+        allowed_local_media_path=Path("/"),
+    )
+
+
+def _as_url(source: str) -> str:
+    scheme = urllib.parse.urlsplit(source).scheme
+    if scheme == "" or len(scheme) == 1:  # a path (or a Windows drive letter)
+        return Path(source).expanduser().absolute().as_uri()
+    return source
+
+
+def _run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    # Called from inside a running event loop (a notebook, an async application), where
+    # asyncio.run refuses: the fetch gets its own loop on a worker thread.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def load_images(
+    sources: Sequence[Image.Image | str], timeout_s: float | None = None
+) -> list[Image.Image]:
+    """PIL images (returned as they are) and images named by http(s), data: or file: URLs or
+    local paths, fetched concurrently under :func:`offline_policy`. Raises
+    :class:`MediaFetchError` (a ValueError) when one cannot be loaded."""
+    images: list[Image.Image | None] = []
+    urls: list[str] = []
+    for source in sources:
+        if isinstance(source, Image.Image):
+            images.append(source)
+        elif isinstance(source, str):
+            images.append(None)
+            urls.append(_as_url(source))
+        else:
+            raise MediaFetchError(
+                f"unsupported image source {type(source).__name__}: expected a PIL image, a URL "
+                "or a path",
+                "invalid_image_url",
+            )
+    if not urls:
+        return images  # type: ignore[return-value]
+
+    async def fetch_all() -> list[Image.Image]:
+        fetcher = ImageFetcher(offline_policy(timeout_s))
+        try:
+            return await fetcher.fetch_images(urls)
+        finally:
+            await fetcher.aclose()
+
+    try:
+        fetched = iter(_run_sync(fetch_all()))
+    except MediaFetchError as e:
+        raise MediaFetchError(f"cannot load image: {e}", e.code) from None
+    return [image if image is not None else next(fetched) for image in images]
+
+
+def load_image(source: Image.Image | str, timeout_s: float | None = None) -> Image.Image:
+    """One image; see :func:`load_images`."""
+    return load_images([source], timeout_s)[0]

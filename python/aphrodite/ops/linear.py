@@ -7,7 +7,7 @@ accumulation. Weights are in torch's layout ``[out_features, in_features]``.
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Union
+from typing import Literal
 
 import torch
 
@@ -28,10 +28,10 @@ def pack_linear_weight(weight: torch.Tensor) -> PackedLinearWeight:
 
 def linear(
     x: torch.Tensor,
-    weight: Union[torch.Tensor, PackedLinearWeight],
-    bias: Optional[torch.Tensor] = None,
+    weight: torch.Tensor | PackedLinearWeight,
+    bias: torch.Tensor | None = None,
     activation: Activation = "none",
-    out: Optional[torch.Tensor] = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``act(x @ weight.T + bias)`` for ``x`` of shape ``[..., K]``; returns ``[..., N]``.
 
@@ -56,7 +56,7 @@ def llava_projector(
     w2: torch.Tensor,
     b2: torch.Tensor,
     activation: Literal["gelu", "gelu_tanh"] = "gelu",
-    out: Optional[torch.Tensor] = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``gelu(x @ w1.T + b1) @ w2.T + b2`` for image features ``x`` ``[tokens, vision_hidden]``.
 

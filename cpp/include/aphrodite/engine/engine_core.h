@@ -83,7 +83,7 @@ struct RequestParams {
   bool ignore_eos = false;
   std::int32_t eos_token_id = -1;  // -1: none
   std::vector<std::int32_t> stop_token_ids;
-  std::int32_t priority = 0;  // smaller is scheduled first
+  std::int32_t priority = 0;              // smaller is scheduled first
   std::optional<std::string> cache_salt;  // requests share cached blocks only with equal salts
 };
 
@@ -120,13 +120,13 @@ struct SchedulerOutput {
   std::int32_t num_tokens = 0;
   std::int32_t num_sampled = 0;
   std::int32_t max_blocks_per_seq = 0;
-  std::vector<std::string_view> request_ids;      // [num_seqs]
-  const std::int32_t* input_ids = nullptr;        // [num_tokens]
-  const std::int64_t* positions = nullptr;        // [num_tokens]
-  const std::int64_t* slot_mapping = nullptr;     // [num_tokens]; never -1 from the core
-  const std::int32_t* block_tables = nullptr;     // [num_seqs, max_blocks_per_seq], 0-padded
-  const std::int32_t* seq_lens = nullptr;         // [num_seqs] context length after the step
-  const std::int32_t* query_start_loc = nullptr;  // [num_seqs + 1]
+  std::vector<std::string_view> request_ids;          // [num_seqs]
+  const std::int32_t* input_ids = nullptr;            // [num_tokens]
+  const std::int64_t* positions = nullptr;            // [num_tokens]
+  const std::int64_t* slot_mapping = nullptr;         // [num_tokens]; never -1 from the core
+  const std::int32_t* block_tables = nullptr;         // [num_seqs, max_blocks_per_seq], 0-padded
+  const std::int32_t* seq_lens = nullptr;             // [num_seqs] context length after the step
+  const std::int32_t* query_start_loc = nullptr;      // [num_seqs + 1]
   const std::int32_t* num_computed_tokens = nullptr;  // [num_seqs] in the cache before the step
   const std::int32_t* logits_indices = nullptr;       // [num_sampled] flat token rows to sample
   const std::int32_t* sampled_seq_indices = nullptr;  // [num_sampled] their sequence indices
@@ -148,8 +148,8 @@ struct EngineStats {
   std::int32_t num_running = 0;
   std::int32_t num_waiting = 0;
   std::int32_t num_free_blocks = 0;
-  std::int32_t num_total_blocks = 0;  // usable blocks (the null block excluded)
-  double kv_cache_usage = 0.0;        // owned blocks / usable blocks
+  std::int32_t num_total_blocks = 0;      // usable blocks (the null block excluded)
+  double kv_cache_usage = 0.0;            // owned blocks / usable blocks
   std::int64_t prefix_cache_queries = 0;  // prompt tokens looked up at admission
   std::int64_t prefix_cache_hits = 0;     // of those, tokens found cached
   std::int64_t num_preemptions = 0;

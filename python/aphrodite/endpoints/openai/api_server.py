@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aphrodite import __version__
-from aphrodite.endpoints.openai.chat_utils import (
+from aphrodite.endpoints.chat_utils import (
     ChatInputError,
     ChatTemplate,
     ChatTemplateError,

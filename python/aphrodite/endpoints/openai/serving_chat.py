@@ -10,11 +10,7 @@ from typing import Any
 
 from fastapi import Request
 
-from aphrodite.endpoints.openai.chat_utils import (
-    ChatTemplate,
-    ChatTemplateError,
-    parse_chat_messages,
-)
+from aphrodite.endpoints.chat_utils import ChatTemplate, ChatTemplateError, render_chat
 from aphrodite.endpoints.openai.protocol import (
     ChatChoiceLogProbs,
     ChatCompletionRequest,
@@ -30,6 +26,7 @@ from aphrodite.endpoints.openai.protocol import (
 from aphrodite.endpoints.openai.serving_engine import (
     APIError,
     ServingContext,
+    StreamedChoices,
     chat_logprobs,
     sampling_params_from,
     unless_disconnected,
@@ -53,22 +50,17 @@ class OpenAIServingChat:
                 template = ChatTemplate(request.chat_template)
             except ChatTemplateError as e:
                 raise APIError(str(e), param="chat_template") from None
-        parsed = parse_chat_messages(
+        # The request model admits only text and image_url parts, so every image is a URL.
+        return render_chat(
+            template,
             request.messages,
             image_placeholder=self.ctx.image_placeholder,
-            content_format=template.content_format,
-            max_images=self.ctx.max_images,
-        )
-        tok = self.ctx.tokenizer
-        text = template.render(
-            parsed.conversation,
+            tokenizer=self.ctx.tokenizer,
             add_generation_prompt=request.add_generation_prompt,
             continue_final_message=request.continue_final_message,
-            bos_token=getattr(tok, "bos_token", None),
-            eos_token=getattr(tok, "eos_token", None),
+            max_images=self.ctx.max_images,
             extra=request.chat_template_kwargs,
         )
-        return text, parsed.image_urls
 
     async def create(self, request: ChatCompletionRequest, raw: Request):
         ctx = self.ctx
@@ -133,9 +125,7 @@ class OpenAIServingChat:
         outputs: AsyncGenerator[RequestOutput, None],
     ) -> AsyncIterator[str]:
         n = request.n
-        sent_text = [0] * n
-        sent_tokens = [0] * n
-        finished = [False] * n
+        streamed = StreamedChoices(n)
         num_prompt = 0
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
 
@@ -155,36 +145,30 @@ class OpenAIServingChat:
             async for out in outputs:
                 num_prompt = len(out.prompt_token_ids)
                 for c in out.outputs:
-                    i = c.index
-                    if finished[i]:
+                    delta = streamed.advance(c.index, c)
+                    if delta is None:
                         continue
-                    delta_text = c.text[sent_text[i]:]
-                    new_ids = c.token_ids[sent_tokens[i]:]
                     logprobs = None
-                    if request.logprobs and new_ids:
+                    if request.logprobs and delta.token_ids:
                         logprobs = ChatChoiceLogProbs(
                             content=chat_logprobs(
-                                self.ctx.tokenizer, new_ids,
-                                (c.logprobs or [])[sent_tokens[i]:], request.top_logprobs or 0,
+                                self.ctx.tokenizer, delta.token_ids, delta.logprobs,
+                                request.top_logprobs or 0,
                             )
                         )
-                    sent_text[i] = len(c.text)
-                    sent_tokens[i] = len(c.token_ids)
-                    if c.finish_reason is not None:
-                        finished[i] = True
-                    if not delta_text and logprobs is None and c.finish_reason is None:
+                    if not delta.text and logprobs is None and delta.finish_reason is None:
                         continue
                     yield chunk([
                         ChatCompletionResponseStreamChoice(
-                            index=i,
-                            delta=DeltaMessage(content=delta_text or None),
+                            index=c.index,
+                            delta=DeltaMessage(content=delta.text or None),
                             logprobs=logprobs,
-                            finish_reason=c.finish_reason,
-                            stop_reason=c.stop_reason,
+                            finish_reason=delta.finish_reason,
+                            stop_reason=delta.stop_reason,
                         )
                     ])
             if include_usage:
-                num_gen = sum(sent_tokens)
+                num_gen = streamed.num_tokens_sent
                 yield chunk([], UsageInfo(
                     prompt_tokens=num_prompt, completion_tokens=num_gen,
                     total_tokens=num_prompt + num_gen,

@@ -21,6 +21,7 @@ from aphrodite.endpoints.openai.protocol import (
 from aphrodite.endpoints.openai.serving_engine import (
     APIError,
     ServingContext,
+    StreamedChoices,
     completion_logprobs,
     merge_async_iterators,
     sampling_params_from,
@@ -113,10 +114,7 @@ class OpenAIServingCompletion:
         streams: list[AsyncGenerator[RequestOutput, None]],
     ) -> AsyncIterator[str]:
         n = request.n
-        total = n * len(streams)
-        sent_text = [0] * total
-        sent_tokens = [0] * total
-        finished = [False] * total
+        streamed = StreamedChoices(n * len(streams))
         num_prompt = [0] * len(streams)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
 
@@ -132,29 +130,24 @@ class OpenAIServingCompletion:
                 num_prompt[p] = len(out.prompt_token_ids)
                 for c in out.outputs:
                     i = p * n + c.index
-                    if finished[i]:
+                    delta = streamed.advance(i, c)
+                    if delta is None:
                         continue
-                    delta = c.text[sent_text[i]:]
-                    new_ids = c.token_ids[sent_tokens[i]:]
                     logprobs = None
-                    if request.logprobs is not None and new_ids:
+                    if request.logprobs is not None and delta.token_ids:
                         logprobs = completion_logprobs(
-                            self.ctx.tokenizer, new_ids, (c.logprobs or [])[sent_tokens[i]:],
-                            request.logprobs, sent_text[i],
+                            self.ctx.tokenizer, delta.token_ids, delta.logprobs,
+                            request.logprobs, delta.text_offset,
                         )
-                    sent_text[i] = len(c.text)
-                    sent_tokens[i] = len(c.token_ids)
-                    if c.finish_reason is not None:
-                        finished[i] = True
-                    if not delta and logprobs is None and c.finish_reason is None:
+                    if not delta.text and logprobs is None and delta.finish_reason is None:
                         continue
                     yield chunk([CompletionResponseStreamChoice(
-                        index=i, text=delta, logprobs=logprobs,
-                        finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                        index=i, text=delta.text, logprobs=logprobs,
+                        finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
                     )])
             if include_usage:
                 prompt_tokens = sum(num_prompt)
-                gen = sum(sent_tokens)
+                gen = streamed.num_tokens_sent
                 yield chunk([], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=gen,
                                           total_tokens=prompt_tokens + gen))
         except Exception as e:

@@ -1,5 +1,5 @@
 """What the chat and completion endpoints share: the model-name check, OpenAI-style errors,
-request -> SamplingParams, logprob formatting and disconnect handling."""
+request -> SamplingParams, logprob formatting, streamed deltas and disconnect handling."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from aphrodite.endpoints.openai.protocol import (
     ErrorResponse,
     SamplingFields,
 )
-from aphrodite.outputs import Logprob, RequestOutput
+from aphrodite.outputs import CompletionOutput, Logprob, RequestOutput, SampleLogprobs
 from aphrodite.sampling_params import SamplingParams
 
 T = TypeVar("T")
@@ -206,6 +206,49 @@ def completion_logprobs(
         result.text_offset.append(offset)
         offset += len(text)
     return result
+
+
+@dataclass
+class ChoiceDelta:
+    """What a streamed choice gained since its last chunk."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: SampleLogprobs  # one entry per new token (empty when not requested)
+    text_offset: int  # characters of the choice's text sent before this delta
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+class StreamedChoices:
+    """How much of each choice of a streamed response has been sent, so that every chunk
+    carries only what is new (engine outputs are cumulative)."""
+
+    def __init__(self, num_choices: int):
+        self._sent_text = [0] * num_choices
+        self._sent_tokens = [0] * num_choices
+        self._finished = [False] * num_choices
+
+    def advance(self, index: int, output: CompletionOutput) -> ChoiceDelta | None:
+        """The unsent part of choice ``index`` (now counted as sent); None once it finished."""
+        if self._finished[index]:
+            return None
+        sent_text, sent_tokens = self._sent_text[index], self._sent_tokens[index]
+        self._sent_text[index] = len(output.text)
+        self._sent_tokens[index] = len(output.token_ids)
+        self._finished[index] = output.finish_reason is not None
+        return ChoiceDelta(
+            text=output.text[sent_text:],
+            token_ids=output.token_ids[sent_tokens:],
+            logprobs=(output.logprobs or [])[sent_tokens:],
+            text_offset=sent_text,
+            finish_reason=output.finish_reason,
+            stop_reason=output.stop_reason,
+        )
+
+    @property
+    def num_tokens_sent(self) -> int:
+        return sum(self._sent_tokens)
 
 
 async def until_disconnected(request: Request, poll_s: float = 0.5) -> None:

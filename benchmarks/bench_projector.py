@@ -1,0 +1,142 @@
+"""LLaVA projector throughput: aphrodite.ops.llava_projector against torch
+(F.linear + F.gelu + F.linear) in the same process, on the CPU (float32) and, when present, on
+CUDA (bfloat16). Also the single linear layers, with prepacked weights on the CPU.
+
+Usage: python benchmarks/bench_projector.py [--repeats N] [--device cpu|cuda|all] [--threads N]
+       [--clock wall|cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from aphrodite import _C, ops
+
+# (tokens, vision_hidden, hidden, text_hidden): LLaVA-1.5-7B (CLIP ViT-L/14-336, Vicuna-7B),
+# LLaVA-1.5-13B's text side, one image tile at decode-like sizes, and small ones.
+SHAPES = [
+    (576, 1024, 4096, 4096),
+    (576, 1024, 5120, 5120),
+    (144, 1024, 4096, 4096),
+    (576, 512, 1024, 1024),
+    (64, 256, 512, 512),
+]
+
+
+# Wall clock by default; `--clock cpu` uses this process's CPU time instead, which on a machine
+# shared with other work still measures the work done (meaningful with --threads 1, where no
+# thread pool spins: then it is GFLOP/s per core).
+CLOCK: Callable[[], float] = time.perf_counter
+
+
+def timed_pair(
+    ours: Callable[[], object], theirs: Callable[[], object], repeats: int, device: str
+) -> tuple[float, float]:
+    """Best seconds per call of each, measured alternately after a warm-up, so that load from
+    other processes on a shared machine hits both sides alike."""
+    fns = (ours, theirs)
+    best = [float("inf"), float("inf")]
+    for fn in fns:
+        fn()
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = CLOCK()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best[i] = min(best[i], CLOCK() - t0)
+    return best[0], best[1]
+
+
+def bench_shape(
+    device: str, dtype: torch.dtype, shape: tuple[int, int, int, int], repeats: int
+) -> None:
+    t, d_in, h, d_out = shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(t, d_in, generator=gen).to(device=device, dtype=dtype)
+    w1 = (torch.randn(h, d_in, generator=gen) / d_in**0.5).to(device=device, dtype=dtype)
+    b1 = torch.randn(h, generator=gen).to(device=device, dtype=dtype)
+    w2 = (torch.randn(d_out, h, generator=gen) / h**0.5).to(device=device, dtype=dtype)
+    b2 = torch.randn(d_out, generator=gen).to(device=device, dtype=dtype)
+    out = torch.empty(t, d_out, device=device, dtype=dtype)
+    mid = torch.empty(t, h, device=device, dtype=dtype)
+
+    rows: list[tuple[str, float, Callable[[], object], Callable[[], object]]] = [
+        (
+            "projector (gelu)",
+            2.0 * t * (d_in * h + h * d_out),
+            lambda: ops.llava_projector(x, w1, b1, w2, b2, "gelu", out=out),
+            lambda: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2),
+        ),
+        (
+            "linear1 + gelu",
+            2.0 * t * d_in * h,
+            lambda: ops.linear(x, w1, b1, "gelu", out=mid),
+            lambda: F.gelu(F.linear(x, w1, b1)),
+        ),
+    ]
+    if device == "cpu":
+        packed = ops.pack_linear_weight(w1)
+        rows.append(
+            (
+                "linear1 + gelu, packed",
+                2.0 * t * d_in * h,
+                lambda: ops.linear(x, packed, b1, "gelu", out=mid),
+                lambda: F.gelu(F.linear(x, w1, b1)),
+            )
+        )
+    label = f"{t}, {d_in} -> {h} -> {d_out}"
+    for name, flops, ours, theirs in rows:
+        ours_s, torch_s = timed_pair(ours, theirs, repeats, device)
+        ours_gf, torch_gf = flops / ours_s / 1e9, flops / torch_s / 1e9
+        print(f"{label:<28}{name:<24}{ours_gf:>9.1f}{torch_gf:>9.1f}{ours_gf / torch_gf:>8.2f}")
+        label = ""
+
+
+def bench_device(device: str, repeats: int) -> None:
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    print(f"\n== {device} ({dtype}), best of {repeats}, alternating; GFLOP/s; ratio = ours/torch")
+    print(f"{'shape (T, Din -> H -> D)':<28}{'op':<24}{'ours':>9}{'torch':>9}{'ratio':>8}")
+    for shape in SHAPES:
+        bench_shape(device, dtype, shape, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for both (0: default)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    args = parser.parse_args()
+    global CLOCK
+    if args.clock == "cpu":
+        CLOCK = time.process_time
+    if args.threads > 0:
+        _C.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
+    print(
+        f"aphrodite {_C.__version__}; core threads {_C.num_threads()}, "
+        f"torch threads {torch.get_num_threads()}; cpu isa {_C.backends_info()[0]['archs']}; "
+        f"clock {args.clock}"
+    )
+    if args.device in ("cpu", "all"):
+        bench_device("cpu", args.repeats)
+    if args.device in ("cuda", "all"):
+        if torch.cuda.is_available() and _C.cuda_compiled():
+            print(f"cuda device: {torch.cuda.get_device_name()}")
+            bench_device("cuda", args.repeats)
+        elif args.device == "cuda":
+            raise SystemExit("no usable CUDA device (or this build has no CUDA backend)")
+        else:
+            print("\n(no CUDA device or no CUDA backend: CUDA rows skipped)")
+
+
+if __name__ == "__main__":
+    main()
