@@ -20,9 +20,13 @@ back: tokenization, image preprocessing, the vision tower and the decoding.
   continuous batching takes text only). Time to first token: a streamer records when the first
   generated tokens of a batch reach it (the second ``put``); every request of a batch gets that
   time, later batches include the wait for earlier ones.
-Both engines first run one short warm-up request (a different image) that is not timed.
-The greedy outputs of the two are compared as a cross-check that both did the same work
-(float32 on the CPU should agree on nearly every token; bfloat16 drifts after a few tokens).
+Both engines are loaded up front (both in memory: on a GPU aphrodite takes
+--gpu-memory-utilization of it) and run one short untimed warm-up request (another image).
+Then --repeat timed rounds run both engines, alternating their order so that a change in the
+machine's load hits both alike; the fastest round of each engine is reported. aphrodite's
+prefix cache is reset before each round (and checked to have had no hits). The greedy outputs
+of the two are compared as a cross-check that both did the same work (float32 on the CPU
+should agree on nearly every token; bfloat16 drifts after a few tokens).
 """
 
 from __future__ import annotations
