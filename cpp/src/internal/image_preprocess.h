@@ -3,8 +3,7 @@
 // The host plans every image in plain integers (PIL's fixed-point bicubic coefficients included)
 // and both backends execute the same plan with integer arithmetic only, so their resized pixels
 // are identical. PIL (ImagingResampleInner) resamples in two separable passes with a uint8 image
-// between them: horizontal first, except when both axes change, the height shrinks and
-// (in_h - out_h) > 2 * (in_w - out_w), where it runs the vertical pass first. Per image:
+// between them, in the order of the Pillow release's rule (pil_vertical_pass_first). Per image:
 //   1. first pass into the uint8 "mid" image, restricted to what the crop window needs:
 //      horizontal first: source rows [row0, row1) resampled to the output columns [x0, x1);
 //      vertical first: output rows [y0, y1) resampled from source columns [col0, col1)
