@@ -15,11 +15,20 @@ namespace aphrodite::bindings {
 namespace py = pybind11;
 
 void bind_image_ops(py::module_& ops) {
+  py::enum_<PilPassOrder>(ops, "PilPassOrder",
+                          "Which pass PIL's bicubic resize runs first when both axes change; "
+                          "the rule of each Pillow release (aphrodite/image.h).")
+      .value("HORIZONTAL_FIRST", PilPassOrder::kHorizontalFirst, "Pillow 10.x to 12.1")
+      .value("VERTICAL_FIRST_WHEN_TALL", PilPassOrder::kVerticalFirstWhenTall,
+             "Pillow 12.2 and 12.3")
+      .value("VERTICAL_FIRST_WHEN_HEIGHT_SHRINKS_MORE",
+             PilPassOrder::kVerticalFirstWhenHeightShrinksMore, "Pillow 13");
   ops.def(
       "preprocess_images",
       [](const py::list& images, py::handle out, std::int64_t shortest_edge,
          std::array<std::int64_t, 2> crop_size, std::array<float, 3> mean, std::array<float, 3> std,
-         double rescale_factor, bool do_resize, bool do_center_crop, StreamHandle stream) {
+         double rescale_factor, bool do_resize, bool do_center_crop, PilPassOrder pass_order,
+         StreamHandle stream) {
         std::vector<ImportedTensor> imported;
         imported.reserve(images.size());
         for (std::size_t i = 0; i < images.size(); ++i) {
@@ -42,6 +51,7 @@ void bind_image_ops(py::module_& ops) {
         }
         params.do_resize = do_resize;
         params.do_center_crop = do_center_crop;
+        params.pass_order = pass_order;
         std::vector<TensorView> views;
         views.reserve(imported.size());
         for (const ImportedTensor& t : imported) views.push_back(t.view());
@@ -50,10 +60,18 @@ void bind_image_ops(py::module_& ops) {
       },
       py::arg("images"), py::arg("out"), py::arg("shortest_edge"), py::arg("crop_size"),
       py::arg("mean"), py::arg("std"), py::arg("rescale_factor") = 1.0 / 255.0,
-      py::arg("do_resize") = true, py::arg("do_center_crop") = true, py::arg("stream") = 0,
+      py::arg("do_resize") = true, py::arg("do_center_crop") = true,
+      py::arg("pass_order") = PilPassOrder::kVerticalFirstWhenHeightShrinksMore,
+      py::arg("stream") = 0,
       "Resizes (PIL bicubic, shortest edge), center-crops, rescales and normalises RGB uint8 "
       "[H, W, 3] CPU images into out [N, 3, crop_h, crop_w] (float32/float16/bfloat16, CPU or "
       "CUDA), as HF's CLIPImageProcessorPil does.");
+  ops.def(
+      "pil_vertical_pass_first",
+      [](std::int64_t in_h, std::int64_t in_w, std::int64_t out_h, std::int64_t out_w,
+         PilPassOrder order) { return pil_vertical_pass_first(in_h, in_w, out_h, out_w, order); },
+      py::arg("in_h"), py::arg("in_w"), py::arg("out_h"), py::arg("out_w"), py::arg("pass_order"),
+      "Whether PIL resizes (in_h, in_w) to (out_h, out_w) vertical pass first under pass_order.");
   ops.def(
       "shortest_edge_resize_size",
       [](std::int64_t height, std::int64_t width, std::int64_t shortest_edge) {

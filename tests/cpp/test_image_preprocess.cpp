@@ -23,21 +23,30 @@ TEST(ImagePreprocess, Avx2RowKernelsEqualScalar) {
     GTEST_SKIP() << "CPU without AVX2/FMA";
   }
   std::mt19937 rng(1234);
-  const int sizes[][2] = {{1, 1}, {7, 3}, {100, 336}, {1920, 597}, {50, 400}, {5, 2}};
+  // {4, 12} and {10, 30}: 3x upscales, where a coefficient is exactly 1.0 (2^22, the largest).
+  const int sizes[][2] = {{1, 1},    {7, 3}, {100, 336}, {1920, 597},
+                          {50, 400}, {5, 2}, {4, 12},    {10, 30}};
   for (const auto& size : sizes) {
     const int in = size[0];
     const int outn = size[1];
     const int ksize = aphrodite::detail::bicubic_ksize(in, outn);
     std::vector<std::int32_t> bounds(2 * outn), coeffs(static_cast<std::size_t>(outn) * ksize);
     aphrodite::detail::bicubic_coeffs(in, outn, 0, outn, ksize, bounds.data(), coeffs.data());
+    std::vector<std::int16_t> packed(
+        static_cast<std::size_t>(outn * aphrodite::detail::packed_stride(ksize)));
+    aphrodite::detail::pack_horizontal_coeffs(outn, ksize, coeffs.data(), packed.data());
     std::vector<std::uint8_t> row(static_cast<std::size_t>(in) * 3);
-    for (auto& v : row) v = static_cast<std::uint8_t>(rng() & 255);
-    std::vector<std::uint8_t> a(static_cast<std::size_t>(outn) * 3), b(a.size());
-    aphrodite::detail::resample_row_horizontal_scalar(row.data(), a.data(), outn, ksize,
-                                                      bounds.data(), coeffs.data());
-    aphrodite::detail::resample_row_horizontal_avx2(row.data(), row.data() + row.size(), b.data(),
-                                                    outn, ksize, bounds.data(), coeffs.data());
-    EXPECT_EQ(a, b) << in << " -> " << outn;
+    // Random bytes, then only 0 and 255 (the largest sums, over- and undershoots to clamp).
+    for (int extremes = 0; extremes < 2; ++extremes) {
+      for (auto& v : row) v = static_cast<std::uint8_t>(extremes ? (rng() & 1) * 255 : rng() & 255);
+      std::vector<std::uint8_t> a(static_cast<std::size_t>(outn) * 3), b(a.size());
+      aphrodite::detail::resample_row_horizontal_scalar(row.data(), a.data(), outn, ksize,
+                                                        bounds.data(), coeffs.data());
+      aphrodite::detail::resample_row_horizontal_avx2(row.data(), row.data() + row.size(), b.data(),
+                                                      outn, ksize, bounds.data(), coeffs.data(),
+                                                      packed.data());
+      EXPECT_EQ(a, b) << in << " -> " << outn;
+    }
 
     const int width = 77;  // bytes per row: exercises the 32-byte blocks and the tail
     std::vector<std::uint8_t> rows(static_cast<std::size_t>(in) * width);

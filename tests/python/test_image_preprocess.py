@@ -129,12 +129,16 @@ def test_without_resize_or_crop_match_hf(device: str) -> None:
 
 
 def test_pil_resize_exact_on_many_sizes() -> None:
-    """The resized pixels equal PIL's Image.resize(BICUBIC) exactly: identity normalisation and
-    a crop equal to the resized size, over upscales, downscales and both pass orders."""
+    """The resized pixels equal the installed PIL's Image.resize(BICUBIC) exactly (the wrapper
+    picks that release's pass order): identity normalisation and a crop equal to the resized
+    size, over upscales, downscales, both pass orders and tall images."""
     rng = fresh_rng()
-    for _ in range(60):
-        h, w = (int(v) for v in rng.integers(1, 300, 2))
-        edge = int(rng.integers(1, 200))
+    for i in range(80):
+        if i % 4 == 0:  # tall and thin (Pillow 12.2's rule), downscaled
+            h, w, edge = int(rng.integers(100, 700)), int(rng.integers(1, 5)), 1
+        else:
+            h, w = (int(v) for v in rng.integers(1, 300, 2))
+            edge = int(rng.integers(1, 200))
         rh, rw = _C.ops.shortest_edge_resize_size(h, w, edge)
         if rh * rw > 2_000_000:
             continue
@@ -176,15 +180,81 @@ def test_clip_preprocess_converts_modes_like_hf(mode: str) -> None:
 
 
 def test_clip_preprocess_numpy_inputs() -> None:
+    """Numpy images go through the same conversion as HF's processor. A one-channel image is
+    repeated to RGB (some transformers versions reject it; it is then compared with its RGB
+    repetition only); an RGBA one is compared with HF, or must be rejected where HF rejects it."""
     rng = fresh_rng()
     gray = rng.integers(0, 256, (40, 30, 1), dtype=np.uint8)
     rgba = rng.integers(0, 256, (40, 30, 4), dtype=np.uint8)
     config = {"size": {"shortest_edge": 24}, "crop_size": {"height": 24, "width": 24}}
-    got = ops.clip_preprocess([gray, rgba], config)
     proc = CLIPImageProcessorPil(**config)
-    want = torch.cat([torch.from_numpy(proc(images=[im], return_tensors="np")["pixel_values"])
-                      for im in (gray, rgba)])
-    assert_same_as_hf(got, want)
+    assert_same_as_hf(ops.clip_preprocess([gray, gray[..., 0]], config),
+                      ops.clip_preprocess([np.repeat(gray, 3, axis=-1)] * 2, config))
+    try:
+        want = torch.from_numpy(proc(images=[rgba], return_tensors="np")["pixel_values"])
+    except ValueError:
+        with pytest.raises(ValueError):
+            ops.clip_preprocess([rgba], config)
+    else:
+        assert_same_as_hf(ops.clip_preprocess([rgba], config), want)
+    try:
+        want = torch.from_numpy(proc(images=[gray], return_tensors="np")["pixel_values"])
+    except ValueError:
+        return
+    assert_same_as_hf(ops.clip_preprocess([gray], config), want)
+
+
+def two_step_resize(img: np.ndarray, rh: int, rw: int, vertical_first: bool) -> np.ndarray:
+    """PIL's two-pass resize with the pass order given: each single-axis Image.resize is one
+    pass in every Pillow release."""
+    h, w = img.shape[:2]
+    first = (w, rh) if vertical_first else (rw, h)
+    return np.asarray(Image.fromarray(img).resize(first, Image.BICUBIC)
+                      .resize((rw, rh), Image.BICUBIC))
+
+
+def test_every_pass_order_rule_resizes_like_pil() -> None:
+    """Each Pillow release's rule, whatever Pillow is installed: the op equals PIL's two passes in
+    the order the rule picks (both orders occur), and the rules pick as documented."""
+    rng = fresh_rng()
+    rules = list(ops.PilPassOrder.__members__.values())
+    seen = {(rule, vf): 0 for rule in rules for vf in (False, True)}
+    sizes = [(450, 3, 2), (140, 32, 8), (300, 200, 150)]
+    sizes += [tuple(int(v) for v in rng.integers(1, 260, 2)) + (int(rng.integers(1, 120)),)
+              for _ in range(25)]
+    for h, w, edge in sizes:
+        rh, rw = _C.ops.shortest_edge_resize_size(h, w, edge)
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for rule in rules:
+            vertical_first = _C.ops.pil_vertical_pass_first(h, w, rh, rw, rule)
+            seen[(rule, vertical_first)] += 1
+            got = ours([img], edge, (rh, rw), mean=(0, 0, 0), std=(1, 1, 1), rescale_factor=1.0,
+                       pass_order=rule)
+            want = two_step_resize(img, rh, rw, vertical_first)
+            assert np.array_equal(got[0].permute(1, 2, 0).numpy().astype(np.uint8), want), (
+                h, w, edge, rule)
+    assert seen[(ops.PilPassOrder.HORIZONTAL_FIRST, True)] == 0
+    assert all(n > 0 for (rule, vf), n in seen.items()
+               if rule != ops.PilPassOrder.HORIZONTAL_FIRST or not vf)
+    tall = ops.PilPassOrder.VERTICAL_FIRST_WHEN_TALL
+    assert _C.ops.pil_vertical_pass_first(201, 2, 100, 50, tall)
+    assert not _C.ops.pil_vertical_pass_first(200, 2, 100, 50, tall)
+    assert not _C.ops.pil_vertical_pass_first(201, 2, 300, 50, tall)  # the height grows
+    shrinks = ops.PilPassOrder.VERTICAL_FIRST_WHEN_HEIGHT_SHRINKS_MORE
+    assert _C.ops.pil_vertical_pass_first(140, 32, 35, 8, shrinks)  # 105 > 2 * 24
+    assert not _C.ops.pil_vertical_pass_first(140, 32, 84, 4, shrinks)  # 56 == 2 * 28
+    assert not _C.ops.pil_vertical_pass_first(140, 32, 35, 32, shrinks)  # one pass only
+
+
+def test_pass_order_follows_the_pillow_version() -> None:
+    assert ops.pil_pass_order("9.5.0") == ops.PilPassOrder.HORIZONTAL_FIRST
+    assert ops.pil_pass_order("10.4.0") == ops.PilPassOrder.HORIZONTAL_FIRST
+    assert ops.pil_pass_order("12.1.1") == ops.PilPassOrder.HORIZONTAL_FIRST
+    assert ops.pil_pass_order("12.2.0") == ops.PilPassOrder.VERTICAL_FIRST_WHEN_TALL
+    assert ops.pil_pass_order("12.3.0") == ops.PilPassOrder.VERTICAL_FIRST_WHEN_TALL
+    assert ops.pil_pass_order("13.0.0") == ops.PilPassOrder.VERTICAL_FIRST_WHEN_HEIGHT_SHRINKS_MORE
+    assert ops.pil_pass_order("14.1.0.dev0") == (
+        ops.PilPassOrder.VERTICAL_FIRST_WHEN_HEIGHT_SHRINKS_MORE)
 
 
 def test_argument_errors() -> None:

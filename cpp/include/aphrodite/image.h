@@ -2,7 +2,8 @@
 //
 // Each RGB uint8 image (its own size) is resized so that its shortest edge becomes
 // `shortest_edge` with PIL's bicubic resampling (the same fixed-point coefficients, pass order and
-// uint8 rounding, so the resized pixels equal PIL's exactly), center-cropped to the output size
+// uint8 rounding, so the resized pixels equal PIL's exactly; params.pass_order names the Pillow
+// release), center-cropped to the output size
 // (zero-padded the way HF pads an image smaller than the crop), rescaled and normalised:
 //   out[n, c, y, x] = (float(pixel * rescale_factor) - mean[c]) / std[c]   (float32 arithmetic)
 // then rounded to the output dtype. Only the pixels that survive the crop are computed.
@@ -16,6 +17,19 @@
 
 namespace aphrodite {
 
+// Which separable pass PIL's bicubic resize (ImagingResampleInner) runs first when both axes
+// change size. The intermediate image is rounded to uint8, so the order shows in the result, and
+// Pillow changed its rule between releases (found by comparing Image.resize with each pass order
+// done on its own; Pillow 10.4, 11.0, 11.3, 12.0, 12.1, 12.2, 12.3 and 13.0 checked):
+enum class PilPassOrder : std::int32_t {
+  // Pillow 10.x to 12.1: always the horizontal pass first.
+  kHorizontalFirst = 0,
+  // Pillow 12.2 and 12.3: vertical first when the height shrinks and in_h > 100 * in_w.
+  kVerticalFirstWhenTall = 1,
+  // Pillow 13: vertical first when the height shrinks and (in_h - out_h) > 2 * (in_w - out_w).
+  kVerticalFirstWhenHeightShrinksMore = 2,
+};
+
 struct ImagePreprocessParams {
   // Target length of the shorter edge (HF size={"shortest_edge": ...}).
   std::int64_t shortest_edge = 224;
@@ -25,7 +39,13 @@ struct ImagePreprocessParams {
   bool do_resize = true;
   // Without the crop every (resized) image must already have the output's height and width.
   bool do_center_crop = true;
+  // The Pillow release whose resize the output reproduces (the current one by default).
+  PilPassOrder pass_order = PilPassOrder::kVerticalFirstWhenHeightShrinksMore;
 };
+
+// Whether PIL resizes (in_h, in_w) to (out_h, out_w) vertical pass first under `order`.
+bool pil_vertical_pass_first(std::int64_t in_h, std::int64_t in_w, std::int64_t out_h,
+                             std::int64_t out_w, PilPassOrder order);
 
 // HF's get_resize_output_image_size(default_to_square=False): the (height, width) whose shorter
 // side is `shortest_edge`, the longer one int(shortest_edge * long / short) (truncated).

@@ -124,6 +124,20 @@ std::pair<std::int64_t, std::int64_t> shortest_edge_resize_size(std::int64_t hei
                   : std::make_pair(shortest_edge, new_long);
 }
 
+bool pil_vertical_pass_first(std::int64_t in_h, std::int64_t in_w, std::int64_t out_h,
+                             std::int64_t out_w, PilPassOrder order) {
+  if (in_w == out_w || in_h <= out_h) return false;  // one pass, or the height does not shrink
+  switch (order) {
+    case PilPassOrder::kHorizontalFirst:
+      return false;
+    case PilPassOrder::kVerticalFirstWhenTall:
+      return in_h > 100 * in_w;
+    case PilPassOrder::kVerticalFirstWhenHeightShrinksMore:
+      return in_h - out_h > 2 * (in_w - out_w);
+  }
+  throw ValueError("pass_order: unknown value " + std::to_string(static_cast<int>(order)));
+}
+
 namespace detail {
 
 PreprocessPlan plan_preprocess(const std::vector<TensorView>& images, const TensorView& out,
@@ -138,6 +152,15 @@ PreprocessPlan plan_preprocess(const std::vector<TensorView>& images, const Tens
   }
   if (params.do_resize && params.shortest_edge <= 0) {
     throw ValueError("shortest_edge must be positive, got " + std::to_string(params.shortest_edge));
+  }
+  switch (params.pass_order) {
+    case PilPassOrder::kHorizontalFirst:
+    case PilPassOrder::kVerticalFirstWhenTall:
+    case PilPassOrder::kVerticalFirstWhenHeightShrinksMore:
+      break;
+    default:
+      throw ValueError("pass_order: unknown value " +
+                       std::to_string(static_cast<int>(params.pass_order)));
   }
   constexpr std::int64_t kMaxSide = std::numeric_limits<std::int32_t>::max() / 4;
   PreprocessPlan plan;
@@ -175,8 +198,9 @@ PreprocessPlan plan_preprocess(const std::vector<TensorView>& images, const Tens
     const AxisPlan ax = plan_axis(w, rw, plan.crop_w, plan.tables);
     const AxisPlan ay = plan_axis(h, rh, plan.crop_h, plan.tables);
     ImagePlan ip{};
-    // PIL's choice of pass order (ImagingResampleInner).
-    ip.vertical_first = ax.resample && ay.resample && h > rh && (h - rh) > 2 * (w - rw) ? 1 : 0;
+    ip.vertical_first =
+        ax.resample && ay.resample && pil_vertical_pass_first(h, w, rh, rw, params.pass_order) ? 1
+                                                                                               : 0;
     if (ip.vertical_first) {
       // The horizontal pass reads "mid", whose first column is source column src_first.
       const int count = ax.last - ax.first;

@@ -37,6 +37,7 @@ struct ImageContext {
   std::uint8_t* mid;  // first pass output (when there is one)
   void* out;          // this image's [3, crop_h, crop_w] block
   bool avx2;
+  const std::int16_t* x_packed;  // the x coefficients for the AVX2 pass (pack_horizontal_coeffs)
 
   const std::int32_t* x_bounds() const { return plan.tables.data() + ip.x_table; }
   const std::int32_t* x_coeffs() const { return x_bounds() + 2 * (ip.x1 - ip.x0); }
@@ -62,7 +63,7 @@ struct ImageContext {
 #if defined(__x86_64__) || defined(_M_X64)
     if (avx2) {
       resample_row_horizontal_avx2(row, row_buffer_end, dst, count, ip.ksize_x, x_bounds(),
-                                   x_coeffs());
+                                   x_coeffs(), x_packed);
       return;
     }
 #endif
@@ -160,6 +161,26 @@ std::int64_t row_grain(std::int64_t row_work) {
 
 }  // namespace
 
+void pack_horizontal_coeffs(int count, int ksize, const std::int32_t* coeffs,
+                            std::int16_t* packed) {
+  const int groups = packed_tap_groups(ksize);
+  constexpr std::int32_t kLowMask = (1 << kCoeffLowBits) - 1;
+  for (int i = 0; i < count; ++i) {
+    const std::int32_t* k = coeffs + static_cast<std::int64_t>(i) * ksize;
+    std::int16_t* hi = packed + i * packed_stride(ksize);
+    std::int16_t* lo = hi + 16 * groups;
+    for (int j = 0; j < 16 * groups; ++j) {
+      // Lane j: 8 int16 per pair of taps [a b a b a b 0 0].
+      const int pair = j / 8;
+      const int slot = j % 8;
+      const int x = 2 * pair + (slot & 1);
+      const std::int32_t v = slot < 6 && x < ksize ? k[x] : 0;
+      hi[j] = static_cast<std::int16_t>(v >> kCoeffLowBits);
+      lo[j] = static_cast<std::int16_t>(v & kLowMask);
+    }
+  }
+}
+
 void resample_row_horizontal_scalar(const std::uint8_t* src, std::uint8_t* dst, int count,
                                     int ksize, const std::int32_t* bounds,
                                     const std::int32_t* coeffs) {
@@ -204,20 +225,32 @@ void preprocess_images_cpu(const PreprocessPlan& plan,
   auto* out_bytes = static_cast<std::uint8_t*>(out.data());
   const bool avx2 = cpu_has_avx2();
   const auto n = static_cast<std::int64_t>(plan.images.size());
-  auto context = [&](std::int64_t i, std::uint8_t* mid) {
+  // The AVX2 form of image i's x coefficients, into `packed` (none without AVX2 or x resize).
+  auto pack_x = [&](std::int64_t i, std::vector<std::int16_t>& packed) -> const std::int16_t* {
+    const ImagePlan& ip = plan.images[static_cast<std::size_t>(i)];
+    if (!avx2 || !ip.resample_x) return nullptr;
+    const int count = ip.x1 - ip.x0;
+    packed.resize(static_cast<std::size_t>(count * packed_stride(ip.ksize_x)));
+    pack_horizontal_coeffs(count, ip.ksize_x, plan.tables.data() + ip.x_table + 2 * count,
+                           packed.data());
+    return packed.data();
+  };
+  auto context = [&](std::int64_t i, std::uint8_t* mid, const std::int16_t* x_packed) {
     return ImageContext{plan,
                         plan.images[static_cast<std::size_t>(i)],
                         sources[static_cast<std::size_t>(i)],
                         mid,
                         out_bytes + i * image_elems * static_cast<std::int64_t>(elem),
-                        avx2};
+                        avx2,
+                        x_packed};
   };
   if (n >= num_threads()) {
     // Whole images per thread: no synchronisation between the two passes.
     parallel_for(0, n, 1, [&](std::int64_t begin, std::int64_t end) {
       std::vector<std::uint8_t> mid;
+      std::vector<std::int16_t> packed;
       for (std::int64_t i = begin; i < end; ++i) {
-        ImageContext ctx = context(i, nullptr);
+        ImageContext ctx = context(i, nullptr, pack_x(i, packed));
         mid.resize(static_cast<std::size_t>(ctx.first_pass_rows() * ctx.mid_stride()));
         ctx.mid = mid.data();
         ctx.first_pass(0, ctx.first_pass_rows());
@@ -228,9 +261,10 @@ void preprocess_images_cpu(const PreprocessPlan& plan,
   }
   // Few images: split each image's rows across the pool, one pass after the other.
   std::vector<std::uint8_t> mid(static_cast<std::size_t>(plan.max_mid_bytes));
+  std::vector<std::int16_t> packed;
   for (std::int64_t i = 0; i < n; ++i) {
     const ImagePlan& ip = plan.images[static_cast<std::size_t>(i)];
-    const ImageContext ctx = context(i, mid.data());
+    const ImageContext ctx = context(i, mid.data(), pack_x(i, packed));
     const std::int64_t first_work =
         ip.vertical_first ? static_cast<std::int64_t>(ip.col1 - ip.col0) * 3 * ip.ksize_y
                           : static_cast<std::int64_t>(ip.x1 - ip.x0) * 3 * ip.ksize_x;

@@ -1,10 +1,12 @@
-// AVX2 versions of PIL's 8-bit resampling passes. Same integer arithmetic as the scalar code
-// (32-bit products and sums, which wrap identically in any order), so the results are identical.
+// AVX2 versions of PIL's 8-bit resampling passes. The same exact integer sums as the scalar code
+// (32-bit products and sums, which wrap identically in any order; the horizontal pass splits each
+// coefficient into 16-bit halves for madd), so the results are identical.
 #if defined(__x86_64__) || defined(_M_X64)
 
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "internal/image_preprocess.h"
 
@@ -23,86 +25,109 @@ inline std::uint8_t clip8_scalar(std::int32_t v) {
 
 void resample_row_horizontal_avx2(const std::uint8_t* src, const std::uint8_t* src_end,
                                   std::uint8_t* dst, int count, int ksize,
-                                  const std::int32_t* bounds, const std::int32_t* coeffs) {
-  // Two taps per 256-bit vector: lanes [R0 G0 B0 0 R1 G1 B1 0] times [k0 x4, k1 x4].
-  const __m128i spread01 = _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, -1, -1, -1, -1, -1, -1, -1, -1);
-  const __m128i spread23 =
-      _mm_setr_epi8(6, 7, 8, -1, 9, 10, 11, -1, -1, -1, -1, -1, -1, -1, -1, -1);
-  const __m256i pick01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-  const __m256i pick23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+                                  const std::int32_t* bounds, const std::int32_t* coeffs,
+                                  const std::int16_t* packed) {
+  // Four taps per step: one 16-byte load (pixels x..x+3, 12 bytes used) broadcast to both
+  // 128-bit lanes, spread to int16 pairs [R_x R_x+1 G_x G_x+1 B_x B_x+1 0 0] (low lane) and the
+  // same for x+2, x+3 (high lane); madd with the coefficient pairs gives [R G B 0] per lane.
+  const __m256i spread =
+      _mm256_setr_epi8(0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1,  //
+                       6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1);
+  const __m128i bias = _mm_set1_epi32(kBias);
+  const int groups = packed_tap_groups(ksize);
+  const std::int64_t stride = packed_stride(ksize);
+  const std::int64_t lo_offset = 16 * packed_tap_groups(ksize);
+  const std::int64_t last_load = 12 * static_cast<std::int64_t>(groups - 1) + 16;
   for (int i = 0; i < count; ++i) {
-    const int xmin = bounds[2 * i];
-    const int taps = bounds[2 * i + 1];
-    const std::int32_t* k = coeffs + static_cast<std::int64_t>(i) * ksize;
-    const std::uint8_t* p = src + static_cast<std::int64_t>(xmin) * 3;
-    __m256i acc0 = _mm256_setzero_si256();
-    __m256i acc1 = _mm256_setzero_si256();
-    int x = 0;
-    for (; x + 4 <= taps && p + 3 * x + 16 <= src_end; x += 4) {
-      const __m128i px = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 3 * x));
-      const __m256i k4 =
-          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k + x)));
-      const __m256i v01 = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(px, spread01));
-      const __m256i v23 = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(px, spread23));
-      acc0 =
-          _mm256_add_epi32(acc0, _mm256_mullo_epi32(v01, _mm256_permutevar8x32_epi32(k4, pick01)));
-      acc1 =
-          _mm256_add_epi32(acc1, _mm256_mullo_epi32(v23, _mm256_permutevar8x32_epi32(k4, pick23)));
+    const std::uint8_t* p = src + static_cast<std::int64_t>(bounds[2 * i]) * 3;
+    if (src_end - p < last_load) {
+      // The vector loads would read past the buffer: PIL's loop as it is.
+      const int taps = bounds[2 * i + 1];
+      const std::int32_t* k = coeffs + static_cast<std::int64_t>(i) * ksize;
+      std::int32_t s0 = kBias, s1 = kBias, s2 = kBias;
+      for (int x = 0; x < taps; ++x) {
+        s0 += p[3 * x + 0] * k[x];
+        s1 += p[3 * x + 1] * k[x];
+        s2 += p[3 * x + 2] * k[x];
+      }
+      dst[3 * i + 0] = clip8_scalar(s0);
+      dst[3 * i + 1] = clip8_scalar(s1);
+      dst[3 * i + 2] = clip8_scalar(s2);
+      continue;
     }
-    for (; x + 2 <= taps && p + 3 * x + 8 <= src_end; x += 2) {
-      const __m128i px = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 3 * x));
-      const __m256i k2 =
-          _mm256_castsi128_si256(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(k + x)));
-      const __m256i v01 = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(px, spread01));
-      acc0 =
-          _mm256_add_epi32(acc0, _mm256_mullo_epi32(v01, _mm256_permutevar8x32_epi32(k2, pick01)));
+    const std::int16_t* kp = packed + i * stride;
+    __m256i hi = _mm256_setzero_si256();
+    __m256i lo = _mm256_setzero_si256();
+    for (int g = 0; g < groups; ++g) {
+      const __m256i px = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(
+                                                 reinterpret_cast<const __m128i*>(p + 12 * g))),
+                                             spread);
+      const auto* khi = reinterpret_cast<const __m256i*>(kp + 16 * g);
+      const auto* klo = reinterpret_cast<const __m256i*>(kp + lo_offset + 16 * g);
+      hi = _mm256_add_epi32(hi, _mm256_madd_epi16(px, _mm256_loadu_si256(khi)));
+      lo = _mm256_add_epi32(lo, _mm256_madd_epi16(px, _mm256_loadu_si256(klo)));
     }
-    const __m256i acc = _mm256_add_epi32(acc0, acc1);
-    const __m128i sum =
-        _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-    std::int32_t s0 = kBias + _mm_extract_epi32(sum, 0);
-    std::int32_t s1 = kBias + _mm_extract_epi32(sum, 1);
-    std::int32_t s2 = kBias + _mm_extract_epi32(sum, 2);
-    for (; x < taps; ++x) {
-      s0 += p[3 * x + 0] * k[x];
-      s1 += p[3 * x + 1] * k[x];
-      s2 += p[3 * x + 2] * k[x];
+    // sum = 2^11 * sum(p * hi) + sum(p * lo) = sum(p * k), in the same wrapping int32 arithmetic.
+    const __m256i acc = _mm256_add_epi32(_mm256_slli_epi32(hi, kCoeffLowBits), lo);
+    __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    sum = _mm_srai_epi32(_mm_add_epi32(sum, bias), kResamplePrecisionBits);
+    // Saturating packs clamp to [0, 255] as clip8 does.
+    const __m128i bytes = _mm_packus_epi16(_mm_packs_epi32(sum, sum), sum);
+    const std::uint32_t rgb = static_cast<std::uint32_t>(_mm_cvtsi128_si32(bytes));
+    if (i + 1 < count) {
+      std::memcpy(dst + 3 * i, &rgb, 4);  // the 4th byte is overwritten by the next pixel
+    } else {
+      std::memcpy(dst + 3 * i, &rgb, 3);
     }
-    dst[3 * i + 0] = clip8_scalar(s0);
-    dst[3 * i + 1] = clip8_scalar(s1);
-    dst[3 * i + 2] = clip8_scalar(s2);
   }
 }
 
 void resample_row_vertical_avx2(const std::uint8_t* mid, std::int64_t mid_stride, int ymin,
                                 int taps, const std::int32_t* coeffs, std::uint8_t* dst,
                                 int bytes) {
+  // Two rows per step: their bytes interleaved and widened to int16 pairs [a_j b_j], madd with
+  // [k_t k_t+1] (16-bit halves of the coefficients, as in the horizontal pass). Accumulator q
+  // holds bytes 4q..4q+3 of each 16-byte lane, so the saturating packs restore the byte order.
+  constexpr std::int32_t kLowMask = (1 << kCoeffLowBits) - 1;
+  const __m256i zero = _mm256_setzero_si256();
   const __m256i bias = _mm256_set1_epi32(kBias);
-  // packs/packus interleave 128-bit lanes; this puts the 4-byte groups back in order.
-  const __m256i unshuffle = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   const std::uint8_t* first = mid + static_cast<std::int64_t>(ymin) * mid_stride;
   int j = 0;
   for (; j + 32 <= bytes; j += 32) {
-    __m256i a0 = bias, a1 = bias, a2 = bias, a3 = bias;
-    for (int t = 0; t < taps; ++t) {
-      const __m256i v =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(first + t * mid_stride + j));
-      const __m256i k = _mm256_set1_epi32(coeffs[t]);
-      const __m128i lo = _mm256_castsi256_si128(v);
-      const __m128i hi = _mm256_extracti128_si256(v, 1);
-      a0 = _mm256_add_epi32(a0, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(lo), k));
-      a1 = _mm256_add_epi32(a1, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)), k));
-      a2 = _mm256_add_epi32(a2, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(hi), k));
-      a3 = _mm256_add_epi32(a3, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)), k));
+    __m256i hi[4] = {zero, zero, zero, zero};
+    __m256i lo[4] = {zero, zero, zero, zero};
+    for (int t = 0; t < taps; t += 2) {
+      const bool pair = t + 1 < taps;
+      const std::int32_t k0 = coeffs[t];
+      const std::int32_t k1 = pair ? coeffs[t + 1] : 0;
+      const __m256i khi = _mm256_set1_epi32(
+          static_cast<std::int32_t>((static_cast<std::uint32_t>(k0 >> kCoeffLowBits) & 0xFFFFu) |
+                                    (static_cast<std::uint32_t>(k1 >> kCoeffLowBits) << 16)));
+      const __m256i klo = _mm256_set1_epi32(
+          static_cast<std::int32_t>(static_cast<std::uint32_t>(k0 & kLowMask) |
+                                    (static_cast<std::uint32_t>(k1 & kLowMask) << 16)));
+      const std::uint8_t* row0 = first + t * mid_stride + j;
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row0));
+      const __m256i b =
+          pair ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row0 + mid_stride)) : zero;
+      const __m256i ab_lo = _mm256_unpacklo_epi8(a, b);
+      const __m256i ab_hi = _mm256_unpackhi_epi8(a, b);
+      const __m256i w[4] = {_mm256_unpacklo_epi8(ab_lo, zero), _mm256_unpackhi_epi8(ab_lo, zero),
+                            _mm256_unpacklo_epi8(ab_hi, zero), _mm256_unpackhi_epi8(ab_hi, zero)};
+      for (int q = 0; q < 4; ++q) {
+        hi[q] = _mm256_add_epi32(hi[q], _mm256_madd_epi16(w[q], khi));
+        lo[q] = _mm256_add_epi32(lo[q], _mm256_madd_epi16(w[q], klo));
+      }
     }
-    a0 = _mm256_srai_epi32(a0, kResamplePrecisionBits);
-    a1 = _mm256_srai_epi32(a1, kResamplePrecisionBits);
-    a2 = _mm256_srai_epi32(a2, kResamplePrecisionBits);
-    a3 = _mm256_srai_epi32(a3, kResamplePrecisionBits);
+    __m256i acc[4];
+    for (int q = 0; q < 4; ++q) {
+      acc[q] =
+          _mm256_add_epi32(_mm256_add_epi32(_mm256_slli_epi32(hi[q], kCoeffLowBits), lo[q]), bias);
+      acc[q] = _mm256_srai_epi32(acc[q], kResamplePrecisionBits);
+    }
     const __m256i packed =
-        _mm256_packus_epi16(_mm256_packs_epi32(a0, a1), _mm256_packs_epi32(a2, a3));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
-                        _mm256_permutevar8x32_epi32(packed, unshuffle));
+        _mm256_packus_epi16(_mm256_packs_epi32(acc[0], acc[1]), _mm256_packs_epi32(acc[2], acc[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), packed);
   }
   for (; j < bytes; ++j) {
     std::int32_t s = kBias;

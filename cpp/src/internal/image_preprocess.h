@@ -3,8 +3,7 @@
 // The host plans every image in plain integers (PIL's fixed-point bicubic coefficients included)
 // and both backends execute the same plan with integer arithmetic only, so their resized pixels
 // are identical. PIL (ImagingResampleInner) resamples in two separable passes with a uint8 image
-// between them: horizontal first, except when both axes change, the height shrinks and
-// (in_h - out_h) > 2 * (in_w - out_w), where it runs the vertical pass first. Per image:
+// between them, in the order of the Pillow release's rule (pil_vertical_pass_first). Per image:
 //   1. first pass into the uint8 "mid" image, restricted to what the crop window needs:
 //      horizontal first: source rows [row0, row1) resampled to the output columns [x0, x1);
 //      vertical first: output rows [y0, y1) resampled from source columns [col0, col1)
@@ -77,11 +76,21 @@ void resample_row_horizontal_scalar(const std::uint8_t* src, std::uint8_t* dst, 
 void resample_row_vertical_scalar(const std::uint8_t* mid, std::int64_t mid_stride, int ymin,
                                   int taps, const std::int32_t* coeffs, std::uint8_t* dst,
                                   int bytes);
+// The AVX2 horizontal pass multiplies 16-bit halves of the coefficients (madd): k = hi * 2^11 +
+// lo with lo in [0, 2^11), |hi| <= 2^11. Per output pixel: the hi halves, then the lo halves,
+// each as packed_tap_groups(ksize) groups of 4 taps of 16 int16
+// [k0 k1 k0 k1 k0 k1 0 0 k2 k3 k2 k3 k2 k3 0 0] (taps past ksize are 0): packed_stride(ksize)
+// int16 per pixel.
+constexpr int kCoeffLowBits = 11;
+inline int packed_tap_groups(int ksize) { return (ksize + 3) / 4; }
+inline std::int64_t packed_stride(int ksize) { return 32 * packed_tap_groups(ksize); }
+void pack_horizontal_coeffs(int count, int ksize, const std::int32_t* coeffs, std::int16_t* packed);
 #if defined(__x86_64__) || defined(_M_X64)
 // `src_end` bounds the source buffer: no load reads at or past it.
 void resample_row_horizontal_avx2(const std::uint8_t* src, const std::uint8_t* src_end,
                                   std::uint8_t* dst, int count, int ksize,
-                                  const std::int32_t* bounds, const std::int32_t* coeffs);
+                                  const std::int32_t* bounds, const std::int32_t* coeffs,
+                                  const std::int16_t* packed);
 void resample_row_vertical_avx2(const std::uint8_t* mid, std::int64_t mid_stride, int ymin,
                                 int taps, const std::int32_t* coeffs, std::uint8_t* dst, int bytes);
 #endif

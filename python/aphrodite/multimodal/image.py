@@ -1,30 +1,63 @@
-"""Images: conversion to RGB uint8 pixels exactly as Hugging Face's image processors do it,
-and content hashing. Loading images from URLs and paths is :mod:`aphrodite.multimodal.fetch`."""
+"""Images: conversion to RGB uint8 pixels by Hugging Face's own function (what its image
+processors apply), and content hashing. Loading images from URLs and paths is
+:mod:`aphrodite.multimodal.fetch`."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from PIL import Image
+from transformers.image_transforms import convert_to_rgb as hf_convert_to_rgb
 
 
-def to_rgb_array(image: Image.Image) -> np.ndarray:
-    """RGB uint8 pixels [H, W, 3] (C-contiguous) of a PIL image of any mode.
+def _hf_convert_to_rgb() -> Callable[[Any], Any]:
+    """The installed transformers' convert_to_rgb, called so that it returns pixels: its
+    signature changed within 5.x (``return_numpy`` appeared, returning a PIL image without it
+    became deprecated), so the keyword is passed only where it exists."""
+    if "return_numpy" in inspect.signature(hf_convert_to_rgb).parameters:
+        return functools.partial(hf_convert_to_rgb, return_numpy=True)
+    return hf_convert_to_rgb
 
-    Follows transformers.image_transforms.convert_to_rgb, which the LLaVA image processor
-    applies: images with an alpha band or a transparency key are composited onto white, all
-    others go through PIL's convert("RGB") (L, P, CMYK, I;16, ...)."""
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"expected a PIL.Image.Image, got {type(image).__name__}")
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        rgb = Image.alpha_composite(white, rgba).convert("RGB")
+
+_convert = _hf_convert_to_rgb()
+
+
+def to_rgb_array(image: Any) -> np.ndarray:
+    """RGB uint8 pixels ``[H, W, 3]`` (C-contiguous) of a PIL image of any mode or of a uint8
+    numpy array ``[H, W]`` / ``[H, W, C]``: the package's one RGB conversion.
+
+    The conversion is the installed transformers' own ``convert_to_rgb`` (what HF's image
+    processors apply; how it treats transparency differs between transformers versions), so the
+    pixels equal HF's on every version. One exception, a pure copy saved: an RGB PIL image
+    without a transparency key, which every version passes through ``convert("RGB")`` unchanged,
+    is read directly. Arrays with one channel, which HF passes through on some versions, are
+    repeated to three."""
+    if isinstance(image, Image.Image):
+        if image.mode == "RGB" and image.info.get("transparency") is None:
+            return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+        rgb = np.asarray(_convert(image))
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise TypeError(f"numpy images must be uint8, got {image.dtype}")
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"numpy images must be [H, W] or [H, W, 1|3|4], got {image.shape}")
+        rgb = np.asarray(_convert(image))
+        if rgb.ndim == 3 and rgb.shape[-1] == 1:
+            rgb = np.repeat(rgb, 3, axis=-1)
     else:
-        rgb = image.convert("RGB")
-    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+        raise ValueError(f"expected a PIL.Image.Image or a numpy array, got {type(image).__name__}")
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(
+            "the installed transformers' convert_to_rgb does not give RGB uint8 pixels for this "
+            f"image (got {rgb.dtype} {rgb.shape}); HF's image processor cannot take it either")
+    return np.ascontiguousarray(rgb)
 
 
 def hash_rgb_array(pixels: np.ndarray) -> bytes:

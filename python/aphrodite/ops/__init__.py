@@ -5,7 +5,12 @@ tensors' device and, on CUDA, runs on the caller's current torch stream.
 """
 
 from aphrodite.ops.attention import paged_attention, reshape_and_cache
-from aphrodite.ops.image import clip_preprocess, convert_to_rgb, preprocess_images
+from aphrodite.ops.image import (
+    PilPassOrder,
+    clip_preprocess,
+    pil_pass_order,
+    preprocess_images,
+)
 from aphrodite.ops.linear import (
     PackedLinearWeight,
     linear,
@@ -15,12 +20,13 @@ from aphrodite.ops.linear import (
 
 __all__ = [
     "PackedLinearWeight",
+    "PilPassOrder",
     "clip_preprocess",
-    "convert_to_rgb",
     "linear",
     "llava_projector",
     "pack_linear_weight",
     "paged_attention",
+    "pil_pass_order",
     "preprocess_images",
     "reshape_and_cache",
 ]

@@ -6,13 +6,33 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import PIL
 import torch
 
 from aphrodite import _C
+from aphrodite.multimodal.image import to_rgb_array
 from aphrodite.ops._stream import stream_of
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+PilPassOrder = _C.ops.PilPassOrder
+
+
+def pil_pass_order(version: str) -> PilPassOrder:
+    """The resize pass-order rule of a Pillow release (``PIL.__version__``). Checked bit for bit
+    against Image.resize(BICUBIC) of Pillow 10.4, 11.0, 11.3, 12.0, 12.1, 12.2, 12.3 and 13.0;
+    older releases are assumed to be like 10.x (always horizontal first, the rule of long
+    standing), newer ones like 13."""
+    major, minor = (int(part) for part in version.split(".")[:2])
+    if major >= 13:
+        return PilPassOrder.VERTICAL_FIRST_WHEN_HEIGHT_SHRINKS_MORE
+    if (major, minor) >= (12, 2):
+        return PilPassOrder.VERTICAL_FIRST_WHEN_TALL
+    return PilPassOrder.HORIZONTAL_FIRST
+
+
+INSTALLED_PIL_PASS_ORDER = pil_pass_order(PIL.__version__)
 
 
 def preprocess_images(
@@ -25,48 +45,22 @@ def preprocess_images(
     rescale_factor: float = 1 / 255,
     do_resize: bool = True,
     do_center_crop: bool = True,
+    pass_order: PilPassOrder | None = None,
 ) -> torch.Tensor:
     """Resizes (PIL bicubic, shortest edge), center-crops (HF's zero padding when smaller),
     rescales and normalises RGB uint8 ``[H, W, 3]`` CPU images (torch tensors or numpy arrays,
     each its own size) into ``out`` ``[N, 3, crop_h, crop_w]`` (float32/float16/bfloat16, CPU or
-    CUDA; on CUDA it runs on the current stream). Returns ``out``."""
+    CUDA; on CUDA it runs on the current stream). Returns ``out``. The resize equals
+    ``Image.resize(BICUBIC)`` of the installed Pillow, or of the release whose rule
+    ``pass_order`` names."""
     arrays = [np.ascontiguousarray(im) if isinstance(im, np.ndarray) else im.contiguous()
               for im in images]
     _C.ops.preprocess_images(
         arrays, out, int(shortest_edge), (int(crop_size[0]), int(crop_size[1])),
         tuple(float(m) for m in mean), tuple(float(s) for s in std), float(rescale_factor),
-        bool(do_resize), bool(do_center_crop), stream=stream_of(out))
+        bool(do_resize), bool(do_center_crop),
+        INSTALLED_PIL_PASS_ORDER if pass_order is None else pass_order, stream=stream_of(out))
     return out
-
-
-def convert_to_rgb(image: Any) -> np.ndarray:
-    """An image as RGB uint8 ``[H, W, 3]``, converted the way HF's ``convert_to_rgb`` does:
-    PIL modes through PIL (transparency composited onto white), numpy arrays ``[H, W]``,
-    ``[H, W, 1]``, ``[H, W, 3]`` or ``[H, W, 4]`` (alpha composited onto white)."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
-        if has_alpha:
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, rgba)
-        # An RGB image needs no conversion (convert() would copy it once more).
-        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        raise TypeError(f"numpy images must be uint8, got {array.dtype}")
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"numpy images must be [H, W] or [H, W, 1|3|4], got {array.shape}")
-    if array.shape[-1] == 1:
-        return np.repeat(array, 3, axis=-1)
-    if array.shape[-1] == 4:
-        alpha = array[..., 3:4] / 255
-        composite = alpha * array[..., :3] + (1 - alpha) * 255
-        return np.round(composite).astype(np.uint8)
-    return array
 
 
 def clip_preprocess(
@@ -89,7 +83,7 @@ def clip_preprocess(
     std = cfg.get("image_std", OPENAI_CLIP_STD) if cfg.get("do_normalize", True) else (1, 1, 1)
     rescale = cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else 1.0
     if cfg.get("do_convert_rgb", True):
-        arrays = [convert_to_rgb(im) for im in images]
+        arrays = [to_rgb_array(im) for im in images]
     else:
         arrays = [np.asarray(im) for im in images]
     out = torch.empty(len(arrays), 3, crop_h, crop_w, dtype=dtype, device=device)
