@@ -101,7 +101,7 @@ if [ $quick = 0 ]; then
   done
   bench bench_attention_cuda 180 "$py" benchmarks/bench_attention.py --device cuda
   bench bench_projector_cuda 120 "$py" benchmarks/bench_projector.py --device cuda
-  bench bench_vision_cpu 120 "$py" benchmarks/bench_vision.py --images 32 --repeats 2
+  bench bench_vision_cpu 120 "$py" benchmarks/bench_vision.py --images 16 --repeats 1
   if [ -f benchmarks/offline_throughput.py ]; then
     bench offline_throughput_cuda 300 "$py" benchmarks/offline_throughput.py --device cuda \
       --dtype bfloat16
