@@ -184,6 +184,35 @@ void gemm_block_f32_avx2(const GemmBlock& b) {
   }
 }
 
+void swiglu_f32_avx2(const float* gate, const float* up, const float* bias_gate,
+                     const float* bias_up, float* out, std::int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (std::int64_t j = 0; j < n; j += 8) {
+    const std::int64_t left = n - j;
+    const bool full = left >= 8;
+    const __m256i mask = column_mask(left);
+    __m256 g = full ? _mm256_loadu_ps(gate + j) : _mm256_maskload_ps(gate + j, mask);
+    __m256 u = full ? _mm256_loadu_ps(up + j) : _mm256_maskload_ps(up + j, mask);
+    if (bias_gate != nullptr) {
+      g = _mm256_add_ps(
+          g, full ? _mm256_loadu_ps(bias_gate + j) : _mm256_maskload_ps(bias_gate + j, mask));
+    }
+    if (bias_up != nullptr) {
+      u = _mm256_add_ps(
+          u, full ? _mm256_loadu_ps(bias_up + j) : _mm256_maskload_ps(bias_up + j, mask));
+    }
+    // silu(g) = g / (1 + exp(-g)); exp overflowing to its clamp gives the correct ~0.
+    const __m256 s =
+        _mm256_div_ps(g, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    const __m256 v = _mm256_mul_ps(s, u);
+    if (full) {
+      _mm256_storeu_ps(out + j, v);
+    } else {
+      _mm256_maskstore_ps(out + j, mask, v);
+    }
+  }
+}
+
 void pack_panel_f32_avx2(const float* w, std::int64_t ldw, std::int64_t nr, std::int64_t kc,
                          float* dst) {
   if (nr == kGemmNr) {

@@ -65,6 +65,10 @@ class CLIPAttention(nn.Module):
         )
         self.out_proj = Linear(d, d, True, dtype, device)
 
+    def pack(self) -> None:
+        self.qkv_proj.pack()
+        self.out_proj.pack()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
         qkv = self.qkv_proj(x).view(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -78,6 +82,10 @@ class CLIPMLP(nn.Module):
         self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, True, dtype, device)
         self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, True, dtype, device)
         self.act = _activation(cfg.hidden_act)
+
+    def pack(self) -> None:
+        self.fc1.pack()
+        self.fc2.pack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))

@@ -9,8 +9,10 @@ from aphrodite.ops.image import clip_preprocess, convert_to_rgb, preprocess_imag
 from aphrodite.ops.linear import (
     PackedLinearWeight,
     linear,
+    linear_cpu_isa,
     llava_projector,
     pack_linear_weight,
+    set_linear_cpu_isa,
 )
 
 __all__ = [
@@ -18,9 +20,11 @@ __all__ = [
     "clip_preprocess",
     "convert_to_rgb",
     "linear",
+    "linear_cpu_isa",
     "llava_projector",
     "pack_linear_weight",
     "paged_attention",
     "preprocess_images",
     "reshape_and_cache",
+    "set_linear_cpu_isa",
 ]
