@@ -24,6 +24,10 @@ constexpr std::int64_t kMaxSlabPanels = 16;
 // kMaxRowBlock (so the C block that K chunks accumulate into stays in L2).
 constexpr std::int64_t kMinRowBlock = 4 * kGemmMr;
 constexpr std::int64_t kMaxRowBlock = 64 * kGemmMr;
+// Up to this many rows, prepacked weights take the decode path (see gemm_f32), in groups of
+// kSkinnyPanels panels (even: a SwiGLU gate/up pair; the AVX-512 tile's width).
+constexpr std::int64_t kSkinnyRows = 64;
+constexpr std::int64_t kSkinnyPanels = 2;
 
 float gelu_erf(float x) {
   // 1 + erf(u) == erfc(-u): erfc keeps full relative precision in the negative tail.
@@ -262,12 +266,19 @@ void gemm_f32(const GemmF32Args& args, CpuIsa isa) {
   std::int64_t m_blocks = std::max<std::int64_t>(1, ceil_div(2 * threads, n_slabs));
   m_blocks = std::min(m_blocks, std::max<std::int64_t>(1, m / kMinRowBlock));
   m_blocks = std::max(m_blocks, ceil_div(m, kMaxRowBlock));
-  const std::int64_t row_block = ceil_div(ceil_div(m, m_blocks), kGemmMr) * kGemmMr;
+  std::int64_t row_block = ceil_div(ceil_div(m, m_blocks), kGemmMr) * kGemmMr;
   m_blocks = ceil_div(m, row_block);
 
   const bool prepacked = args.packed_w != nullptr;
-  // A single row strip reuses nothing from a K chunk: stream each prepacked panel end to end.
-  const std::int64_t chunk = prepacked && m <= kGemmMr ? std::max<std::int64_t>(k, 1) : kGemmKc;
+  // Few rows and a prepacked weight (decode): the task walks its slab two panels at a time, each
+  // pair over the whole K for all rows, so every weight byte is read from memory once, as one
+  // contiguous stream per panel, while the rows of x stay in L1/L2; threads split N only.
+  const bool skinny = prepacked && m <= kSkinnyRows;
+  const std::int64_t chunk = skinny ? std::max<std::int64_t>(k, 1) : kGemmKc;
+  if (skinny) {
+    m_blocks = 1;
+    row_block = m;
+  }
   const int act = gated ? kGemmActNone : static_cast<int>(args.act);
 
   parallel_run(n_slabs * m_blocks, [&](std::int64_t task) {
@@ -319,7 +330,18 @@ void gemm_f32(const GemmF32Args& args, CpuIsa isa) {
       block.accumulate = pc > 0;
       block.finish = pc + kc >= k;
       block.act = act;
-      kernels.block(block);
+      if (skinny) {
+        for (std::int64_t p = 0; p < num_panels; p += kSkinnyPanels) {
+          GemmBlock group = block;
+          group.panels += p * block.panel_stride;
+          group.n = std::min(kSkinnyPanels * kGemmNr, slab_n - p * kGemmNr);
+          group.c += p * kGemmNr;
+          if (group.bias != nullptr) group.bias += p * kGemmNr;
+          kernels.block(group);
+        }
+      } else {
+        kernels.block(block);
+      }
       pc += kc;
     } while (pc < k);
 

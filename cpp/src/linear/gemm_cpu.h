@@ -8,11 +8,11 @@
 // bias and applies the activation before it stores the tile, so C is written once per chunk and
 // never re-read for the epilogue.
 //
-// Decode-sized calls (few rows) run through the same kernels; with a prepacked weight each panel
-// is streamed once per call, with packing per call the packing costs as much as the product.
-//
-// Decode-sized calls with a prepacked weight take the whole K in one chunk, so that each panel
-// is one contiguous stream and C is written once.
+// Decode-sized calls without a prepacked weight run through the same path (packing per call then
+// costs about as much as the product). Decode-sized calls (up to 64 rows) with a prepacked weight
+// take the whole K in one chunk and walk the slab one pair of panels at a time, so that each panel
+// is one contiguous stream read from memory once (the row strips after the first find it in L2) and
+// C is written once.
 //
 // SwiGLU: the panels interleave gate and up (gate panel q, up panel q, ...), slabs hold whole
 // pairs, and a task computes its block of both into a per-thread scratch tile, then writes

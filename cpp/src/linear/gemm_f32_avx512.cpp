@@ -161,12 +161,12 @@ void row_strip(const GemmBlock& b, std::int64_t i0) {
 }
 
 template <int MR>
-void tail_strip(const GemmBlock& b, std::int64_t i0, std::int64_t rows) {
+void strip_of_height(const GemmBlock& b, std::int64_t i0, std::int64_t rows) {
   if constexpr (MR > 0) {
     if (rows == MR) {
       row_strip<MR>(b, i0);
     } else {
-      tail_strip<MR - 1>(b, i0, rows);
+      strip_of_height<MR - 1>(b, i0, rows);
     }
   }
 }
@@ -174,9 +174,17 @@ void tail_strip(const GemmBlock& b, std::int64_t i0, std::int64_t rows) {
 }  // namespace
 
 void gemm_block_f32_avx512(const GemmBlock& b) {
+  // Strips of even height (16 rows: 8 + 8, not 12 + 4): a short strip does few FMAs per weight
+  // load, and at decode-like row counts it would be a large share of the work.
+  const std::int64_t strips = (b.m + kTileRows - 1) / kTileRows;
+  if (strips == 0) return;
+  const std::int64_t base = b.m / strips, taller = b.m % strips;
   std::int64_t i0 = 0;
-  for (; i0 + kTileRows <= b.m; i0 += kTileRows) row_strip<kTileRows>(b, i0);
-  tail_strip<kTileRows - 1>(b, i0, b.m - i0);
+  for (std::int64_t s = 0; s < strips; ++s) {
+    const std::int64_t rows = base + (s < taller ? 1 : 0);
+    strip_of_height<kTileRows>(b, i0, rows);
+    i0 += rows;
+  }
 }
 
 }  // namespace aphrodite::detail
