@@ -125,12 +125,30 @@ std::vector<Case> cases() {
                              Activation::kSwiGlu};
   // Rows 1..13, 23, 25 hit every partial register tile (6 rows AVX2 / scalar, 12 AVX-512); N off
   // the 16-wide panels (and, for SwiGLU, halves off the panels); K = 600 takes three 256-deep
-  // chunks (accumulation into C) unless the weight is prepacked and M is small (one chunk);
-  // K = 0 writes act(bias).
-  const std::int64_t shapes[][3] = {{1, 1, 1},    {1, 40, 600},  {2, 16, 7},   {3, 34, 256},
-                                    {4, 33, 257}, {5, 64, 31},   {6, 5, 513},  {7, 66, 600},
-                                    {13, 48, 0},  {50, 70, 300}, {12, 50, 33}, {25, 96, 65},
-                                    {23, 31, 19}, {11, 130, 40}, {9, 2, 300},  {8, 46, 129}};
+  // chunks (accumulation into C) unless the weight is prepacked and M <= 64 (one chunk);
+  // K = 0 writes act(bias). Products under 1M multiply-adds run on the calling thread.
+  const std::int64_t shapes[][3] = {
+      {1, 1, 1},
+      {1, 40, 600},
+      {2, 16, 7},
+      {3, 34, 256},
+      {4, 33, 257},
+      {5, 64, 31},
+      {6, 5, 513},
+      {7, 66, 600},
+      {13, 48, 0},
+      {50, 70, 300},
+      {12, 50, 33},
+      {25, 96, 65},
+      {23, 31, 19},
+      {11, 130, 40},
+      {9, 2, 300},
+      {8, 46, 129},
+      // Over the inline-run threshold (1M multiply-adds): split across the pool.
+      {70, 300, 129},
+      {3, 1000, 400},
+      {64, 96, 200},
+      {40, 200, 160}};
   std::vector<Case> out;
   int i = 0;
   for (const auto& s : shapes) {

@@ -28,6 +28,8 @@ constexpr std::int64_t kMaxRowBlock = 64 * kGemmMr;
 // kSkinnyPanels panels (even: a SwiGLU gate/up pair; the AVX-512 tile's width).
 constexpr std::int64_t kSkinnyRows = 64;
 constexpr std::int64_t kSkinnyPanels = 2;
+// Multiply-adds below which a call runs on the calling thread (about 20 us on one core).
+constexpr std::int64_t kMinParallelWork = std::int64_t{1} << 20;
 
 float gelu_erf(float x) {
   // 1 + erf(u) == erfc(-u): erfc keeps full relative precision in the negative tail.
@@ -249,7 +251,9 @@ void gemm_f32(const GemmF32Args& args, CpuIsa isa) {
   const bool gated = args.act == Activation::kSwiGlu;
   if (m == 0 || n == 0) return;
   const Kernels kernels = kernels_for(isa);
-  const std::int64_t threads = num_threads();
+  // Small products run on the calling thread: waking the pool costs more than they take.
+  const bool inline_run = m * n * k < kMinParallelWork;
+  const std::int64_t threads = inline_run ? 1 : num_threads();
   const std::int64_t n_panels = packed_panels(n, gated);
   // Gated slabs hold whole gate/up pairs.
   const std::int64_t panel_step = gated ? 2 : 1;
@@ -281,7 +285,7 @@ void gemm_f32(const GemmF32Args& args, CpuIsa isa) {
   }
   const int act = gated ? kGemmActNone : static_cast<int>(args.act);
 
-  parallel_run(n_slabs * m_blocks, [&](std::int64_t task) {
+  const auto run_task = [&](std::int64_t task) {
     const std::int64_t slab = task % n_slabs;
     const std::int64_t mb = task / n_slabs;
     const std::int64_t p0 = slab * slab_panels;
@@ -359,7 +363,12 @@ void gemm_f32(const GemmF32Args& args, CpuIsa isa) {
         }
       }
     }
-  });
+  };
+  if (inline_run) {
+    for (std::int64_t task = 0; task < n_slabs * m_blocks; ++task) run_task(task);
+  } else {
+    parallel_run(n_slabs * m_blocks, run_task);
+  }
 }
 
 void pack_weight_f32(const float* w, std::int64_t ldw, std::int64_t n, std::int64_t k, bool gated,

@@ -158,29 +158,30 @@ void row_strip(const GemmBlock& b, std::int64_t i0) {
   }
 }
 
+template <int MR>
+void strip_of_height(const GemmBlock& b, std::int64_t i0, std::int64_t rows) {
+  if constexpr (MR > 0) {
+    if (rows == MR) {
+      row_strip<MR>(b, i0);
+    } else {
+      strip_of_height<MR - 1>(b, i0, rows);
+    }
+  }
+}
+
 }  // namespace
 
 void gemm_block_f32_avx2(const GemmBlock& b) {
+  // Strips of even height (8 rows: 4 + 4, not 6 + 2): a short strip does few FMAs per weight
+  // load, and at decode-like row counts it would be a large share of the work.
+  const std::int64_t strips = (b.m + kGemmMr - 1) / kGemmMr;
+  if (strips == 0) return;
+  const std::int64_t base = b.m / strips, taller = b.m % strips;
   std::int64_t i0 = 0;
-  for (; i0 + kGemmMr <= b.m; i0 += kGemmMr) row_strip<kGemmMr>(b, i0);
-  switch (b.m - i0) {
-    case 5:
-      row_strip<5>(b, i0);
-      break;
-    case 4:
-      row_strip<4>(b, i0);
-      break;
-    case 3:
-      row_strip<3>(b, i0);
-      break;
-    case 2:
-      row_strip<2>(b, i0);
-      break;
-    case 1:
-      row_strip<1>(b, i0);
-      break;
-    default:
-      break;
+  for (std::int64_t s = 0; s < strips; ++s) {
+    const std::int64_t rows = base + (s < taller ? 1 : 0);
+    strip_of_height<kGemmMr>(b, i0, rows);
+    i0 += rows;
   }
 }
 
