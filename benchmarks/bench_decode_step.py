@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from benchmark_dataset import build_benchmark_checkpoint
 
-from aphrodite import LLM, SamplingParams, _C
+from aphrodite import _C, LLM, SamplingParams
 from aphrodite.modeling.llava import LlavaForConditionalGeneration
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

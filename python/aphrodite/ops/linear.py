@@ -1,8 +1,8 @@
 """Linear layers with a fused bias + activation epilogue, and the LLaVA multimodal projector.
 
 CPU: float32 (blocked GEMM with AVX-512 / AVX2 / scalar kernels chosen at run time; force one
-with ``APHRODITE_CPU_ISA`` or :func:`set_linear_cpu_isa`). CUDA: float16/bfloat16 on the tensor cores with float32
-accumulation. Weights are in torch's layout ``[out_features, in_features]``.
+with ``APHRODITE_CPU_ISA`` or :func:`set_linear_cpu_isa`). CUDA: float16/bfloat16 on the tensor
+cores with float32 accumulation. Weights are in torch's layout ``[out_features, in_features]``.
 """
 
 from __future__ import annotations
