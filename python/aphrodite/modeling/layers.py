@@ -48,10 +48,17 @@ class Linear(nn.Module):
         self.packed = ops.pack_linear_weight(self.weight, gated=gated)
         self.weight = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
+        """``act(x W^T + b)``; ``activation``: "none", "gelu" (erf) or "gelu_tanh", fused into
+        the GEMM's epilogue when the weight is packed."""
         if self.packed is not None:
-            return ops.linear(x, self.packed, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            return ops.linear(x, self.packed, self.bias, activation)
+        y = F.linear(x, self.weight, self.bias)
+        if activation == "gelu":
+            return F.gelu(y)
+        if activation == "gelu_tanh":
+            return F.gelu(y, approximate="tanh")
+        return y
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` of the gate/up halves of ``forward(x)``, in one fused op when the
