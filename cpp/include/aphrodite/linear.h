@@ -1,12 +1,13 @@
 // Linear layers: y = act(x @ W^T + b), with W in torch's layout [out_features, in_features].
 //
-// CPU: float32, a blocked multi-threaded GEMM (AVX2/FMA micro-kernel when the CPU has it, a
-// portable one otherwise, chosen at run time) whose epilogue adds the bias and applies the
-// activation while the output tile is still in registers. CUDA: float16/bfloat16 inputs and
-// outputs with float32 accumulation on the tensor cores, same fused epilogue.
+// CPU: float32, a blocked multi-threaded GEMM (AVX-512 or AVX2/FMA micro-kernels when the CPU
+// has them, portable ones otherwise, chosen at run time) whose epilogue adds the bias and applies
+// the activation while the output tile is still in registers. CUDA: float16/bfloat16 inputs and
+// outputs with float32 accumulation on the tensor cores, same fused epilogue (not SwiGLU).
 //
 // Weights may be packed once at load time (pack_linear_weight) into the panel layout the CPU
-// kernel reads, which removes the per-call packing and makes few-row (decode) calls cheap.
+// kernel reads, which removes the per-call packing and makes few-row (decode) calls stream each
+// weight byte once, N split across the threads.
 #pragma once
 
 #include <cstdint>
