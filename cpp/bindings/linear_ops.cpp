@@ -27,20 +27,30 @@ void bind_linear_ops(py::module_& ops) {
                            "layout (see pack_linear_weight).")
       .def_property_readonly("out_features", &PackedWeight::out_features)
       .def_property_readonly("in_features", &PackedWeight::in_features)
+      .def_property_readonly("gated", &PackedWeight::gated)
       .def("__repr__", [](const PackedWeight& w) {
         return "PackedLinearWeight(out_features=" + std::to_string(w.out_features()) +
-               ", in_features=" + std::to_string(w.in_features()) + ")";
+               ", in_features=" + std::to_string(w.in_features()) +
+               (w.gated() ? ", gated=True)" : ")");
       });
 
   ops.def(
+      "set_linear_cpu_isa", [](const std::string& name) { set_linear_cpu_isa(name.c_str()); },
+      py::arg("name"),
+      "Forces the CPU GEMM's kernel set: 'avx512', 'avx2', 'scalar' or 'auto' (tests, "
+      "benchmarks).");
+  ops.def("linear_cpu_isa", &linear_cpu_isa, "The CPU GEMM's kernel set in use now.");
+
+  ops.def(
       "pack_linear_weight",
-      [](py::handle weight) {
+      [](py::handle weight, bool gated) {
         ImportedTensor w = import_tensor(weight, "weight");
         py::gil_scoped_release release;
-        return pack_linear_weight(w);
+        return pack_linear_weight(w, gated);
       },
-      py::arg("weight"),
-      "Packs a float32 CPU weight [N, K] for linear(); the result no longer refers to `weight`.");
+      py::arg("weight"), py::arg("gated") = false,
+      "Packs a float32 CPU weight [N, K] for linear(); the result no longer refers to `weight`. "
+      "gated: for activation 'swiglu' (weight = gate rows over up rows).");
 
   ops.def(
       "linear",
@@ -63,7 +73,7 @@ void bind_linear_ops(py::module_& ops) {
       py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
       py::arg("activation") = "none", py::kw_only(), py::arg("stream") = 0,
       "out = act(x @ weight^T + bias). weight: a tensor [N, K] or a PackedLinearWeight (CPU). "
-      "activation: 'none', 'gelu' (erf) or 'gelu_tanh'.");
+      "activation: 'none', 'gelu' (erf), 'gelu_tanh' or 'swiglu' (CPU; out [M, N / 2]).");
 
   ops.def(
       "llava_projector",

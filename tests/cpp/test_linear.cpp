@@ -1,12 +1,13 @@
-// The CPU GEMM behind aphrodite::linear: both kernel sets (scalar and AVX2/FMA) against a
-// double-precision reference, through every edge of the blocking (partial register tiles,
-// partial panels, several K chunks, strided rows, prepacked weights, thread counts), plus the
-// public API's checks and the projector.
+// The CPU GEMM behind aphrodite::linear: every kernel set this CPU runs (scalar, AVX2/FMA,
+// AVX-512) against a double-precision reference, with and without SwiGLU, through every edge of the
+// blocking (partial register tiles, partial panels, several K chunks, strided rows, prepacked
+// weights, thread counts), plus the public API's checks and the projector.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "aphrodite/error.h"
@@ -53,19 +54,21 @@ double run_case(const Case& c, CpuIsa isa, bool prepack, std::mt19937& rng) {
   std::vector<float> bias = random_vector(static_cast<std::size_t>(c.n), rng);
   const float sentinel = 12345.0f;
   std::vector<float> out(static_cast<std::size_t>(c.m * c.ldc), sentinel);
+  const bool gated = c.act == Activation::kSwiGlu;
+  const std::int64_t out_n = gated ? c.n / 2 : c.n;
 
   std::vector<float> packed;
   detail::GemmF32Args args{};
   args.a = a.data();
   args.lda = c.lda;
   if (prepack) {
-    const std::int64_t panels = (c.n + detail::kGemmNr - 1) / detail::kGemmNr;
+    const std::int64_t panels = detail::packed_panels(c.n, gated);
     // 16 spare floats, so that the start can move to a 64-byte boundary (the kernels load
     // packed panels with aligned loads, as from a Buffer).
     packed.resize(static_cast<std::size_t>(panels * c.k * detail::kGemmNr + 16));
     float* base = packed.data();
     while (reinterpret_cast<std::uintptr_t>(base) % 64 != 0) ++base;
-    detail::pack_weight_f32(w.data(), c.ldw, c.n, c.k, base, isa);
+    detail::pack_weight_f32(w.data(), c.ldw, c.n, c.k, gated, base, isa);
     args.packed_w = base;
   } else {
     args.w = w.data();
@@ -84,16 +87,25 @@ double run_case(const Case& c, CpuIsa isa, bool prepack, std::mt19937& rng) {
   for (std::int64_t i = 0; i < c.m; ++i) {
     for (std::int64_t j = 0; j < c.ldc; ++j) {
       const float got = out[static_cast<std::size_t>(i * c.ldc + j)];
-      if (j >= c.n) {
+      if (j >= out_n) {
         EXPECT_EQ(got, sentinel) << "wrote past N at row " << i << " col " << j;
         continue;
       }
-      double acc = c.bias ? bias[static_cast<std::size_t>(j)] : 0.0;
-      for (std::int64_t p = 0; p < c.k; ++p) {
-        acc += static_cast<double>(a[static_cast<std::size_t>(i * c.lda + p)]) *
-               w[static_cast<std::size_t>(j * c.ldw + p)];
+      auto dot = [&](std::int64_t row) {
+        double acc = c.bias ? bias[static_cast<std::size_t>(row)] : 0.0;
+        for (std::int64_t p = 0; p < c.k; ++p) {
+          acc += static_cast<double>(a[static_cast<std::size_t>(i * c.lda + p)]) *
+                 w[static_cast<std::size_t>(row * c.ldw + p)];
+        }
+        return acc;
+      };
+      double ref;
+      if (gated) {
+        const double g = dot(j);
+        ref = g / (1.0 + std::exp(-g)) * dot(out_n + j);
+      } else {
+        ref = activate_ref(dot(j), c.act);
       }
-      const double ref = activate_ref(acc, c.act);
       err2 += (got - ref) * (got - ref);
       ref2 += ref * ref;
     }
@@ -103,21 +115,45 @@ double run_case(const Case& c, CpuIsa isa, bool prepack, std::mt19937& rng) {
 
 std::vector<CpuIsa> isas() {
   std::vector<CpuIsa> v{CpuIsa::kScalar};
-  if (detail::best_cpu_isa() == CpuIsa::kAvx2) v.push_back(CpuIsa::kAvx2);
+  if (detail::best_cpu_isa() >= CpuIsa::kAvx2) v.push_back(CpuIsa::kAvx2);
+  if (detail::best_cpu_isa() >= CpuIsa::kAvx512) v.push_back(CpuIsa::kAvx512);
   return v;
 }
 
 std::vector<Case> cases() {
-  const Activation acts[] = {Activation::kNone, Activation::kGeluErf, Activation::kGeluTanh};
-  // Rows 1..6 hit every partial register tile; N off the 16-wide panels; K = 600 takes three
-  // 256-deep chunks (accumulation into C), K = 0 writes act(bias).
-  const std::int64_t shapes[][3] = {{1, 1, 1},    {1, 40, 600}, {2, 16, 7},  {3, 17, 256},
-                                    {4, 33, 257}, {5, 64, 31},  {6, 5, 513}, {7, 100, 64},
-                                    {13, 48, 0},  {50, 70, 300}};
+  const Activation acts[] = {Activation::kNone, Activation::kGeluErf, Activation::kGeluTanh,
+                             Activation::kSwiGlu};
+  // Rows 1..13, 23, 25 hit every partial register tile (6 rows AVX2 / scalar, 12 AVX-512); N off
+  // the 16-wide panels (and, for SwiGLU, halves off the panels); K = 600 takes three 256-deep
+  // chunks (accumulation into C) unless the weight is prepacked and M <= 64 (one chunk);
+  // K = 0 writes act(bias). Products under 1M multiply-adds run on the calling thread.
+  const std::int64_t shapes[][3] = {
+      {1, 1, 1},
+      {1, 40, 600},
+      {2, 16, 7},
+      {3, 34, 256},
+      {4, 33, 257},
+      {5, 64, 31},
+      {6, 5, 513},
+      {7, 66, 600},
+      {13, 48, 0},
+      {50, 70, 300},
+      {12, 50, 33},
+      {25, 96, 65},
+      {23, 31, 19},
+      {11, 130, 40},
+      {9, 2, 300},
+      {8, 46, 129},
+      // Over the inline-run threshold (1M multiply-adds): split across the pool.
+      {70, 300, 129},
+      {3, 1000, 400},
+      {64, 96, 200},
+      {40, 200, 160}};
   std::vector<Case> out;
   int i = 0;
   for (const auto& s : shapes) {
-    const Activation act = acts[i % 3];
+    Activation act = acts[i % 4];
+    if (act == Activation::kSwiGlu && s[1] % 2 != 0) act = Activation::kNone;
     const bool bias = i % 4 != 1;
     // Every other case with padded row strides (views into wider tensors).
     const std::int64_t pad = i % 2 == 0 ? 0 : 3;
@@ -182,6 +218,45 @@ TEST(Linear, PublicApiChecksArguments) {
   linear(ov2, xv, packed, bv, Activation::kGeluTanh);
   EXPECT_EQ(out, out2);
   EXPECT_THROW(linear(ov2, xv, PackedWeight{}, std::nullopt), ValueError);
+}
+
+TEST(Linear, SwiGluNeedsEvenRowsAndAGatedPackedWeight) {
+  std::vector<float> x(3 * 8, 0.5f), w(6 * 8, 0.25f), out(3 * 3), bias(6, 0.1f);
+  const TensorView xv(x.data(), DType::kFloat32, Device::cpu(), {3, 8});
+  const TensorView wv(w.data(), DType::kFloat32, Device::cpu(), {6, 8});
+  const TensorView ov(out.data(), DType::kFloat32, Device::cpu(), {3, 3});
+  const TensorView bv(bias.data(), DType::kFloat32, Device::cpu(), {6});
+  linear(ov, xv, wv, bv, Activation::kSwiGlu);
+  const double g = 8 * 0.5 * 0.25 + 0.1;
+  for (float v : out) EXPECT_NEAR(v, g / (1 + std::exp(-g)) * g, 1e-6);
+
+  const TensorView odd_w(w.data(), DType::kFloat32, Device::cpu(), {5, 8});
+  EXPECT_THROW(pack_linear_weight(odd_w, /*gated=*/true), ValueError);
+  EXPECT_THROW(linear(ov, xv, odd_w, std::nullopt, Activation::kSwiGlu), ValueError);
+  const PackedWeight plain = pack_linear_weight(wv);
+  EXPECT_THROW(linear(ov, xv, plain, bv, Activation::kSwiGlu), ValueError);
+  const PackedWeight gated = pack_linear_weight(wv, /*gated=*/true);
+  EXPECT_TRUE(gated.gated());
+  std::vector<float> out2(3 * 3);
+  const TensorView ov2(out2.data(), DType::kFloat32, Device::cpu(), {3, 3});
+  linear(ov2, xv, gated, bv, Activation::kSwiGlu);
+  EXPECT_EQ(out, out2);
+  std::vector<float> wide(3 * 6);
+  const TensorView wide_out(wide.data(), DType::kFloat32, Device::cpu(), {3, 6});
+  EXPECT_THROW(linear(wide_out, xv, gated, bv, Activation::kNone), ValueError);
+}
+
+TEST(Linear, CpuIsaCanBeForcedAndRestored) {
+  const std::string before = linear_cpu_isa();
+  set_linear_cpu_isa("scalar");
+  EXPECT_STREQ(linear_cpu_isa(), "scalar");
+  set_linear_cpu_isa("auto");
+  EXPECT_STREQ(linear_cpu_isa(), detail::cpu_isa_name(detail::best_cpu_isa()));
+  EXPECT_THROW(set_linear_cpu_isa("neon"), ValueError);
+  if (detail::best_cpu_isa() < CpuIsa::kAvx512) {
+    EXPECT_THROW(set_linear_cpu_isa("avx512"), ValueError);
+  }
+  set_linear_cpu_isa(before.c_str());
 }
 
 TEST(LlavaProjector, MatchesReferenceWithAndWithoutWorkspace) {

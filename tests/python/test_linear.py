@@ -1,11 +1,15 @@
 """aphrodite.ops.linear against a float64 torch reference: shapes that are not multiples of the
-tiles, with and without bias, every activation, prepacked weights, strided rows, and every
-rejection path."""
+tiles, with and without bias, every activation (SwiGLU included), prepacked weights, strided
+rows, every CPU kernel set this machine runs (AVX-512, AVX2, scalar), and every rejection
+path."""
 
 from __future__ import annotations
 
 import gc
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -51,6 +55,33 @@ def reference(
     elif activation == "gelu_tanh":
         y = F.gelu(y, approximate="tanh")
     return y
+
+
+def swiglu_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    gate, up = reference(x, w, b, "none").chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def cpu_isas() -> list[str]:
+    """The CPU kernel sets this machine runs, best first."""
+    isas = []
+    for isa in ("avx512", "avx2", "scalar"):
+        try:
+            ops.set_linear_cpu_isa(isa)
+        except ValueError:
+            continue
+        isas.append(isa)
+    ops.set_linear_cpu_isa("auto")
+    return isas
+
+
+@pytest.fixture(params=cpu_isas())
+def cpu_isa(request):
+    """Forces one CPU kernel set for the test, then restores the automatic choice."""
+    ops.set_linear_cpu_isa(request.param)
+    assert ops.linear_cpu_isa() == request.param
+    yield request.param
+    ops.set_linear_cpu_isa("auto")
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -255,3 +286,77 @@ def test_linear_rejects_bad_arguments(device: str) -> None:
             ops.linear(x.float(), w.float())
         with pytest.raises(ValueError, match="device"):
             ops.linear(x, w.cpu())
+
+
+def test_every_kernel_set_on_random_shapes(cpu_isa: str) -> None:
+    """Rows 1..300 (the decode path up to 64 rows with packed weights, the blocked one above),
+    odd K and N, with and without bias, every activation, packed and unpacked weights."""
+    gen = torch.Generator().manual_seed(11)
+    activations = [*ACTIVATIONS, "swiglu"]
+    for case in range(16):
+        m = int(torch.randint(1, 301 if case % 2 else 65, (1,), generator=gen))
+        n, k = (int(v) | 1 for v in torch.randint(1, 300, (2,), generator=gen))
+        activation = activations[case % len(activations)]
+        if activation == "swiglu":
+            n += 1  # gate over up: an even number of rows, halves odd
+        x = make((m, k), torch.float32, "cpu", gen)
+        w = make((n, k), torch.float32, "cpu", gen) / math.sqrt(k)
+        b = make((n,), torch.float32, "cpu", gen) if case % 3 else None
+        if activation == "swiglu":
+            ref = swiglu_reference(x, w, b)
+        else:
+            ref = reference(x, w, b, activation)
+        packed = ops.pack_linear_weight(w, gated=activation == "swiglu")
+        for weight in (w, packed):
+            y = ops.linear(x, weight, b, activation)
+            assert y.shape == ref.shape
+            err = rel_err(y, ref)
+            assert err < 1e-5, (cpu_isa, m, n, k, activation, b is not None, err)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 13, 64, 65, 200])
+def test_swiglu_matches_float64(cpu_isa: str, rows: int) -> None:
+    """The fused gate/up op against silu(x Wg^T + bg) * (x Wu^T + bu), with a leading batch
+    dimension and `out`; halves of 300 (not a multiple of 16) split across the thread pool."""
+    gen = torch.Generator().manual_seed(rows)
+    k, half = 96, 150
+    x = make((1, rows, k), torch.float32, "cpu", gen)
+    w = make((2 * half, k), torch.float32, "cpu", gen) / math.sqrt(k)
+    b = make((2 * half,), torch.float32, "cpu", gen)
+    ref = swiglu_reference(x[0], w, b)
+    out = torch.empty(1, rows, half)
+    packed = ops.pack_linear_weight(w, gated=True)
+    assert packed.gated and packed.out_features == 2 * half
+    assert ops.linear(x, packed, b, "swiglu", out=out) is out
+    assert rel_err(out[0], ref) < 1e-5
+    assert rel_err(ops.linear(x, w, b, "swiglu")[0], ref) < 1e-5
+
+
+def test_swiglu_and_kernel_set_rejections() -> None:
+    x = torch.randn(3, 8)
+    w = torch.randn(6, 8)
+    with pytest.raises(ValueError, match="even number of rows"):
+        ops.linear(x, w[:5], activation="swiglu")
+    with pytest.raises(ValueError, match="even number of rows"):
+        ops.pack_linear_weight(w[:5], gated=True)
+    with pytest.raises(ValueError, match="gated=True"):
+        ops.linear(x, ops.pack_linear_weight(w), activation="swiglu")
+    with pytest.raises(ValueError, match="packed gated"):
+        ops.linear(x, ops.pack_linear_weight(w, gated=True))
+    with pytest.raises(ValueError, match="kernel set"):
+        ops.set_linear_cpu_isa("neon")
+    assert ops.linear_cpu_isa() == cpu_isas()[0]
+
+
+def test_cpu_isa_environment_variable_is_read() -> None:
+    """APHRODITE_CPU_ISA chooses the kernel set in a fresh process (read at the first call)."""
+    script = (
+        "import torch; from aphrodite import ops; "
+        "y = ops.linear(torch.ones(2, 3), torch.ones(4, 3)); "
+        "print(ops.linear_cpu_isa(), float(y.sum()))"
+    )
+    env = {**os.environ, "APHRODITE_CPU_ISA": "scalar"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["scalar", "24.0"]

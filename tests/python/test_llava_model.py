@@ -122,6 +122,29 @@ def _assert_matches(ours_ids, ours_logprobs, ref):
         assert err < 1e-4, f"step {step}: top-5 logprobs differ by {err}"
 
 
+@pytest.mark.parametrize("name", ["gqa", "full"])
+def test_cpu_float32_linears_run_packed(checkpoints, name):
+    """On CPU in float32 every projection of the decoder and the vision tower, and the LM head,
+    runs on the core's GEMM with a packed weight (gate/up fused as SwiGLU), and the torch copies
+    are gone, except the embedding matrix that a tied head shares ("full")."""
+    model = _runner(checkpoints[name]).model
+    linears = []
+    for layer in model.language_model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears += [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj]
+        assert mlp.gate_up_proj.packed.gated and not mlp.down_proj.packed.gated
+    for layer in model.vision_tower.encoder.layers:
+        linears += [layer.self_attn.qkv_proj, layer.self_attn.out_proj, layer.mlp.fc1]
+        linears += [layer.mlp.fc2]
+    for linear in linears:
+        assert linear.packed is not None and linear.weight is None
+    assert model._lm_head_packed is not None
+    if name == "full":
+        assert model.lm_head is None and model.language_model.embed_tokens.weight is not None
+    else:
+        assert model.lm_head.weight is None
+
+
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
 def test_greedy_matches_hf(checkpoints, name):
     path = checkpoints[name]

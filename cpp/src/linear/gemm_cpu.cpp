@@ -2,11 +2,14 @@
 #include "linear/gemm_cpu.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <memory>
 #include <new>
+#include <string>
 
+#include "aphrodite/error.h"
 #include "aphrodite/parallel.h"
 
 namespace aphrodite::detail {
@@ -21,6 +24,12 @@ constexpr std::int64_t kMaxSlabPanels = 16;
 // kMaxRowBlock (so the C block that K chunks accumulate into stays in L2).
 constexpr std::int64_t kMinRowBlock = 4 * kGemmMr;
 constexpr std::int64_t kMaxRowBlock = 64 * kGemmMr;
+// Up to this many rows, prepacked weights take the decode path (see gemm_f32), in groups of
+// kSkinnyPanels panels (even: a SwiGLU gate/up pair; the AVX-512 tile's width).
+constexpr std::int64_t kSkinnyRows = 64;
+constexpr std::int64_t kSkinnyPanels = 2;
+// Multiply-adds below which a call runs on the calling thread (about 20 us on one core).
+constexpr std::int64_t kMinParallelWork = std::int64_t{1} << 20;
 
 float gelu_erf(float x) {
   // 1 + erf(u) == erfc(-u): erfc keeps full relative precision in the negative tail.
@@ -48,37 +57,89 @@ struct FreeDeleter {
   void operator()(float* p) const { std::free(p); }
 };
 
-// Per-thread packing buffer, reused across calls (a fresh 256 KiB allocation per task would be
-// an mmap and page faults each time).
-float* packing_scratch(std::size_t floats) {
-  thread_local std::unique_ptr<float, FreeDeleter> buffer;
-  thread_local std::size_t capacity = 0;
-  if (floats > capacity) {
-    std::size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
-    buffer.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
-    if (!buffer) {
-      capacity = 0;
-      throw std::bad_alloc();
+// A per-thread buffer reused across calls (a fresh 256 KiB allocation per task would be an mmap
+// and page faults each time).
+class ScratchBuffer {
+ public:
+  float* get(std::size_t floats) {
+    if (floats > capacity_) {
+      const std::size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
+      buffer_.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+      if (!buffer_) {
+        capacity_ = 0;
+        throw std::bad_alloc();
+      }
+      capacity_ = floats;
     }
-    capacity = floats;
+    return buffer_.get();
   }
-  return buffer.get();
+
+ private:
+  std::unique_ptr<float, FreeDeleter> buffer_;
+  std::size_t capacity_ = 0;
+};
+
+// Slabs of W packed per call.
+float* packing_scratch(std::size_t floats) {
+  thread_local ScratchBuffer buffer;
+  return buffer.get(floats);
+}
+
+// The tile a SwiGLU task computes gate and up into.
+float* swiglu_scratch(std::size_t floats) {
+  thread_local ScratchBuffer buffer;
+  return buffer.get(floats);
 }
 
 struct Kernels {
   GemmBlockFn block;
   PackPanelFn pack;
+  SwigluFn swiglu;
 };
 
 Kernels kernels_for(CpuIsa isa) {
 #if defined(__x86_64__) || defined(_M_X64)
-  if (isa == CpuIsa::kAvx2) return {gemm_block_f32_avx2, pack_panel_f32_avx2};
+  if (isa == CpuIsa::kAvx512) return {gemm_block_f32_avx512, pack_panel_f32_avx2, swiglu_f32_avx2};
+  if (isa == CpuIsa::kAvx2) return {gemm_block_f32_avx2, pack_panel_f32_avx2, swiglu_f32_avx2};
 #endif
   (void)isa;
-  return {gemm_block_f32_scalar, pack_panel_f32_scalar};
+  return {gemm_block_f32_scalar, pack_panel_f32_scalar, swiglu_f32_scalar};
 }
 
 std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+
+// Where packed panel p comes from in W: its first row and how many rows it holds (<= kGemmNr).
+// Gated (SwiGLU, W = [gate; up] with `half` rows each): panels alternate gate and up.
+struct PanelSource {
+  std::int64_t row0;
+  std::int64_t rows;
+};
+
+PanelSource panel_source(std::int64_t p, std::int64_t n, bool gated) {
+  if (!gated) return {p * kGemmNr, std::min<std::int64_t>(kGemmNr, n - p * kGemmNr)};
+  const std::int64_t half = n / 2;
+  const std::int64_t base = (p / 2) * kGemmNr;
+  return {(p % 2 == 1 ? half : 0) + base, std::min<std::int64_t>(kGemmNr, half - base)};
+}
+
+float silu(float v) { return v / (1.0f + std::exp(-v)); }
+
+CpuIsa detect_cpu_isa() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return CpuIsa::kScalar;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+    return CpuIsa::kAvx512;
+  }
+  return CpuIsa::kAvx2;
+#else
+  return CpuIsa::kScalar;
+#endif
+}
+
+// The override: -1 until the first call reads APHRODITE_CPU_ISA, then a CpuIsa value.
+std::atomic<int> g_active_isa{-1};
 
 }  // namespace
 
@@ -127,27 +188,75 @@ void pack_panel_f32_scalar(const float* w, std::int64_t ldw, std::int64_t nr, st
   }
 }
 
-CpuIsa best_cpu_isa() {
-#if defined(__x86_64__) || defined(_M_X64)
-  static const CpuIsa isa = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? CpuIsa::kAvx2
-                                                                           : CpuIsa::kScalar;
-  }();
-  return isa;
-#else
-  return CpuIsa::kScalar;
-#endif
+void swiglu_f32_scalar(const float* gate, const float* up, const float* bias_gate,
+                       const float* bias_up, float* out, std::int64_t n) {
+  for (std::int64_t j = 0; j < n; ++j) {
+    const float g = gate[j] + (bias_gate != nullptr ? bias_gate[j] : 0.0f);
+    const float u = up[j] + (bias_up != nullptr ? bias_up[j] : 0.0f);
+    out[j] = silu(g) * u;
+  }
 }
 
-const char* cpu_isa_name(CpuIsa isa) { return isa == CpuIsa::kAvx2 ? "avx2" : "scalar"; }
+CpuIsa best_cpu_isa() {
+  static const CpuIsa isa = detect_cpu_isa();
+  return isa;
+}
+
+const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kAvx512:
+      return "avx512";
+    case CpuIsa::kAvx2:
+      return "avx2";
+    case CpuIsa::kScalar:
+      break;
+  }
+  return "scalar";
+}
+
+CpuIsa parse_cpu_isa(const char* name) {
+  const std::string s = name;
+  if (s == "auto") return best_cpu_isa();
+  for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+    if (s != cpu_isa_name(isa)) continue;
+    if (isa > best_cpu_isa()) {
+      throw ValueError("the CPU kernel set '" + s +
+                       "' needs instructions this CPU lacks (it runs " + "up to '" +
+                       cpu_isa_name(best_cpu_isa()) + "')");
+    }
+    return isa;
+  }
+  throw ValueError("CPU kernel set must be one of 'avx512', 'avx2', 'scalar', 'auto', got '" + s +
+                   "'");
+}
+
+CpuIsa active_cpu_isa() {
+  int isa = g_active_isa.load(std::memory_order_relaxed);
+  if (isa < 0) {
+    const char* env = std::getenv("APHRODITE_CPU_ISA");
+    isa = static_cast<int>(env != nullptr && *env != '\0' ? parse_cpu_isa(env) : best_cpu_isa());
+    g_active_isa.store(isa, std::memory_order_relaxed);
+  }
+  return static_cast<CpuIsa>(isa);
+}
+
+void set_active_cpu_isa(CpuIsa isa) { g_active_isa.store(static_cast<int>(isa)); }
+
+std::int64_t packed_panels(std::int64_t n, bool gated) {
+  return gated ? 2 * ceil_div(n / 2, kGemmNr) : ceil_div(n, kGemmNr);
+}
 
 void gemm_f32(const GemmF32Args& args, CpuIsa isa) {
   const std::int64_t m = args.m, n = args.n, k = args.k;
+  const bool gated = args.act == Activation::kSwiGlu;
   if (m == 0 || n == 0) return;
   const Kernels kernels = kernels_for(isa);
-  const std::int64_t threads = num_threads();
-  const std::int64_t n_panels = ceil_div(n, kGemmNr);
+  // Small products run on the calling thread: waking the pool costs more than they take.
+  const bool inline_run = m * n * k < kMinParallelWork;
+  const std::int64_t threads = inline_run ? 1 : num_threads();
+  const std::int64_t n_panels = packed_panels(n, gated);
+  // Gated slabs hold whole gate/up pairs.
+  const std::int64_t panel_step = gated ? 2 : 1;
 
   // Column slabs first (each packs its part of W once per row block); fewer panels per slab when
   // there are not enough slabs for the threads (decode-sized calls split N only).
@@ -155,35 +264,52 @@ void gemm_f32(const GemmF32Args& args, CpuIsa isa) {
   if (ceil_div(n_panels, slab_panels) < threads) {
     slab_panels = std::max<std::int64_t>(1, ceil_div(n_panels, threads));
   }
+  slab_panels = ceil_div(slab_panels, panel_step) * panel_step;
   const std::int64_t n_slabs = ceil_div(n_panels, slab_panels);
   // Then row blocks, enough for about two tasks per thread (load balance) when M allows.
   std::int64_t m_blocks = std::max<std::int64_t>(1, ceil_div(2 * threads, n_slabs));
   m_blocks = std::min(m_blocks, std::max<std::int64_t>(1, m / kMinRowBlock));
   m_blocks = std::max(m_blocks, ceil_div(m, kMaxRowBlock));
-  const std::int64_t row_block = ceil_div(ceil_div(m, m_blocks), kGemmMr) * kGemmMr;
+  std::int64_t row_block = ceil_div(ceil_div(m, m_blocks), kGemmMr) * kGemmMr;
   m_blocks = ceil_div(m, row_block);
 
   const bool prepacked = args.packed_w != nullptr;
-  const int act = static_cast<int>(args.act);
+  // Few rows and a prepacked weight (decode): the task walks its slab two panels at a time, each
+  // pair over the whole K for all rows, so every weight byte is read from memory once, as one
+  // contiguous stream per panel, while the rows of x stay in L1/L2; threads split N only.
+  const bool skinny = prepacked && m <= kSkinnyRows;
+  const std::int64_t chunk = skinny ? std::max<std::int64_t>(k, 1) : kGemmKc;
+  if (skinny) {
+    m_blocks = 1;
+    row_block = m;
+  }
+  const int act = gated ? kGemmActNone : static_cast<int>(args.act);
 
-  parallel_run(n_slabs * m_blocks, [&](std::int64_t task) {
+  const auto run_task = [&](std::int64_t task) {
     const std::int64_t slab = task % n_slabs;
     const std::int64_t mb = task / n_slabs;
     const std::int64_t p0 = slab * slab_panels;
     const std::int64_t num_panels = std::min(slab_panels, n_panels - p0);
-    const std::int64_t n0 = p0 * kGemmNr;
-    const std::int64_t slab_n = std::min(num_panels * kGemmNr, n - n0);
     const std::int64_t m0 = mb * row_block;
     const std::int64_t rows = std::min(row_block, m - m0);
     float* scratch =
         prepacked ? nullptr
                   : packing_scratch(static_cast<std::size_t>(
-                        std::min(kGemmKc, std::max<std::int64_t>(k, 1)) * num_panels * kGemmNr));
+                        std::min(chunk, std::max<std::int64_t>(k, 1)) * num_panels * kGemmNr));
+    // Where the kernel writes: C itself, or (gated) a scratch tile of all the slab's panels.
+    float* c = args.c + m0 * args.ldc + p0 * kGemmNr;
+    std::int64_t ldc = args.ldc;
+    std::int64_t slab_n = std::min(num_panels * kGemmNr, n - p0 * kGemmNr);
+    if (gated) {
+      ldc = num_panels * kGemmNr;
+      slab_n = ldc;
+      c = swiglu_scratch(static_cast<std::size_t>(rows * ldc));
+    }
 
     // At least one chunk, so that K == 0 still writes act(bias).
     std::int64_t pc = 0;
     do {
-      const std::int64_t kc = std::min(kGemmKc, k - pc);
+      const std::int64_t kc = std::min(chunk, k - pc);
       GemmBlock block{};
       block.a = args.a + m0 * args.lda + pc;
       block.lda = args.lda;
@@ -192,9 +318,9 @@ void gemm_f32(const GemmF32Args& args, CpuIsa isa) {
         block.panel_stride = k * kGemmNr;
       } else {
         for (std::int64_t p = 0; p < num_panels; ++p) {
-          const std::int64_t row0 = n0 + p * kGemmNr;
-          kernels.pack(args.w + row0 * args.ldw + pc, args.ldw,
-                       std::min<std::int64_t>(kGemmNr, n - row0), kc, scratch + p * kc * kGemmNr);
+          const PanelSource src = panel_source(p0 + p, n, gated);
+          kernels.pack(args.w + src.row0 * args.ldw + pc, args.ldw, src.rows, kc,
+                       scratch + p * kc * kGemmNr);
         }
         block.panels = scratch;
         block.panel_stride = kc * kGemmNr;
@@ -202,26 +328,57 @@ void gemm_f32(const GemmF32Args& args, CpuIsa isa) {
       block.m = rows;
       block.n = slab_n;
       block.kc = kc;
-      block.c = args.c + m0 * args.ldc + n0;
-      block.ldc = args.ldc;
-      block.bias = args.bias != nullptr ? args.bias + n0 : nullptr;
+      block.c = c;
+      block.ldc = ldc;
+      block.bias = args.bias != nullptr && !gated ? args.bias + p0 * kGemmNr : nullptr;
       block.accumulate = pc > 0;
       block.finish = pc + kc >= k;
       block.act = act;
-      kernels.block(block);
+      if (skinny) {
+        for (std::int64_t p = 0; p < num_panels; p += kSkinnyPanels) {
+          GemmBlock group = block;
+          group.panels += p * block.panel_stride;
+          group.n = std::min(kSkinnyPanels * kGemmNr, slab_n - p * kGemmNr);
+          group.c += p * kGemmNr;
+          if (group.bias != nullptr) group.bias += p * kGemmNr;
+          kernels.block(group);
+        }
+      } else {
+        kernels.block(block);
+      }
       pc += kc;
     } while (pc < k);
-  });
+
+    if (gated) {
+      const std::int64_t half = n / 2;
+      for (std::int64_t q = 0; q < num_panels / 2; ++q) {
+        const std::int64_t col0 = (p0 / 2 + q) * kGemmNr;
+        const std::int64_t cols = std::min<std::int64_t>(kGemmNr, half - col0);
+        const float* bias_gate = args.bias != nullptr ? args.bias + col0 : nullptr;
+        const float* bias_up = args.bias != nullptr ? args.bias + half + col0 : nullptr;
+        for (std::int64_t i = 0; i < rows; ++i) {
+          const float* gate = c + i * ldc + 2 * q * kGemmNr;
+          kernels.swiglu(gate, gate + kGemmNr, bias_gate, bias_up,
+                         args.c + (m0 + i) * args.ldc + col0, cols);
+        }
+      }
+    }
+  };
+  if (inline_run) {
+    for (std::int64_t task = 0; task < n_slabs * m_blocks; ++task) run_task(task);
+  } else {
+    parallel_run(n_slabs * m_blocks, run_task);
+  }
 }
 
-void pack_weight_f32(const float* w, std::int64_t ldw, std::int64_t n, std::int64_t k, float* dst,
-                     CpuIsa isa) {
+void pack_weight_f32(const float* w, std::int64_t ldw, std::int64_t n, std::int64_t k, bool gated,
+                     float* dst, CpuIsa isa) {
   const Kernels kernels = kernels_for(isa);
-  const std::int64_t n_panels = ceil_div(n, kGemmNr);
+  const std::int64_t n_panels = packed_panels(n, gated);
   parallel_for(0, n_panels, 1, [&](std::int64_t begin, std::int64_t end) {
     for (std::int64_t p = begin; p < end; ++p) {
-      kernels.pack(w + p * kGemmNr * ldw, ldw, std::min<std::int64_t>(kGemmNr, n - p * kGemmNr), k,
-                   dst + p * k * kGemmNr);
+      const PanelSource src = panel_source(p, n, gated);
+      kernels.pack(w + src.row0 * ldw, ldw, src.rows, k, dst + p * k * kGemmNr);
     }
   });
 }

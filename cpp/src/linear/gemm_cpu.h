@@ -8,12 +8,20 @@
 // bias and applies the activation before it stores the tile, so C is written once per chunk and
 // never re-read for the epilogue.
 //
-// Decode-sized calls (few rows) run through the same kernels; with a prepacked weight each panel
-// is streamed once per call, with packing per call the packing costs as much as the product.
+// Decode-sized calls without a prepacked weight run through the same path (packing per call then
+// costs about as much as the product). Decode-sized calls (up to 64 rows) with a prepacked weight
+// take the whole K in one chunk and walk the slab one pair of panels at a time, so that each panel
+// is one contiguous stream read from memory once (the row strips after the first find it in L2) and
+// C is written once.
 //
-// The kernels exist twice with one contract: *_scalar (portable, gemm_cpu.cpp) and *_avx2
-// (AVX2/FMA, gemm_f32_avx2.cpp). The structs here are plain data so that the AVX2 file needs no
-// templates shared with the rest of the library.
+// SwiGLU: the panels interleave gate and up (gate panel q, up panel q, ...), slabs hold whole
+// pairs, and a task computes its block of both into a per-thread scratch tile, then writes
+// silu(gate + bg) * (up + bu) to C (the swiglu kernel) while that tile is still in cache.
+//
+// The kernels exist three times with one contract: *_scalar (portable, gemm_cpu.cpp), *_avx2
+// (AVX2/FMA, gemm_f32_avx2.cpp) and *_avx512 (gemm_f32_avx512.cpp; it reuses the AVX2 packing
+// and SwiGLU kernels, which are memory-bound). The structs here are plain data so that the AVX2
+// file needs no templates shared with the rest of the library.
 #pragma once
 
 #include <cstdint>
@@ -52,6 +60,9 @@ struct GemmBlock {
 };
 
 using GemmBlockFn = void (*)(const GemmBlock& block);
+// out[j] = silu(gate[j] + bias_gate[j]) * (up[j] + bias_up[j]) for j < n (biases may be null).
+using SwigluFn = void (*)(const float* gate, const float* up, const float* bias_gate,
+                          const float* bias_up, float* out, std::int64_t n);
 // Packs `nr` (<= kGemmNr) rows of W starting at `w` (row stride ldw), `kc` values each, into
 // dst[kc][kGemmNr]; features nr.. are zero.
 using PackPanelFn = void (*)(const float* w, std::int64_t ldw, std::int64_t nr, std::int64_t kc,
@@ -60,17 +71,29 @@ using PackPanelFn = void (*)(const float* w, std::int64_t ldw, std::int64_t nr, 
 void gemm_block_f32_scalar(const GemmBlock& block);
 void pack_panel_f32_scalar(const float* w, std::int64_t ldw, std::int64_t nr, std::int64_t kc,
                            float* dst);
+void swiglu_f32_scalar(const float* gate, const float* up, const float* bias_gate,
+                       const float* bias_up, float* out, std::int64_t n);
 #if defined(__x86_64__) || defined(_M_X64)
 void gemm_block_f32_avx2(const GemmBlock& block);
 void pack_panel_f32_avx2(const float* w, std::int64_t ldw, std::int64_t nr, std::int64_t kc,
                          float* dst);
+void swiglu_f32_avx2(const float* gate, const float* up, const float* bias_gate,
+                     const float* bias_up, float* out, std::int64_t n);
+void gemm_block_f32_avx512(const GemmBlock& block);
 #endif
 
-enum class CpuIsa { kScalar, kAvx2 };
+// Ordered: a CPU that runs one set runs all the ones before it.
+enum class CpuIsa { kScalar, kAvx2, kAvx512 };
 
-// The best kernel set this CPU runs (AVX2 and FMA, else scalar).
+// The best kernel set this CPU runs (AVX-512 F/BW/DQ/VL with FMA, else AVX2 and FMA, else
+// scalar).
 CpuIsa best_cpu_isa();
+// The set linear() uses: APHRODITE_CPU_ISA (read once) or set_linear_cpu_isa(), else the best.
+CpuIsa active_cpu_isa();
+void set_active_cpu_isa(CpuIsa isa);
 const char* cpu_isa_name(CpuIsa isa);
+// "avx512" / "avx2" / "scalar" / "auto"; ValueError for other names or sets this CPU lacks.
+CpuIsa parse_cpu_isa(const char* name);
 
 struct GemmF32Args {
   const float* a;
@@ -82,15 +105,19 @@ struct GemmF32Args {
   const float* bias;  // [N] or nullptr
   float* c;
   std::int64_t ldc;
-  std::int64_t m, n, k;
+  std::int64_t m, n, k;  // n: rows of W (with kSwiGlu, C has n / 2 columns)
   Activation act;
 };
 
 // Runs the whole GEMM on the core's thread pool with the kernels of `isa`.
 void gemm_f32(const GemmF32Args& args, CpuIsa isa);
 
-// Packs W [n, k] (row stride ldw) into ceil(n / kGemmNr) panels of k * kGemmNr floats at dst.
-void pack_weight_f32(const float* w, std::int64_t ldw, std::int64_t n, std::int64_t k, float* dst,
-                     CpuIsa isa);
+// Panels W [n, k] packs into (gated: both halves rounded up to whole panels separately).
+std::int64_t packed_panels(std::int64_t n, bool gated);
+
+// Packs W [n, k] (row stride ldw) into packed_panels(n, gated) panels of k * kGemmNr floats at
+// dst; gated: the gate/up interleaved order of kSwiGlu.
+void pack_weight_f32(const float* w, std::int64_t ldw, std::int64_t n, std::int64_t k, bool gated,
+                     float* dst, CpuIsa isa);
 
 }  // namespace aphrodite::detail

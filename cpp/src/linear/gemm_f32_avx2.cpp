@@ -158,29 +158,59 @@ void row_strip(const GemmBlock& b, std::int64_t i0) {
   }
 }
 
+template <int MR>
+void strip_of_height(const GemmBlock& b, std::int64_t i0, std::int64_t rows) {
+  if constexpr (MR > 0) {
+    if (rows == MR) {
+      row_strip<MR>(b, i0);
+    } else {
+      strip_of_height<MR - 1>(b, i0, rows);
+    }
+  }
+}
+
 }  // namespace
 
 void gemm_block_f32_avx2(const GemmBlock& b) {
+  // Strips of even height (8 rows: 4 + 4, not 6 + 2): a short strip does few FMAs per weight
+  // load, and at decode-like row counts it would be a large share of the work.
+  const std::int64_t strips = (b.m + kGemmMr - 1) / kGemmMr;
+  if (strips == 0) return;
+  const std::int64_t base = b.m / strips, taller = b.m % strips;
   std::int64_t i0 = 0;
-  for (; i0 + kGemmMr <= b.m; i0 += kGemmMr) row_strip<kGemmMr>(b, i0);
-  switch (b.m - i0) {
-    case 5:
-      row_strip<5>(b, i0);
-      break;
-    case 4:
-      row_strip<4>(b, i0);
-      break;
-    case 3:
-      row_strip<3>(b, i0);
-      break;
-    case 2:
-      row_strip<2>(b, i0);
-      break;
-    case 1:
-      row_strip<1>(b, i0);
-      break;
-    default:
-      break;
+  for (std::int64_t s = 0; s < strips; ++s) {
+    const std::int64_t rows = base + (s < taller ? 1 : 0);
+    strip_of_height<kGemmMr>(b, i0, rows);
+    i0 += rows;
+  }
+}
+
+void swiglu_f32_avx2(const float* gate, const float* up, const float* bias_gate,
+                     const float* bias_up, float* out, std::int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (std::int64_t j = 0; j < n; j += 8) {
+    const std::int64_t left = n - j;
+    const bool full = left >= 8;
+    const __m256i mask = column_mask(left);
+    __m256 g = full ? _mm256_loadu_ps(gate + j) : _mm256_maskload_ps(gate + j, mask);
+    __m256 u = full ? _mm256_loadu_ps(up + j) : _mm256_maskload_ps(up + j, mask);
+    if (bias_gate != nullptr) {
+      g = _mm256_add_ps(
+          g, full ? _mm256_loadu_ps(bias_gate + j) : _mm256_maskload_ps(bias_gate + j, mask));
+    }
+    if (bias_up != nullptr) {
+      u = _mm256_add_ps(
+          u, full ? _mm256_loadu_ps(bias_up + j) : _mm256_maskload_ps(bias_up + j, mask));
+    }
+    // silu(g) = g / (1 + exp(-g)); exp overflowing to its clamp gives the correct ~0.
+    const __m256 s =
+        _mm256_div_ps(g, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    const __m256 v = _mm256_mul_ps(s, u);
+    if (full) {
+      _mm256_storeu_ps(out + j, v);
+    } else {
+      _mm256_maskstore_ps(out + j, mask, v);
+    }
   }
 }
 

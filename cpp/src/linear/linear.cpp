@@ -26,14 +26,18 @@ void check_matrix(const TensorView& t, const char* name) {
 
 // Shapes and layouts shared by both overloads; the weight's shape is (n, k).
 void check_linear_args(const TensorView& out, const TensorView& x, std::int64_t n, std::int64_t k,
-                       const std::optional<TensorView>& bias) {
+                       const std::optional<TensorView>& bias, Activation act) {
   check_matrix(x, "x");
   check_matrix(out, "out");
   if (x.size(1) != k) {
     throw ValueError("x must have " + std::to_string(k) +
                      " columns (the weight's in_features), got " + x.describe());
   }
-  check_shape(out, "out", {x.size(0), n});
+  if (act == Activation::kSwiGlu && n % 2 != 0) {
+    throw ValueError("activation 'swiglu' needs a weight with an even number of rows (gate over " +
+                     std::string("up), got ") + std::to_string(n));
+  }
+  check_shape(out, "out", {x.size(0), act == Activation::kSwiGlu ? n / 2 : n});
   check_same_device(out, "out", x, "x");
   if (bias) {
     check_shape(*bias, "bias", {n});
@@ -78,22 +82,32 @@ const char* activation_name(Activation act) {
       return "gelu";
     case Activation::kGeluTanh:
       return "gelu_tanh";
+    case Activation::kSwiGlu:
+      return "swiglu";
   }
   return "unknown";
 }
 
 Activation parse_activation(const char* name) {
-  for (Activation act : {Activation::kNone, Activation::kGeluErf, Activation::kGeluTanh}) {
+  for (Activation act :
+       {Activation::kNone, Activation::kGeluErf, Activation::kGeluTanh, Activation::kSwiGlu}) {
     if (std::strcmp(name, activation_name(act)) == 0) return act;
   }
-  throw ValueError(std::string("activation must be one of 'none', 'gelu', 'gelu_tanh', got '") +
-                   name + "'");
+  throw ValueError(
+      std::string("activation must be one of 'none', 'gelu', 'gelu_tanh', 'swiglu', got '") + name +
+      "'");
 }
+
+void set_linear_cpu_isa(const char* name) {
+  detail::set_active_cpu_isa(detail::parse_cpu_isa(name));
+}
+
+const char* linear_cpu_isa() { return detail::cpu_isa_name(detail::active_cpu_isa()); }
 
 void linear(const TensorView& out, const TensorView& x, const TensorView& weight,
             const std::optional<TensorView>& bias, Activation act, StreamHandle stream) {
   check_matrix(weight, "weight");
-  check_linear_args(out, x, weight.size(0), weight.size(1), bias);
+  check_linear_args(out, x, weight.size(0), weight.size(1), bias, act);
   check_same_device(weight, "weight", x, "x");
   check_no_overlap(out, x, "x");
   check_no_overlap(out, weight, "weight");
@@ -116,10 +130,13 @@ void linear(const TensorView& out, const TensorView& x, const TensorView& weight
     args.n = weight.size(0);
     args.k = weight.size(1);
     args.act = act;
-    detail::gemm_f32(args, detail::best_cpu_isa());
+    detail::gemm_f32(args, detail::active_cpu_isa());
     return;
   }
 
+  if (act == Activation::kSwiGlu) {
+    throw ValueError("activation 'swiglu' is implemented for CPU tensors only");
+  }
 #ifdef APHRODITE_WITH_CUDA
   check_dtype(x, "x", {DType::kFloat16, DType::kBFloat16});
   check_dtype(weight, "weight", {x.dtype()});
@@ -146,19 +163,24 @@ void linear(const TensorView& out, const TensorView& x, const TensorView& weight
 #endif
 }
 
-PackedWeight pack_linear_weight(const TensorView& weight) {
+PackedWeight pack_linear_weight(const TensorView& weight, bool gated) {
   check_matrix(weight, "weight");
   check_device(weight, "weight", Device::cpu());
   check_cpu_float32(weight, "weight");
   const std::int64_t n = weight.size(0), k = weight.size(1);
-  const std::int64_t panels = (n + detail::kGemmNr - 1) / detail::kGemmNr;
+  if (gated && n % 2 != 0) {
+    throw ValueError("a gated weight stacks gate over up rows and needs an even number of rows, " +
+                     std::string("got ") + weight.describe());
+  }
+  const std::int64_t panels = detail::packed_panels(n, gated);
   PackedWeight packed;
   packed.storage_ = Buffer::allocate(
       static_cast<std::size_t>(panels * k * detail::kGemmNr) * sizeof(float), Device::cpu());
   packed.out_features_ = n;
   packed.in_features_ = k;
-  detail::pack_weight_f32(weight.data_as<const float>(), weight.stride(0), n, k,
-                          static_cast<float*>(packed.storage_->data()), detail::best_cpu_isa());
+  packed.gated_ = gated;
+  detail::pack_weight_f32(weight.data_as<const float>(), weight.stride(0), n, k, gated,
+                          static_cast<float*>(packed.storage_->data()), detail::active_cpu_isa());
   return packed;
 }
 
@@ -166,7 +188,13 @@ void linear(const TensorView& out, const TensorView& x, const PackedWeight& weig
             const std::optional<TensorView>& bias, Activation act) {
   if (weight.empty())
     throw ValueError("weight is an empty PackedWeight (not built by pack_linear_weight)");
-  check_linear_args(out, x, weight.out_features(), weight.in_features(), bias);
+  if (weight.gated() != (act == Activation::kSwiGlu)) {
+    throw ValueError(
+        weight.gated() ? "weight was packed gated (for 'swiglu') but the activation is '" +
+                             std::string(activation_name(act)) + "'"
+                       : std::string("activation 'swiglu' needs a weight packed with gated=True"));
+  }
+  check_linear_args(out, x, weight.out_features(), weight.in_features(), bias, act);
   check_device(x, "x", Device::cpu());
   check_no_overlap(out, x, "x");
   check_cpu_float32(x, "x");
@@ -183,7 +211,7 @@ void linear(const TensorView& out, const TensorView& x, const PackedWeight& weig
   args.n = weight.out_features();
   args.k = weight.in_features();
   args.act = act;
-  detail::gemm_f32(args, detail::best_cpu_isa());
+  detail::gemm_f32(args, detail::active_cpu_isa());
 }
 
 }  // namespace aphrodite

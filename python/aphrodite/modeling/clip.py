@@ -13,6 +13,8 @@ from torch import nn
 from aphrodite.config import VisionConfig
 from aphrodite.modeling.layers import LayerNorm, Linear, empty_param
 
+_FUSED_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
 
 def _activation(name: str):
     if name == "quick_gelu":
@@ -65,6 +67,10 @@ class CLIPAttention(nn.Module):
         )
         self.out_proj = Linear(d, d, True, dtype, device)
 
+    def pack(self) -> None:
+        self.qkv_proj.pack()
+        self.out_proj.pack()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
         qkv = self.qkv_proj(x).view(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -78,8 +84,16 @@ class CLIPMLP(nn.Module):
         self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, True, dtype, device)
         self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, True, dtype, device)
         self.act = _activation(cfg.hidden_act)
+        # The GELU variants ops.linear fuses into fc1's epilogue (quick_gelu stays separate).
+        self.fc1_activation = _FUSED_ACTIVATIONS.get(cfg.hidden_act)
+
+    def pack(self) -> None:
+        self.fc1.pack()
+        self.fc2.pack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fc1_activation is not None:
+            return self.fc2(self.fc1(x, self.fc1_activation))
         return self.fc2(self.act(self.fc1(x)))
 
 

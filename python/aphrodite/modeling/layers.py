@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aphrodite import ops
+
 
 def empty_param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
@@ -17,7 +19,11 @@ def empty_param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Par
 
 class Linear(nn.Module):
     """y = x W^T + b. ``shards`` names the checkpoint tensors stacked along the output dim
-    (e.g. q/k/v into one qkv projection) with their row counts, for the weight loader."""
+    (e.g. q/k/v into one qkv projection) with their row counts, for the weight loader.
+
+    On CPU in float32, :meth:`pack` (after loading) moves the weight into the core GEMM's packed
+    layout and drops the torch tensor; from then on :meth:`forward` runs ``ops.linear``.
+    """
 
     def __init__(
         self,
@@ -34,9 +40,33 @@ class Linear(nn.Module):
         if shards is not None and sum(shards.values()) != out_features:
             raise ValueError(f"shards {shards} do not add up to {out_features} rows")
         self.shards = shards
+        self.packed: ops.PackedLinearWeight | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def pack(self, gated: bool = False) -> None:
+        """Packs the loaded weight for ``ops.linear`` and frees the torch copy. ``gated``: the
+        weight stacks SwiGLU's gate over its up rows; call :meth:`swiglu` instead of forward."""
+        self.packed = ops.pack_linear_weight(self.weight, gated=gated)
+        self.weight = None
+
+    def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
+        """``act(x W^T + b)``; ``activation``: "none", "gelu" (erf) or "gelu_tanh", fused into
+        the GEMM's epilogue when the weight is packed."""
+        if self.packed is not None:
+            return ops.linear(x, self.packed, self.bias, activation)
+        y = F.linear(x, self.weight, self.bias)
+        if activation == "gelu":
+            return F.gelu(y)
+        if activation == "gelu_tanh":
+            return F.gelu(y, approximate="tanh")
+        return y
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` of the gate/up halves of ``forward(x)``, in one fused op when the
+        weight is packed."""
+        if self.packed is not None:
+            return ops.linear(x, self.packed, self.bias, activation="swiglu")
+        gate, up = F.linear(x, self.weight, self.bias).chunk(2, dim=-1)
+        return F.silu(gate) * up
 
 
 class LayerNorm(nn.Module):

@@ -98,6 +98,10 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(q_size, cfg.hidden_size, cfg.attention_bias, dtype, device)
         self.scale = self.head_dim**-0.5
 
+    def pack(self) -> None:
+        self.qkv_proj.pack()
+        self.o_proj.pack()
+
     def forward(
         self,
         x: torch.Tensor,
@@ -144,8 +148,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(i, cfg.hidden_size, cfg.mlp_bias, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.gate_up_proj.swiglu(x))
+
+    def pack(self) -> None:
+        self.gate_up_proj.pack(gated=True)
+        self.down_proj.pack()
 
 
 class LlamaDecoderLayer(nn.Module):

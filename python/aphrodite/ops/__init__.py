@@ -14,8 +14,10 @@ from aphrodite.ops.image import (
 from aphrodite.ops.linear import (
     PackedLinearWeight,
     linear,
+    linear_cpu_isa,
     llava_projector,
     pack_linear_weight,
+    set_linear_cpu_isa,
 )
 
 __all__ = [
@@ -23,10 +25,12 @@ __all__ = [
     "PilPassOrder",
     "clip_preprocess",
     "linear",
+    "linear_cpu_isa",
     "llava_projector",
     "pack_linear_weight",
     "paged_attention",
     "pil_pass_order",
     "preprocess_images",
     "reshape_and_cache",
+    "set_linear_cpu_isa",
 ]

@@ -1,7 +1,8 @@
 """Linear layers with a fused bias + activation epilogue, and the LLaVA multimodal projector.
 
-CPU: float32 (blocked AVX2/FMA GEMM). CUDA: float16/bfloat16 on the tensor cores with float32
-accumulation. Weights are in torch's layout ``[out_features, in_features]``.
+CPU: float32 (blocked GEMM with AVX-512 / AVX2 / scalar kernels chosen at run time; force one
+with ``APHRODITE_CPU_ISA`` or :func:`set_linear_cpu_isa`). CUDA: float16/bfloat16 on the tensor
+cores with float32 accumulation. Weights are in torch's layout ``[out_features, in_features]``.
 """
 
 from __future__ import annotations
@@ -10,20 +11,35 @@ import math
 from typing import Literal
 
 import torch
+from torch.utils.dlpack import to_dlpack
 
 from aphrodite import _C
 from aphrodite.ops._stream import stream_of
 
-Activation = Literal["none", "gelu", "gelu_tanh"]
+Activation = Literal["none", "gelu", "gelu_tanh", "swiglu"]
 PackedLinearWeight = _C.ops.PackedLinearWeight
 
 
-def pack_linear_weight(weight: torch.Tensor) -> PackedLinearWeight:
+def pack_linear_weight(weight: torch.Tensor, gated: bool = False) -> PackedLinearWeight:
     """Packs a float32 CPU weight ``[N, K]`` once (at load time) into the CPU GEMM's layout.
 
-    The result can replace the weight in :func:`linear`; it holds its own copy.
+    The result can replace the weight in :func:`linear`; it holds its own copy. ``gated``: the
+    weight stacks SwiGLU's gate rows over its up rows, for ``activation="swiglu"``.
     """
-    return _C.ops.pack_linear_weight(weight)
+    return _C.ops.pack_linear_weight(weight, gated)
+
+
+def set_linear_cpu_isa(name: Literal["avx512", "avx2", "scalar", "auto"]) -> None:
+    """Forces the CPU kernel set (tests, benchmarks); ``"auto"``: the best this CPU runs.
+
+    Raises ``ValueError`` for a set this CPU cannot run.
+    """
+    _C.ops.set_linear_cpu_isa(name)
+
+
+def linear_cpu_isa() -> str:
+    """The CPU kernel set :func:`linear` uses now: ``"avx512"``, ``"avx2"`` or ``"scalar"``."""
+    return _C.ops.linear_cpu_isa()
 
 
 def linear(
@@ -35,17 +51,32 @@ def linear(
 ) -> torch.Tensor:
     """``act(x @ weight.T + bias)`` for ``x`` of shape ``[..., K]``; returns ``[..., N]``.
 
-    ``activation``: ``"none"``, ``"gelu"`` (exact erf) or ``"gelu_tanh"``. ``out``, when
-    given, receives the result (shape ``[..., N]``, innermost dimension dense).
+    ``activation``: ``"none"``, ``"gelu"`` (exact erf), ``"gelu_tanh"``, or ``"swiglu"`` (CPU):
+    ``weight`` stacks gate over up rows (packed with ``gated=True`` if packed) and the result
+    ``silu(x @ Wg.T + bg) * (x @ Wu.T + bu)`` is ``[..., N / 2]``. ``out``, when given, receives
+    the result (innermost dimension dense).
     """
     n = weight.out_features if isinstance(weight, PackedLinearWeight) else weight.shape[0]
+    if activation == "swiglu":
+        n //= 2
     lead = x.shape[:-1]
     rows = math.prod(lead)
     x2 = x if x.dim() == 2 else x.reshape(rows, x.shape[-1])
     if out is None:
         out = torch.empty(*lead, n, dtype=x.dtype, device=x.device)
     out2 = out if out.dim() == 2 else out.view(rows, n)
-    _C.ops.linear(out2, x2, weight, bias, activation, stream=stream_of(x))
+    if x.is_cuda:
+        _C.ops.linear(out2, x2, weight, bias, activation, stream=stream_of(x))
+    else:
+        # Decode runs ~100 small linears per step: hand CPU tensors over as DLPack capsules made
+        # in C (about 0.3 us each) rather than through Tensor.__dlpack__ (tens of us each).
+        _C.ops.linear(
+            to_dlpack(out2),
+            to_dlpack(x2),
+            weight if isinstance(weight, PackedLinearWeight) else to_dlpack(weight),
+            None if bias is None else to_dlpack(bias),
+            activation,
+        )
     return out
 
 

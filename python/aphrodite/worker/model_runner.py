@@ -43,6 +43,7 @@ class ModelRunner:
             hf, model_config.max_model_len, self.dtype, self.device
         ).eval()
         self.model.load_weights(iterate_weights(model_config.model))
+        self.model.pack_cpu_linears()
         self.encoder_cache: dict[tuple[str, int], torch.Tensor] = {}
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0

@@ -1,0 +1,196 @@
+// AVX-512 kernels of the CPU GEMM (contract in gemm_cpu.h). Compiled with -mavx512f/bw/dq/vl and
+// -mfma; only called after best_cpu_isa() saw those features. Plain functions and intrinsics only.
+//
+// A packed panel row (16 features) is exactly one zmm register, so a register tile spans two
+// panels: 12 rows x 32 columns = 24 accumulators, 2 weight loads and 12 broadcasts per k, which
+// keeps both FMA ports busy while the loads stay under two per cycle.
+//
+// GCC 12 at -O3 reports the deliberately undefined pass-through operand of its own AVX-512
+// intrinsics (_mm512_undefined_ps in avx512fintrin.h) as maybe-uninitialized once inlined here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "linear/gemm_cpu.h"
+
+namespace aphrodite::detail {
+
+namespace {
+
+constexpr int kTileRows = 12;
+
+inline __mmask16 column_mask(std::int64_t valid) {
+  if (valid >= 16) return static_cast<__mmask16>(0xFFFF);
+  if (valid <= 0) return 0;
+  return static_cast<__mmask16>((1u << valid) - 1u);
+}
+
+// exp(x) for float32, the same Cephes polynomial as the AVX2 kernels (see gemm_f32_avx2.cpp).
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.0f));
+  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __m512i e =
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+// 0.5 * x * erfc(-x / sqrt(2)), erfc from the same Chebyshev fit as the AVX2 kernels.
+inline __m512 gelu_erf_ps(__m512 x) {
+  const __m512 u = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
+  const __m512 z = _mm512_abs_ps(u);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.5f), z, one));
+  __m512 p = _mm512_set1_ps(0.17087277f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.82215223f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.48851587f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.13520398f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.27886807f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.18628806f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.09678418f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.37409196f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.00002368f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.26551223f));
+  const __m512 erfc_z = _mm512_mul_ps(t, exp_ps(_mm512_fnmadd_ps(z, z, p)));
+  // erfc(-u) = erfc(|u|) for u < 0, 2 - erfc(|u|) for u >= 0.
+  const __mmask16 positive = _mm512_cmp_ps_mask(u, _mm512_setzero_ps(), _CMP_GE_OQ);
+  const __m512 erfc_neg_u =
+      _mm512_mask_blend_ps(positive, erfc_z, _mm512_sub_ps(_mm512_set1_ps(2.0f), erfc_z));
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), erfc_neg_u);
+}
+
+// 0.5 * x * (1 + tanh(y)) == x / (1 + exp(-2y)), y = sqrt(2/pi) * (x + 0.044715 x^3).
+inline __m512 gelu_tanh_ps(__m512 x) {
+  const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+  const __m512 y = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                 _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), x3, x));
+  const __m512 e = exp_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), y));
+  return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
+inline __m512 activate_ps(__m512 v, int act) {
+  if (act == kGemmActGeluErf) return gelu_erf_ps(v);
+  if (act == kGemmActGeluTanh) return gelu_tanh_ps(v);
+  return v;
+}
+
+// One MR x (NP * 16) register tile over `kc` values of k, NP consecutive panels of the slab.
+// `valid` (columns of C that exist from this tile's first column) masks C and bias; the packed
+// panels are zero-padded, so the product needs no mask.
+template <int MR, int NP>
+inline void tile(const GemmBlock& b, const float* a, const float* panel, float* c,
+                 std::int64_t valid, const float* bias) {
+  __m512 acc[NP][MR];
+  __mmask16 mask[NP];
+#pragma GCC unroll 2
+  for (int p = 0; p < NP; ++p) mask[p] = column_mask(valid - 16 * p);
+  if (b.accumulate) {
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 2
+      for (int p = 0; p < NP; ++p)
+        acc[p][i] = _mm512_maskz_loadu_ps(mask[p], c + i * b.ldc + 16 * p);
+    }
+  } else {
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 2
+      for (int p = 0; p < NP; ++p) acc[p][i] = _mm512_setzero_ps();
+    }
+  }
+
+  const std::int64_t lda = b.lda;
+  const std::int64_t stride = b.panel_stride;
+  for (std::int64_t k = 0; k < b.kc; ++k) {
+    __m512 w[NP];
+#pragma GCC unroll 2
+    for (int p = 0; p < NP; ++p) w[p] = _mm512_load_ps(panel + p * stride + k * kGemmNr);
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(a[i * lda + k]);
+#pragma GCC unroll 2
+      for (int p = 0; p < NP; ++p) acc[p][i] = _mm512_fmadd_ps(av, w[p], acc[p][i]);
+    }
+  }
+
+  if (b.finish) {
+    if (bias != nullptr) {
+#pragma GCC unroll 2
+      for (int p = 0; p < NP; ++p) {
+        const __m512 bv = _mm512_maskz_loadu_ps(mask[p], bias + 16 * p);
+#pragma GCC unroll 12
+        for (int i = 0; i < MR; ++i) acc[p][i] = _mm512_add_ps(acc[p][i], bv);
+      }
+    }
+    if (b.act != kGemmActNone) {
+#pragma GCC unroll 12
+      for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 2
+        for (int p = 0; p < NP; ++p) acc[p][i] = activate_ps(acc[p][i], b.act);
+      }
+    }
+  }
+
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 2
+    for (int p = 0; p < NP; ++p) _mm512_mask_storeu_ps(c + i * b.ldc + 16 * p, mask[p], acc[p][i]);
+  }
+}
+
+template <int MR>
+void row_strip(const GemmBlock& b, std::int64_t i0) {
+  const float* a = b.a + i0 * b.lda;
+  float* c = b.c + i0 * b.ldc;
+  std::int64_t j0 = 0;
+  // Two panels while a second one exists (more than 16 columns left), then the last one alone.
+  for (; j0 + kGemmNr < b.n; j0 += 2 * kGemmNr) {
+    tile<MR, 2>(b, a, b.panels + (j0 / kGemmNr) * b.panel_stride, c + j0, b.n - j0,
+                b.bias != nullptr ? b.bias + j0 : nullptr);
+  }
+  if (j0 < b.n) {
+    tile<MR, 1>(b, a, b.panels + (j0 / kGemmNr) * b.panel_stride, c + j0, b.n - j0,
+                b.bias != nullptr ? b.bias + j0 : nullptr);
+  }
+}
+
+template <int MR>
+void strip_of_height(const GemmBlock& b, std::int64_t i0, std::int64_t rows) {
+  if constexpr (MR > 0) {
+    if (rows == MR) {
+      row_strip<MR>(b, i0);
+    } else {
+      strip_of_height<MR - 1>(b, i0, rows);
+    }
+  }
+}
+
+}  // namespace
+
+void gemm_block_f32_avx512(const GemmBlock& b) {
+  // Strips of even height (16 rows: 8 + 8, not 12 + 4): a short strip does few FMAs per weight
+  // load, and at decode-like row counts it would be a large share of the work.
+  const std::int64_t strips = (b.m + kTileRows - 1) / kTileRows;
+  if (strips == 0) return;
+  const std::int64_t base = b.m / strips, taller = b.m % strips;
+  std::int64_t i0 = 0;
+  for (std::int64_t s = 0; s < strips; ++s) {
+    const std::int64_t rows = base + (s < taller ? 1 : 0);
+    strip_of_height<kTileRows>(b, i0, rows);
+    i0 += rows;
+  }
+}
+
+}  // namespace aphrodite::detail
