@@ -47,6 +47,19 @@ TEST(Sha256, KnownVectors) {
   EXPECT_EQ(hex(h.finish()), "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
 }
 
+// The one-shot hash pads short messages itself; it must agree with update()/finish() at every
+// length, across the one-, two-, three- and four-block cases and past them.
+TEST(Sha256, OneShotMatchesIncremental) {
+  std::string message;
+  for (std::size_t len = 0; len <= 300; ++len) {
+    Sha256 h;
+    for (std::size_t i = 0; i < len; i += 7)
+      h.update(message.data() + i, std::min<std::size_t>(7, len - i));
+    EXPECT_EQ(hex(Sha256::hash(message.data(), len)), hex(h.finish())) << "length " << len;
+    message.push_back(static_cast<char>('a' + (len * 31 + 7) % 26));
+  }
+}
+
 TEST(BlockPool, LruFreeQueueAndCache) {
   BlockPool pool(5, /*enable_caching=*/true);
   EXPECT_EQ(pool.num_free_blocks(), 4);

@@ -34,8 +34,8 @@ class BlockPool {
   // Blocks that can be handed out now (free, cached or not); excludes the null block.
   std::int32_t num_free_blocks() const { return num_free_; }
   std::int32_t num_usable_blocks() const { return num_blocks_ - 1; }
-  std::int32_t ref_count(std::int32_t block) const { return ref_[block]; }
-  bool is_cached(std::int32_t block) const { return has_key_[block] != 0; }
+  std::int32_t ref_count(std::int32_t block) const { return meta_[block].ref; }
+  bool is_cached(std::int32_t block) const { return (meta_[block].tag & kCachedBit) != 0; }
   std::size_t num_cached_blocks() const { return num_cached_; }
 
   // Takes the least recently freed block (evicting its key); reference count 1. Throws
@@ -51,29 +51,41 @@ class BlockPool {
   // Publishes an owned, fully written block under `key`. Returns false (and leaves the block
   // unpublished) when another block already holds that key or the block already has one.
   bool publish(std::int32_t block, const BlockKey& key);
+  // Starts loading what publish(block, key) will touch (a hint: no effect on the state). Callers
+  // with many publishes issue the hints first so that the cache misses overlap.
+  void prefetch_publish(std::int32_t block, const BlockKey& key) const;
   // Forgets every key. Only possible while no block is owned; returns whether it was done.
   bool reset_prefix_cache();
 
  private:
+  // Per-block bookkeeping in one 16-byte record, so that allocating, freeing or evicting a block
+  // touches one cache line of it (at hundreds of thousands of blocks these lines are cold).
+  struct BlockMeta {
+    std::int32_t ref = 0;
+    // Free queue links; -1 ends the list.
+    std::int32_t prev = -1, next = -1;
+    // kCachedBit | the 31-bit index tag of its key while the block has one, else 0. Eviction
+    // finds the block's index slot from it without reading the 32-byte key.
+    std::uint32_t tag = 0;
+  };
+  static constexpr std::uint32_t kCachedBit = 0x80000000u;
+  static constexpr std::uint32_t kTagMask = 0x7fffffffu;
+
   void push_back(std::int32_t block);
   void unlink(std::int32_t block);
   void evict(std::int32_t block);
-  std::size_t home_slot(const BlockKey& key) const;
 
   std::int32_t num_blocks_;
   bool enable_caching_;
   std::int32_t num_free_ = 0;
-  std::vector<std::int32_t> ref_;
-  // Free queue links; -1 ends the list. head_/tail_ are -1 when empty.
-  std::vector<std::int32_t> prev_, next_;
-  std::int32_t head_ = -1, tail_ = -1;
+  std::vector<BlockMeta> meta_;
+  std::int32_t head_ = -1, tail_ = -1;  // -1 when the free queue is empty
   std::vector<BlockKey> key_;
-  std::vector<std::uint8_t> has_key_;
   // The key -> block index: open addressing with linear probing over block ids (keys are read
-  // from key_), with a 32-bit tag of the key's hash to skip most full compares; deletion shifts
-  // entries back so probes never need tombstones. At most half full. A flat table keeps a
-  // publish or an eviction to about one cache miss, which matters at tens of thousands of
-  // cached blocks and ~100 publishes and evictions per step.
+  // from key_), with a 31-bit tag of the key's hash (its home slot and a filter that skips most
+  // full compares); deletion shifts entries back so probes never need tombstones. At most half
+  // full. A flat table keeps a publish or an eviction to about one cache miss, which matters at
+  // tens of thousands of cached blocks and ~100 publishes and evictions per step.
   struct Slot {
     std::int32_t block = -1;
     std::uint32_t tag = 0;
