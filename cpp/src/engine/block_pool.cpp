@@ -13,6 +13,11 @@ BlockPool::BlockPool(std::int32_t num_blocks, bool enable_caching)
       enable_caching_(enable_caching),
       meta_(static_cast<std::size_t>(std::max(num_blocks, 0))) {
   if (num_blocks < 2) throw ValueError("num_blocks must be >= 2 (block 0 is the null block)");
+  // At least twice the blocks: a compaction then always frees at least half of the ring.
+  std::size_t ring = 16;
+  while (ring < 2 * static_cast<std::size_t>(num_blocks)) ring *= 2;
+  queue_.assign(ring, kNullBlock);
+  queue_mask_ = static_cast<std::uint32_t>(ring - 1);
   meta_[kNullBlock].ref = 1;  // permanently owned, never in the free queue
   for (std::int32_t b = 1; b < num_blocks; ++b) push_back(b);
   if (enable_caching_) {
@@ -34,33 +39,47 @@ std::uint32_t key_tag(const BlockKey& key) {
 }  // namespace
 
 void BlockPool::push_back(std::int32_t block) {
+  if (tail_ - head_ == queue_mask_ + 1) compact_queue();
+  queue_[tail_ & queue_mask_] = block;
   BlockMeta& m = meta_[block];
-  m.prev = tail_;
-  m.next = -1;
-  if (tail_ >= 0) {
-    meta_[tail_].next = block;
-  } else {
-    head_ = block;
-  }
-  tail_ = block;
+  m.queue_pos = tail_;
+  m.queued = 1;
+  ++tail_;
   ++num_free_;
 }
 
-void BlockPool::unlink(std::int32_t block) {
-  BlockMeta& m = meta_[block];
-  const std::int32_t p = m.prev, n = m.next;
-  if (p >= 0) {
-    meta_[p].next = n;
-  } else {
-    head_ = n;
+// Moves the live entries to the front of the ring, in order, dropping the stale ones.
+void BlockPool::compact_queue() {
+  std::uint32_t write = head_;
+  for (std::uint32_t pos = head_; pos != tail_; ++pos) {
+    const std::int32_t block = queue_[pos & queue_mask_];
+    BlockMeta& m = meta_[block];
+    if (m.queued == 0 || m.queue_pos != pos) continue;
+    queue_[write & queue_mask_] = block;
+    m.queue_pos = write;
+    ++write;
   }
-  if (n >= 0) {
-    meta_[n].prev = p;
-  } else {
-    tail_ = p;
+  tail_ = write;
+}
+
+// The least recently freed block, taken out of the queue (num_free_ > 0 is the caller's check).
+std::int32_t BlockPool::pop_front() {
+  for (;;) {
+    // The ring is read in order: start loading the records (and, for cached blocks, the index
+    // slots) of the blocks a few entries ahead. Entries past the tail hold old block ids, so the
+    // hints stay in bounds.
+    __builtin_prefetch(&meta_[queue_[(head_ + 16) & queue_mask_]]);
+    const BlockMeta& ahead = meta_[queue_[(head_ + 8) & queue_mask_]];
+    if (ahead.tag & kCachedBit) __builtin_prefetch(&index_[(ahead.tag & kTagMask) & index_mask_]);
+    const std::uint32_t pos = head_++;
+    const std::int32_t block = queue_[pos & queue_mask_];
+    BlockMeta& m = meta_[block];
+    if (m.queued != 0 && m.queue_pos == pos) {
+      m.queued = 0;
+      --num_free_;
+      return block;
+    }
   }
-  m.prev = m.next = -1;
-  --num_free_;
 }
 
 void BlockPool::evict(std::int32_t block) {
@@ -86,19 +105,16 @@ void BlockPool::evict(std::int32_t block) {
 }
 
 std::int32_t BlockPool::allocate() {
-  if (head_ < 0) throw Error("BlockPool::allocate: no free KV-cache block");
-  const std::int32_t block = head_;
-  unlink(block);
+  if (num_free_ == 0) throw Error("BlockPool::allocate: no free KV-cache block");
+  const std::int32_t block = pop_front();
   evict(block);
   meta_[block].ref = 1;
-  // The next allocation takes the new head: start loading its record and the line after it in
-  // the queue while the caller works (the queue order is unrelated to memory order).
-  if (head_ >= 0) {
-    const BlockMeta& next = meta_[head_];
-    if (next.tag & kCachedBit) __builtin_prefetch(&index_[(next.tag & kTagMask) & index_mask_]);
-    if (next.next >= 0) __builtin_prefetch(&meta_[next.next]);
-  }
   return block;
+}
+
+void BlockPool::allocate_many(std::int32_t n, std::int32_t* out) {
+  if (n > num_free_) throw Error("BlockPool::allocate_many: not enough free KV-cache blocks");
+  for (std::int32_t i = 0; i < n; ++i) out[i] = allocate();
 }
 
 void BlockPool::release(std::int32_t block) {
@@ -109,7 +125,11 @@ void BlockPool::release(std::int32_t block) {
 }
 
 void BlockPool::acquire(std::int32_t block) {
-  if (meta_[block].ref++ == 0) unlink(block);
+  BlockMeta& m = meta_[block];
+  if (m.ref++ == 0) {
+    m.queued = 0;  // its ring entry goes stale
+    --num_free_;
+  }
 }
 
 std::int32_t BlockPool::lookup(const BlockKey& key) const {

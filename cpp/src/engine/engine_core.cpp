@@ -181,6 +181,7 @@ struct EngineCore::Impl {
   void undo_encoder_choices(Request& r);
   void release_encoder_entries(Request& r, std::vector<FreedEncoderOutput>& report_to);
   void release_blocks(Request& r);
+  void append_new_blocks(Request& r, std::int32_t n);
   void remove_from_running(Request& r);
   void preempt(Request& r);
   bool fit_blocks(Request& r, std::int32_t new_total_tokens);
@@ -324,12 +325,27 @@ void EngineCore::Impl::release_encoder_entries(Request& r,
 void EngineCore::Impl::release_blocks(Request& r) {
   // Reverse order: a sequence's last blocks are the least likely to be shared, so they reach the
   // head of the free queue (evicted first) before its first ones.
-  for (auto it = r.blocks.rbegin(); it != r.blocks.rend(); ++it) pool.release(*it);
+  const auto nb = static_cast<std::ptrdiff_t>(r.blocks.size());
+  constexpr std::ptrdiff_t kAhead = 8;
+  for (std::ptrdiff_t i = nb - 1; i >= 0; --i) {
+    if (i >= kAhead) pool.prefetch(r.blocks[static_cast<std::size_t>(i - kAhead)]);
+    pool.release(r.blocks[static_cast<std::size_t>(i)]);
+  }
   r.blocks.clear();
   r.tail_block = 0;
   r.blocks_generation = ++next_generation;
   r.num_computed = 0;
   r.num_published = 0;
+}
+
+// `n` freshly allocated blocks at the end of r's block table (callers made sure they are free).
+void EngineCore::Impl::append_new_blocks(Request& r, std::int32_t n) {
+  if (n <= 0) return;
+  if (n > pool.num_free_blocks()) throw Error("EngineCore: KV-cache blocks short while allocating");
+  const std::size_t old_size = r.blocks.size();
+  r.blocks.resize(old_size + static_cast<std::size_t>(n));
+  pool.allocate_many(n, r.blocks.data() + old_size);
+  r.tail_block = r.blocks.back();
 }
 
 void EngineCore::Impl::remove_from_running(Request& r) {
@@ -376,8 +392,7 @@ bool EngineCore::Impl::fit_blocks(Request& r, std::int32_t new_total_tokens) {
     preempt(*victim);
     if (victim == &r) return false;
   }
-  for (std::int32_t i = 0; i < need; ++i) r.blocks.push_back(pool.allocate());
-  r.tail_block = r.blocks.back();
+  append_new_blocks(r, need);
   return true;
 }
 
@@ -426,8 +441,7 @@ bool EngineCore::Impl::try_admit(Request& r) {
     pool.acquire(b);
     r.blocks.push_back(b);
   }
-  for (std::int32_t i = 0; i < need; ++i) r.blocks.push_back(pool.allocate());
-  r.tail_block = r.blocks.back();
+  append_new_blocks(r, need);
   r.blocks_generation = ++next_generation;
   r.num_computed = computed;
   r.num_published = hits;
