@@ -628,6 +628,10 @@ void EngineCore::add_request(const std::string& request_id, RequestParams params
   if (r->has_salt) r->salt = *params.cache_salt;
   r->arrival = ++s.next_arrival;
   r->blocks.reserve(static_cast<std::size_t>(blocks_needed));
+  // A key per full block of prompt + outputs: no reallocation while decoding.
+  if (cfg.enable_prefix_caching) {
+    r->keys.reserve(static_cast<std::size_t>((prompt_len + params.max_tokens) / cfg.block_size));
+  }
   r->blocks_generation = ++s.next_generation;
   s.compute_keys(*r);
   Request* raw = r.get();
