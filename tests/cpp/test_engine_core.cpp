@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <list>
 #include <map>
 #include <random>
 #include <set>
@@ -45,6 +46,48 @@ TEST(Sha256, KnownVectors) {
     left -= n;
   }
   EXPECT_EQ(hex(h.finish()), "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+}
+
+// The one-shot hash pads short messages itself; it must agree with update()/finish() at every
+// length, across the one-, two-, three- and four-block cases and past them.
+TEST(Sha256, OneShotMatchesIncremental) {
+  std::string message;
+  for (std::size_t len = 0; len <= 300; ++len) {
+    Sha256 h;
+    for (std::size_t i = 0; i < len; i += 7)
+      h.update(message.data() + i, std::min<std::size_t>(7, len - i));
+    EXPECT_EQ(hex(Sha256::hash(message.data(), len)), hex(h.finish())) << "length " << len;
+    message.push_back(static_cast<char>('a' + (len * 31 + 7) % 26));
+  }
+}
+
+// The free queue against a plain list model under random allocate/release/acquire: a small pool
+// makes stale ring entries (acquire from the middle) and ring compactions frequent.
+TEST(BlockPool, FreeQueueMatchesListModel) {
+  constexpr std::int32_t kBlocks = 9;
+  BlockPool pool(kBlocks, /*enable_caching=*/false);
+  std::list<std::int32_t> free_list;
+  for (std::int32_t b = 1; b < kBlocks; ++b) free_list.push_back(b);
+  std::vector<std::int32_t> refs(kBlocks, 0);
+  std::mt19937 rng(7);
+  for (int step = 0; step < 20000; ++step) {
+    const int op = static_cast<int>(rng() % 3);
+    const auto block = static_cast<std::int32_t>(1 + rng() % (kBlocks - 1));
+    if (op == 0 && !free_list.empty()) {
+      const std::int32_t expected = free_list.front();
+      free_list.pop_front();
+      ASSERT_EQ(pool.allocate(), expected) << "step " << step;
+      refs[static_cast<std::size_t>(expected)] = 1;
+    } else if (op == 1 && refs[static_cast<std::size_t>(block)] > 0) {
+      pool.release(block);
+      if (--refs[static_cast<std::size_t>(block)] == 0) free_list.push_back(block);
+    } else if (op == 2) {
+      pool.acquire(block);
+      if (refs[static_cast<std::size_t>(block)]++ == 0) free_list.remove(block);
+    }
+    ASSERT_EQ(pool.num_free_blocks(), static_cast<std::int32_t>(free_list.size()));
+    ASSERT_EQ(pool.ref_count(block), refs[static_cast<std::size_t>(block)]);
+  }
 }
 
 TEST(BlockPool, LruFreeQueueAndCache) {

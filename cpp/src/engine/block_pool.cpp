@@ -11,15 +11,17 @@ namespace aphrodite::engine {
 BlockPool::BlockPool(std::int32_t num_blocks, bool enable_caching)
     : num_blocks_(num_blocks),
       enable_caching_(enable_caching),
-      ref_(static_cast<std::size_t>(num_blocks), 0),
-      prev_(static_cast<std::size_t>(num_blocks), -1),
-      next_(static_cast<std::size_t>(num_blocks), -1),
-      key_(static_cast<std::size_t>(num_blocks)),
-      has_key_(static_cast<std::size_t>(num_blocks), 0) {
+      meta_(static_cast<std::size_t>(std::max(num_blocks, 0))) {
   if (num_blocks < 2) throw ValueError("num_blocks must be >= 2 (block 0 is the null block)");
-  ref_[kNullBlock] = 1;  // permanently owned, never in the free queue
+  // At least twice the blocks: a compaction then always frees at least half of the ring.
+  std::size_t ring = 16;
+  while (ring < 2 * static_cast<std::size_t>(num_blocks)) ring *= 2;
+  queue_.assign(ring, kNullBlock);
+  queue_mask_ = static_cast<std::uint32_t>(ring - 1);
+  meta_[kNullBlock].ref = 1;  // permanently owned, never in the free queue
   for (std::int32_t b = 1; b < num_blocks; ++b) push_back(b);
   if (enable_caching_) {
+    key_.resize(static_cast<std::size_t>(num_blocks));
     std::size_t size = 16;
     while (size < 2 * static_cast<std::size_t>(num_blocks)) size *= 2;
     index_.assign(size, Slot{});
@@ -28,49 +30,62 @@ BlockPool::BlockPool(std::int32_t num_blocks, bool enable_caching)
 }
 
 namespace {
-// SHA-256 output is uniform, so its first 8 bytes are a good hash.
-std::uint64_t key_hash(const BlockKey& key) {
-  std::uint64_t h;
+// SHA-256 output is uniform, so its first bytes are a good hash.
+std::uint32_t key_tag(const BlockKey& key) {
+  std::uint32_t h;
   std::memcpy(&h, key.data(), sizeof(h));
-  return h;
+  return h & 0x7fffffffu;
 }
 }  // namespace
 
-std::size_t BlockPool::home_slot(const BlockKey& key) const {
-  return static_cast<std::size_t>(key_hash(key)) & index_mask_;
-}
-
 void BlockPool::push_back(std::int32_t block) {
-  prev_[block] = tail_;
-  next_[block] = -1;
-  if (tail_ >= 0) {
-    next_[tail_] = block;
-  } else {
-    head_ = block;
-  }
-  tail_ = block;
+  if (tail_ - head_ == queue_mask_ + 1) compact_queue();
+  queue_[tail_ & queue_mask_] = block;
+  BlockMeta& m = meta_[block];
+  m.queue_pos = tail_;
+  m.queued = 1;
+  ++tail_;
   ++num_free_;
 }
 
-void BlockPool::unlink(std::int32_t block) {
-  const std::int32_t p = prev_[block], n = next_[block];
-  if (p >= 0) {
-    next_[p] = n;
-  } else {
-    head_ = n;
+// Moves the live entries to the front of the ring, in order, dropping the stale ones.
+void BlockPool::compact_queue() {
+  std::uint32_t write = head_;
+  for (std::uint32_t pos = head_; pos != tail_; ++pos) {
+    const std::int32_t block = queue_[pos & queue_mask_];
+    BlockMeta& m = meta_[block];
+    if (m.queued == 0 || m.queue_pos != pos) continue;
+    queue_[write & queue_mask_] = block;
+    m.queue_pos = write;
+    ++write;
   }
-  if (n >= 0) {
-    prev_[n] = p;
-  } else {
-    tail_ = p;
+  tail_ = write;
+}
+
+// The least recently freed block, taken out of the queue (num_free_ > 0 is the caller's check).
+std::int32_t BlockPool::pop_front() {
+  for (;;) {
+    // The ring is read in order: start loading the records (and, for cached blocks, the index
+    // slots) of the blocks a few entries ahead. Entries past the tail hold old block ids, so the
+    // hints stay in bounds.
+    __builtin_prefetch(&meta_[queue_[(head_ + 16) & queue_mask_]]);
+    const BlockMeta& ahead = meta_[queue_[(head_ + 8) & queue_mask_]];
+    if (ahead.tag & kCachedBit) __builtin_prefetch(&index_[(ahead.tag & kTagMask) & index_mask_]);
+    const std::uint32_t pos = head_++;
+    const std::int32_t block = queue_[pos & queue_mask_];
+    BlockMeta& m = meta_[block];
+    if (m.queued != 0 && m.queue_pos == pos) {
+      m.queued = 0;
+      --num_free_;
+      return block;
+    }
   }
-  prev_[block] = next_[block] = -1;
-  --num_free_;
 }
 
 void BlockPool::evict(std::int32_t block) {
-  if (!has_key_[block]) return;
-  std::size_t i = home_slot(key_[block]);
+  BlockMeta& m = meta_[block];
+  if ((m.tag & kCachedBit) == 0) return;
+  std::size_t i = (m.tag & kTagMask) & index_mask_;
   while (index_[i].block != block) i = (i + 1) & index_mask_;
   // Backward-shift deletion: move later entries of the probe run into the hole when their home
   // slot does not lie cyclically after the hole.
@@ -85,33 +100,41 @@ void BlockPool::evict(std::int32_t block) {
     }
   }
   index_[i] = Slot{};
-  has_key_[block] = 0;
+  m.tag = 0;
   --num_cached_;
 }
 
 std::int32_t BlockPool::allocate() {
-  if (head_ < 0) throw Error("BlockPool::allocate: no free KV-cache block");
-  const std::int32_t block = head_;
-  unlink(block);
+  if (num_free_ == 0) throw Error("BlockPool::allocate: no free KV-cache block");
+  const std::int32_t block = pop_front();
   evict(block);
-  ref_[block] = 1;
+  meta_[block].ref = 1;
   return block;
 }
 
+void BlockPool::allocate_many(std::int32_t n, std::int32_t* out) {
+  if (n > num_free_) throw Error("BlockPool::allocate_many: not enough free KV-cache blocks");
+  for (std::int32_t i = 0; i < n; ++i) out[i] = allocate();
+}
+
 void BlockPool::release(std::int32_t block) {
-  if (block <= kNullBlock || block >= num_blocks_ || ref_[block] <= 0) {
+  if (block <= kNullBlock || block >= num_blocks_ || meta_[block].ref <= 0) {
     throw Error("BlockPool::release: block " + std::to_string(block) + " is not owned");
   }
-  if (--ref_[block] == 0) push_back(block);
+  if (--meta_[block].ref == 0) push_back(block);
 }
 
 void BlockPool::acquire(std::int32_t block) {
-  if (ref_[block]++ == 0) unlink(block);
+  BlockMeta& m = meta_[block];
+  if (m.ref++ == 0) {
+    m.queued = 0;  // its ring entry goes stale
+    --num_free_;
+  }
 }
 
 std::int32_t BlockPool::lookup(const BlockKey& key) const {
   if (!enable_caching_) return -1;
-  const auto tag = static_cast<std::uint32_t>(key_hash(key));
+  const std::uint32_t tag = key_tag(key);
   for (std::size_t i = tag & index_mask_;; i = (i + 1) & index_mask_) {
     const Slot& slot = index_[i];
     if (slot.block < 0) return -1;
@@ -119,16 +142,22 @@ std::int32_t BlockPool::lookup(const BlockKey& key) const {
   }
 }
 
+void BlockPool::prefetch_publish(std::int32_t block, const BlockKey& key) const {
+  if (!enable_caching_) return;
+  __builtin_prefetch(&meta_[block]);
+  __builtin_prefetch(&index_[key_tag(key) & index_mask_]);
+}
+
 bool BlockPool::publish(std::int32_t block, const BlockKey& key) {
-  if (!enable_caching_ || has_key_[block]) return false;
-  const auto tag = static_cast<std::uint32_t>(key_hash(key));
+  if (!enable_caching_ || (meta_[block].tag & kCachedBit) != 0) return false;
+  const std::uint32_t tag = key_tag(key);
   std::size_t i = tag & index_mask_;
   for (; index_[i].block >= 0; i = (i + 1) & index_mask_) {
     if (index_[i].tag == tag && key_[index_[i].block] == key) return false;
   }
   index_[i] = Slot{block, tag};
   key_[block] = key;
-  has_key_[block] = 1;
+  meta_[block].tag = tag | kCachedBit;
   ++num_cached_;
   return true;
 }
@@ -136,7 +165,7 @@ bool BlockPool::publish(std::int32_t block, const BlockKey& key) {
 bool BlockPool::reset_prefix_cache() {
   if (num_free_ != num_blocks_ - 1) return false;
   std::fill(index_.begin(), index_.end(), Slot{});
-  std::fill(has_key_.begin(), has_key_.end(), 0);
+  for (BlockMeta& m : meta_) m.tag = 0;
   num_cached_ = 0;
   return true;
 }

@@ -55,37 +55,45 @@ enum class MMState : std::uint8_t {
   kDone,       // every token computed; embeddings released
 };
 
-struct Request {
-  std::string id;
+// Fields in the order a step touches them: a running request's per-step work (schedule, input
+// preparation, update) reads the first two cache lines only (plus its last token and last block),
+// which keeps the step's working set small at thousands of running sequences.
+struct alignas(64) Request {
+  Status status = Status::kWaiting;
+  bool samples_now = false;
+  bool ignore_eos = false;
+  bool has_mm = false;
+  bool has_stop_ids = false;
+  std::int32_t num_computed = 0;   // tokens whose KV is in the cache
+  std::int32_t num_scheduled = 0;  // tokens in the step being planned / awaiting update
+  std::int32_t num_published = 0;  // leading blocks already offered to the prefix cache
+  std::int32_t min_total = 0;      // prompt + min_tokens: stop tokens count from this length on
+  std::int32_t length_limit = 0;   // min(prompt + max_tokens, max_model_len)
+  std::int32_t eos = -1;
+  // tokens.back() and blocks.back() (0 without blocks), kept here so that a decode step reads
+  // neither vector's memory.
+  std::int32_t last_token = 0;
+  std::int32_t tail_block = 0;
   std::vector<std::int32_t> tokens;  // prompt followed by the outputs
-  std::int32_t num_prompt = 0;
+
+  std::vector<std::int32_t> blocks;
+  std::string id;
+  std::uint64_t blocks_generation = 0;  // changes whenever `blocks` is rebuilt from scratch
+
+  std::vector<BlockKey> keys;  // of every full block of `tokens`
   std::vector<MultiModalItem> mm;
   std::vector<MMState> mm_state;
-  std::int32_t max_tokens = 0;
-  std::int32_t min_tokens = 0;
-  bool ignore_eos = false;
-  std::int32_t eos = -1;
   std::vector<std::int32_t> stop_ids;
   std::int32_t priority = 0;
-  bool has_salt = false;
-  std::string salt;
-
+  std::int32_t running_index = -1;
+  std::int32_t enc_tokens_now = 0;  // encoder budget taken in the step being planned
   std::uint64_t arrival = 0;
   std::uint64_t admit_seq = 0;
-  Status status = Status::kWaiting;
   FinishReason finish_reason = FinishReason::kNone;
-  std::int32_t stop_token = -1;
   bool finish_reported = false;
-
-  std::int32_t num_computed = 0;    // tokens whose KV is in the cache
-  std::int32_t num_scheduled = 0;   // tokens in the step being planned / awaiting update
-  std::int32_t enc_tokens_now = 0;  // encoder budget taken in the step being planned
-  bool samples_now = false;
-  std::vector<std::int32_t> blocks;
-  std::uint64_t blocks_generation = 0;  // changes whenever `blocks` is rebuilt from scratch
-  std::vector<BlockKey> keys;           // of every full block of `tokens`
-  std::int32_t num_published = 0;       // leading blocks already offered to the prefix cache
-  std::int32_t running_index = -1;
+  bool has_salt = false;
+  std::int32_t stop_token = -1;
+  std::string salt;
 
   std::int32_t num_tokens() const { return static_cast<std::int32_t>(tokens.size()); }
 };
@@ -106,14 +114,26 @@ struct EngineCore::Impl {
 
   EngineConfig cfg;
   std::int32_t bs;
+  // log2(bs) when bs is a power of two (the usual case), else -1: positions map to blocks with a
+  // shift and a mask instead of a division on the per-token paths.
+  std::int32_t bs_shift;
   std::int32_t max_blocks;
   BlockPool pool;
 
   std::unordered_map<std::string, std::unique_ptr<Request>> requests;  // unfinished ones
   std::vector<std::unique_ptr<Request>> finished;  // kept until their event has been reported
   std::set<Request*, WaitingOrder> waiting;
-  std::vector<Request*> running;              // row order of the plan
-  std::vector<Request*> scheduled;            // the plan's sequences, awaiting update()
+  std::vector<Request*> running;     // row order of the plan
+  std::vector<Request*> scheduled;   // the plan's sequences, awaiting update()
+  std::vector<Request*> prefilling;  // schedule()'s second pass
+  // Newly full blocks of one update(); the key is read at publish time because compute_keys may
+  // grow the request's key vector in between.
+  struct PendingPublish {
+    std::int32_t block;
+    std::int32_t key_index;
+    const Request* request;
+  };
+  std::vector<PendingPublish> to_publish;
   std::vector<Request*> externally_finished;  // events for the next update()
   std::vector<FreedEncoderOutput> pending_freed;
   bool awaiting_update = false;
@@ -149,11 +169,19 @@ struct EngineCore::Impl {
   std::int32_t encoder_budget = 0;
   bool preempted_this_step = false;
 
+  std::int32_t block_of(std::int32_t pos) const {
+    return bs_shift >= 0 ? pos >> bs_shift : pos / bs;
+  }
+  std::int32_t offset_in_block(std::int32_t pos) const {
+    return bs_shift >= 0 ? pos & (bs - 1) : pos % bs;
+  }
   void compute_keys(Request& r);
+  std::uint8_t key_message[32 + 64 * sizeof(std::int32_t)];  // compute_keys' scratch
   std::int32_t limit_by_encoder(Request& r, std::int32_t start, std::int32_t n);
   void undo_encoder_choices(Request& r);
   void release_encoder_entries(Request& r, std::vector<FreedEncoderOutput>& report_to);
   void release_blocks(Request& r);
+  void append_new_blocks(Request& r, std::int32_t n);
   void remove_from_running(Request& r);
   void preempt(Request& r);
   bool fit_blocks(Request& r, std::int32_t new_total_tokens);
@@ -166,6 +194,7 @@ struct EngineCore::Impl {
 EngineCore::Impl::Impl(const EngineConfig& c)
     : cfg((c.validate(), c)),
       bs(c.block_size),
+      bs_shift((c.block_size & (c.block_size - 1)) == 0 ? __builtin_ctz(c.block_size) : -1),
       max_blocks(c.max_blocks_per_seq()),
       pool(c.num_blocks, c.enable_prefix_caching) {
   const auto tokens = static_cast<std::size_t>(cfg.max_num_batched_tokens);
@@ -184,6 +213,8 @@ EngineCore::Impl::Impl(const EngineConfig& c)
   row_filled.assign(seqs, 0);
   running.reserve(seqs);
   scheduled.reserve(seqs);
+  prefilling.reserve(seqs);
+  to_publish.reserve(tokens / static_cast<std::size_t>(bs) + seqs);
   events.reserve(seqs);
   out.request_ids.reserve(seqs);
   out.max_blocks_per_seq = max_blocks;
@@ -212,11 +243,22 @@ void EngineCore::Impl::compute_keys(Request& r) {
   for (std::int32_t i = static_cast<std::int32_t>(r.keys.size()); i < full; ++i) {
     const std::int64_t begin = static_cast<std::int64_t>(i) * bs;
     const std::int64_t end = begin + bs;
-    Sha256 h;
     static const BlockKey kRoot{};
-    h.update(i == 0 ? kRoot.data() : r.keys[static_cast<std::size_t>(i) - 1].data(), 32);
-    h.update(r.tokens.data() + begin, static_cast<std::size_t>(bs) * sizeof(std::int32_t));
+    const std::uint8_t* parent =
+        i == 0 ? kRoot.data() : r.keys[static_cast<std::size_t>(i) - 1].data();
+    const std::size_t token_bytes = static_cast<std::size_t>(bs) * sizeof(std::int32_t);
     while (item < r.mm.size() && r.mm[item].offset + r.mm[item].length <= begin) ++item;
+    const bool plain = (item == r.mm.size() || r.mm[item].offset >= end) && !(i == 0 && r.has_salt);
+    if (plain && 32 + token_bytes <= sizeof(key_message)) {
+      // The common case (no image, no salt): one contiguous message, hashed in one shot.
+      std::memcpy(key_message, parent, 32);
+      std::memcpy(key_message + 32, r.tokens.data() + begin, token_bytes);
+      r.keys.push_back(Sha256::hash(key_message, 32 + token_bytes));
+      continue;
+    }
+    Sha256 h;
+    h.update(parent, 32);
+    h.update(r.tokens.data() + begin, token_bytes);
     for (std::size_t j = item; j < r.mm.size() && r.mm[j].offset < end; ++j) {
       const std::uint8_t tag = 'I';
       const std::int64_t place[2] = {r.mm[j].offset - begin, r.mm[j].length};
@@ -238,6 +280,7 @@ void EngineCore::Impl::compute_keys(Request& r) {
 // Shrinks a chunk [start, start + n) so that every image it touches is either cached or chosen
 // for encoding now (within the step's encoder budget and the encoder cache). Returns the new n.
 std::int32_t EngineCore::Impl::limit_by_encoder(Request& r, std::int32_t start, std::int32_t n) {
+  if (!r.has_mm) return n;
   const std::int32_t end = start + n;
   for (std::size_t j = 0; j < r.mm.size(); ++j) {
     const MultiModalItem& m = r.mm[j];
@@ -282,11 +325,27 @@ void EngineCore::Impl::release_encoder_entries(Request& r,
 void EngineCore::Impl::release_blocks(Request& r) {
   // Reverse order: a sequence's last blocks are the least likely to be shared, so they reach the
   // head of the free queue (evicted first) before its first ones.
-  for (auto it = r.blocks.rbegin(); it != r.blocks.rend(); ++it) pool.release(*it);
+  const auto nb = static_cast<std::ptrdiff_t>(r.blocks.size());
+  constexpr std::ptrdiff_t kAhead = 8;
+  for (std::ptrdiff_t i = nb - 1; i >= 0; --i) {
+    if (i >= kAhead) pool.prefetch(r.blocks[static_cast<std::size_t>(i - kAhead)]);
+    pool.release(r.blocks[static_cast<std::size_t>(i)]);
+  }
   r.blocks.clear();
+  r.tail_block = 0;
   r.blocks_generation = ++next_generation;
   r.num_computed = 0;
   r.num_published = 0;
+}
+
+// `n` freshly allocated blocks at the end of r's block table (callers made sure they are free).
+void EngineCore::Impl::append_new_blocks(Request& r, std::int32_t n) {
+  if (n <= 0) return;
+  if (n > pool.num_free_blocks()) throw Error("EngineCore: KV-cache blocks short while allocating");
+  const std::size_t old_size = r.blocks.size();
+  r.blocks.resize(old_size + static_cast<std::size_t>(n));
+  pool.allocate_many(n, r.blocks.data() + old_size);
+  r.tail_block = r.blocks.back();
 }
 
 void EngineCore::Impl::remove_from_running(Request& r) {
@@ -318,8 +377,9 @@ void EngineCore::Impl::preempt(Request& r) {
 // priority, most recently admitted first) while blocks are short. Returns false when r itself
 // was the one preempted.
 bool EngineCore::Impl::fit_blocks(Request& r, std::int32_t new_total_tokens) {
-  const std::int32_t need =
-      ceil_div(new_total_tokens, bs) - static_cast<std::int32_t>(r.blocks.size());
+  const auto have = static_cast<std::int32_t>(r.blocks.size());
+  if (new_total_tokens <= have * bs) return true;  // most decode steps
+  const std::int32_t need = block_of(new_total_tokens - 1) + 1 - have;
   while (need > pool.num_free_blocks()) {
     Request* victim = nullptr;
     for (Request* c : running) {
@@ -332,7 +392,7 @@ bool EngineCore::Impl::fit_blocks(Request& r, std::int32_t new_total_tokens) {
     preempt(*victim);
     if (victim == &r) return false;
   }
-  for (std::int32_t i = 0; i < need; ++i) r.blocks.push_back(pool.allocate());
+  append_new_blocks(r, need);
   return true;
 }
 
@@ -381,7 +441,7 @@ bool EngineCore::Impl::try_admit(Request& r) {
     pool.acquire(b);
     r.blocks.push_back(b);
   }
-  for (std::int32_t i = 0; i < need; ++i) r.blocks.push_back(pool.allocate());
+  append_new_blocks(r, need);
   r.blocks_generation = ++next_generation;
   r.num_computed = computed;
   r.num_published = hits;
@@ -409,28 +469,37 @@ void EngineCore::Impl::fill_inputs() {
     const std::int32_t e = c + n;
     scheduled.push_back(&r);
     out.request_ids.emplace_back(r.id);
-    std::memcpy(&input_ids[static_cast<std::size_t>(t)], r.tokens.data() + c,
-                static_cast<std::size_t>(n) * sizeof(std::int32_t));
-    std::int64_t* pos = &positions[static_cast<std::size_t>(t)];
-    std::int64_t* slot = &slot_mapping[static_cast<std::size_t>(t)];
     const std::int32_t* blocks = r.blocks.data();
-    for (std::int32_t p = c; p < e; ++p) {
-      *pos++ = p;
-      *slot++ = static_cast<std::int64_t>(blocks[p / bs]) * bs + p % bs;
+    const auto ti = static_cast<std::size_t>(t);
+    const auto nb = static_cast<std::int32_t>(r.blocks.size());
+    if (n == 1 && e == r.num_tokens() && block_of(c) == nb - 1) {
+      // A decode: its token and block are at hand in the request (no vector reads, no memcpy).
+      input_ids[ti] = r.last_token;
+      positions[ti] = c;
+      slot_mapping[ti] = static_cast<std::int64_t>(r.tail_block) * bs + offset_in_block(c);
+    } else {
+      std::memcpy(&input_ids[ti], r.tokens.data() + c,
+                  static_cast<std::size_t>(n) * sizeof(std::int32_t));
+      std::int64_t* pos = &positions[ti];
+      std::int64_t* slot = &slot_mapping[ti];
+      for (std::int32_t p = c; p < e; ++p) {
+        *pos++ = p;
+        *slot++ = static_cast<std::int64_t>(blocks[block_of(p)]) * bs + offset_in_block(p);
+      }
     }
     // Block-table row: extend it when it still belongs to this block table, else rewrite it.
     const auto row = static_cast<std::size_t>(s);
     std::int32_t* table = &block_tables[row * static_cast<std::size_t>(max_blocks)];
-    const auto nb = static_cast<std::int32_t>(r.blocks.size());
     std::int32_t from = 0;
+    const std::int32_t filled = row_filled[row];
     if (row_owner[row] == &r && row_generation[row] == r.blocks_generation) {
-      from = std::min(row_filled[row], nb);
+      from = std::min(filled, nb);
     } else {
       row_owner[row] = &r;
       row_generation[row] = r.blocks_generation;
     }
-    std::copy(blocks + from, blocks + nb, table + from);
-    for (std::int32_t i = nb; i < row_filled[row]; ++i) table[i] = BlockPool::kNullBlock;
+    for (std::int32_t i = from; i < nb; ++i) table[i] = blocks[i];
+    for (std::int32_t i = nb; i < filled; ++i) table[i] = BlockPool::kNullBlock;
     row_filled[row] = nb;
 
     seq_lens[row] = e;
@@ -442,7 +511,7 @@ void EngineCore::Impl::fill_inputs() {
       sampled_seq_indices[static_cast<std::size_t>(k)] = s;
       ++k;
     }
-    for (std::size_t j = 0; j < r.mm.size(); ++j) {
+    for (std::size_t j = 0; r.has_mm && j < r.mm.size(); ++j) {
       const MultiModalItem& m = r.mm[j];
       if (m.offset >= e) break;
       if (m.offset + m.length <= c) continue;
@@ -461,7 +530,7 @@ void EngineCore::Impl::fill_inputs() {
         pending_freed.push_back({r.id, static_cast<std::int32_t>(j)});
       }
     }
-    r.enc_tokens_now = 0;
+    if (r.has_mm) r.enc_tokens_now = 0;
     t += n;
     ++s;
   }
@@ -541,21 +610,28 @@ void EngineCore::add_request(const std::string& request_id, RequestParams params
 
   auto r = std::make_unique<Request>();
   r->id = request_id;
-  r->num_prompt = static_cast<std::int32_t>(prompt_len);
+  r->min_total = static_cast<std::int32_t>(prompt_len) + params.min_tokens;
+  r->length_limit =
+      std::min(static_cast<std::int32_t>(prompt_len) + params.max_tokens, cfg.max_model_len);
   r->tokens = std::move(params.prompt_token_ids);
   r->tokens.reserve(static_cast<std::size_t>(prompt_len + params.max_tokens));
+  r->last_token = r->tokens.back();
   r->mm = std::move(params.mm_items);
   r->mm_state.assign(r->mm.size(), MMState::kNone);
-  r->max_tokens = params.max_tokens;
-  r->min_tokens = params.min_tokens;
+  r->has_mm = !r->mm.empty();
   r->ignore_eos = params.ignore_eos;
   r->eos = params.eos_token_id;
   r->stop_ids = std::move(params.stop_token_ids);
+  r->has_stop_ids = !r->stop_ids.empty();
   r->priority = params.priority;
   r->has_salt = params.cache_salt.has_value();
   if (r->has_salt) r->salt = *params.cache_salt;
   r->arrival = ++s.next_arrival;
   r->blocks.reserve(static_cast<std::size_t>(blocks_needed));
+  // A key per full block of prompt + outputs: no reallocation while decoding.
+  if (cfg.enable_prefix_caching) {
+    r->keys.reserve(static_cast<std::size_t>((prompt_len + params.max_tokens) / cfg.block_size));
+  }
   r->blocks_generation = ++s.next_generation;
   s.compute_keys(*r);
   Request* raw = r.get();
@@ -610,14 +686,23 @@ const SchedulerOutput& EngineCore::schedule() {
   s.encoder_budget = s.cfg.max_num_encoder_tokens;
   s.preempted_this_step = false;
 
-  // Running requests: decodes first so that long prefill chunks cannot starve them.
-  for (int pass = 0; pass < 2; ++pass) {
-    for (std::size_t i = 0; i < s.running.size(); ++i) {
-      Request& r = *s.running[i];
-      if (r.status != Status::kRunning || r.num_scheduled > 0) continue;
-      const bool decode = r.num_tokens() - r.num_computed == 1;
-      if (decode == (pass == 0)) s.schedule_running(r);
+  // Running requests: decodes first so that long prefill chunks cannot starve them. The
+  // prefilling ones are noted on the way (in row order) so the second pass visits only them: a
+  // preemption never turns a prefill into a decode, and the conditions are checked again.
+  s.prefilling.clear();
+  for (Request* rp : s.running) {
+    Request& r = *rp;
+    if (r.status != Status::kRunning || r.num_scheduled > 0) continue;
+    if (r.num_tokens() - r.num_computed == 1) {
+      s.schedule_running(r);
+    } else {
+      s.prefilling.push_back(rp);
     }
+  }
+  for (Request* rp : s.prefilling) {
+    Request& r = *rp;
+    if (r.status != Status::kRunning || r.num_scheduled > 0) continue;
+    s.schedule_running(r);
   }
   if (s.preempted_this_step) {
     for (std::size_t i = 0; i < s.running.size();) {
@@ -652,7 +737,7 @@ const std::vector<RequestEvent>& EngineCore::update(const std::int32_t* sampled,
   s.awaiting_update = false;
   s.events.clear();
   std::size_t k = 0;
-  const std::int32_t max_len = s.cfg.max_model_len;
+  const bool caching = s.cfg.enable_prefix_caching;
   for (Request* rp : s.scheduled) {
     Request& r = *rp;
     const bool samples = r.samples_now;
@@ -661,30 +746,34 @@ const std::vector<RequestEvent>& EngineCore::update(const std::int32_t* sampled,
     if (r.status != Status::kRunning) continue;  // finished from outside after schedule()
     r.num_computed += r.num_scheduled;
     r.num_scheduled = 0;
-    if (s.cfg.enable_prefix_caching) {
-      const std::int32_t full = r.num_computed / s.bs;
+    if (caching) {
+      const std::int32_t full = s.block_of(r.num_computed);
       for (std::int32_t i = r.num_published; i < full; ++i) {
-        s.pool.publish(r.blocks[static_cast<std::size_t>(i)], r.keys[static_cast<std::size_t>(i)]);
+        const auto block = r.blocks[static_cast<std::size_t>(i)];
+        s.pool.prefetch_publish(block, r.keys[static_cast<std::size_t>(i)]);
+        s.to_publish.push_back({block, i, &r});
       }
       r.num_published = std::max(r.num_published, full);
     }
     if (!samples) continue;
     r.tokens.push_back(token);
-    if (s.cfg.enable_prefix_caching && r.num_tokens() % s.bs == 0) s.compute_keys(r);
-    RequestEvent ev;
+    r.last_token = token;
+    if (caching && s.offset_in_block(r.num_tokens()) == 0) s.compute_keys(r);
+    // Built in place: the events vector keeps its capacity from step to step.
+    RequestEvent& ev = s.events.emplace_back();
     ev.request_id = r.id;
     ev.has_token = true;
     ev.token = token;
-    const std::int32_t num_out = r.num_tokens() - r.num_prompt;
-    if (num_out >= r.min_tokens) {
+    const std::int32_t total = r.num_tokens();
+    if (total >= r.min_total) {
       if ((!r.ignore_eos && r.eos >= 0 && token == r.eos) ||
-          std::find(r.stop_ids.begin(), r.stop_ids.end(), token) != r.stop_ids.end()) {
+          (r.has_stop_ids &&
+           std::find(r.stop_ids.begin(), r.stop_ids.end(), token) != r.stop_ids.end())) {
         ev.finish_reason = FinishReason::kStop;
         ev.stop_token = token;
       }
     }
-    if (ev.finish_reason == FinishReason::kNone &&
-        (num_out >= r.max_tokens || r.num_tokens() >= max_len)) {
+    if (ev.finish_reason == FinishReason::kNone && total >= r.length_limit) {
       ev.finish_reason = FinishReason::kLength;
     }
     if (ev.finish_reason != FinishReason::kNone) {
@@ -692,8 +781,14 @@ const std::vector<RequestEvent>& EngineCore::update(const std::int32_t* sampled,
       s.finish(r, ev.finish_reason);
       r.finish_reported = true;
     }
-    s.events.push_back(ev);
   }
+  // Publishing after the loop, in the same order, gives the same pool state (nothing in the loop
+  // allocates or looks up blocks; a block released by a finish stays publishable) while the
+  // prefetches issued in the loop hide the cache misses of the index and block records.
+  for (const auto& p : s.to_publish) {
+    s.pool.publish(p.block, p.request->keys[static_cast<std::size_t>(p.key_index)]);
+  }
+  s.to_publish.clear();
   for (Request* rp : s.externally_finished) {
     RequestEvent ev;
     ev.request_id = rp->id;

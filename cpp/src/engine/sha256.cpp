@@ -98,6 +98,17 @@ CompressFn select_compress() {
 
 const CompressFn kCompress = select_compress();
 
+Sha256Digest digest_of(const std::uint32_t* state) {
+  Sha256Digest out;
+  for (int i = 0; i < 8; ++i) {
+    out[4 * i] = static_cast<std::uint8_t>(state[i] >> 24);
+    out[4 * i + 1] = static_cast<std::uint8_t>(state[i] >> 16);
+    out[4 * i + 2] = static_cast<std::uint8_t>(state[i] >> 8);
+    out[4 * i + 3] = static_cast<std::uint8_t>(state[i]);
+  }
+  return out;
+}
+
 }  // namespace
 
 Sha256::Sha256()
@@ -139,17 +150,27 @@ Sha256Digest Sha256::finish() {
   std::memset(block_ + block_len_, 0, 56 - block_len_);
   for (int i = 0; i < 8; ++i) block_[56 + i] = static_cast<std::uint8_t>(bit_len >> (56 - 8 * i));
   kCompress(state_, block_, 1);
-  Sha256Digest out;
-  for (int i = 0; i < 8; ++i) {
-    out[4 * i] = static_cast<std::uint8_t>(state_[i] >> 24);
-    out[4 * i + 1] = static_cast<std::uint8_t>(state_[i] >> 16);
-    out[4 * i + 2] = static_cast<std::uint8_t>(state_[i] >> 8);
-    out[4 * i + 3] = static_cast<std::uint8_t>(state_[i]);
-  }
-  return out;
+  return digest_of(state_);
 }
 
 Sha256Digest Sha256::hash(const void* data, std::size_t len) {
+  // Short messages (prefix-cache block keys are ~100 bytes) are padded in one buffer and
+  // compressed in a single call instead of going through update()/finish()'s staging block.
+  constexpr std::size_t kMaxBlocks = 4;
+  if (len + 9 <= 64 * kMaxBlocks) {
+    std::uint8_t buf[64 * kMaxBlocks];
+    const std::size_t blocks = (len + 9 + 63) / 64;
+    std::memcpy(buf, data, len);
+    buf[len] = 0x80;
+    std::memset(buf + len + 1, 0, blocks * 64 - 8 - (len + 1));
+    const std::uint64_t bit_len = static_cast<std::uint64_t>(len) * 8;
+    for (int i = 0; i < 8; ++i) {
+      buf[blocks * 64 - 8 + i] = static_cast<std::uint8_t>(bit_len >> (56 - 8 * i));
+    }
+    Sha256 h;
+    kCompress(h.state_, buf, blocks);
+    return digest_of(h.state_);
+  }
   Sha256 h;
   h.update(data, len);
   return h.finish();
