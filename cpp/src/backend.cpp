@@ -4,6 +4,7 @@
 #include <new>
 
 #include "aphrodite/parallel.h"
+#include "internal/cpu_features.h"
 
 #ifdef APHRODITE_WITH_CUDA
 #include "internal/cuda_backend.h"
@@ -17,17 +18,13 @@ namespace aphrodite {
 
 namespace {
 
-// The instruction sets the CPU kernels dispatch to at run time (and this CPU supports).
-std::vector<std::string> cpu_features() {
-  std::vector<std::string> features;
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    features.emplace_back("avx2");
-    features.emplace_back("fma");
-  }
-#endif
-  return features;
+// The instruction sets the CPU kernels dispatch to at run time on this CPU.
+std::vector<std::string> cpu_feature_names() {
+  std::vector<std::string> names;
+  const detail::CpuFeatures& f = detail::cpu_features();
+  if (f.avx2_fma) names.insert(names.end(), {"avx2", "fma"});
+  if (f.avx512) names.emplace_back("avx512 (linear)");
+  return names;
 }
 
 class CpuBackend final : public Backend {
@@ -39,7 +36,7 @@ class CpuBackend final : public Backend {
     BackendInfo info;
     info.name = "cpu";
     info.compiled = true;
-    info.archs = cpu_features();
+    info.archs = cpu_feature_names();
     DeviceInfo dev;
     dev.name = "cpu (" + std::to_string(num_threads()) + " threads)";
     info.devices.push_back(dev);
@@ -88,8 +85,8 @@ Backend& backend_for(Device device) {
   if (device.is_cuda()) {
     int count = b.device_count();
     if (device.index < 0 || device.index >= count) {
-      std::string why = count == 0 ? "no CUDA device is available" :
-                                     "only " + std::to_string(count) + " CUDA device(s) exist";
+      std::string why = count == 0 ? "no CUDA device is available"
+                                   : "only " + std::to_string(count) + " CUDA device(s) exist";
       std::string status = b.info().status;
       throw DeviceError("cannot use " + device_name(device) + ": " + why +
                         (status.empty() ? "" : " (" + status + ")"));
@@ -106,7 +103,7 @@ std::vector<BackendInfo> backends_info() {
   BackendInfo cuda;
   cuda.name = "cuda";
   cuda.compiled = false;
-  cuda.status = "not compiled (built with APHRODITE_CUDA=OFF or without a CUDA compiler)";
+  cuda.status = "built with APHRODITE_CUDA=OFF or without a CUDA compiler";
   infos.push_back(cuda);
 #endif
   return infos;

@@ -16,6 +16,7 @@
 #include "aphrodite/parallel.h"
 #include "attention/attention_cpu_kernels.h"
 #include "internal/attention_kernels.h"
+#include "internal/cpu_features.h"
 
 namespace aphrodite::detail {
 
@@ -152,14 +153,7 @@ void attend_block_scalar(const float* q, int rows, int head_size, const float* k
   (void)num_keys;
 }
 
-bool cpu_has_avx2_fma() {
-#if defined(__x86_64__) || defined(_M_X64)
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
-}
+bool cpu_has_avx2_fma() { return detail::cpu_features().avx2_fma; }
 
 const AttentionCpuKernels& kernels() {
   static const AttentionCpuKernels chosen = [] {

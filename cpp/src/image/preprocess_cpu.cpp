@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "aphrodite/parallel.h"
+#include "internal/cpu_features.h"
 #include "internal/image_preprocess.h"
 
 namespace aphrodite::detail {
@@ -21,14 +22,7 @@ inline std::uint8_t clip8(std::int32_t v) {
 
 constexpr std::int32_t kRoundingBias = 1 << (kResamplePrecisionBits - 1);
 
-bool cpu_has_avx2() {
-#if defined(__x86_64__) || defined(_M_X64)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
-}
+bool cpu_has_avx2() { return detail::cpu_features().avx2_fma; }
 
 struct ImageContext {
   const PreprocessPlan& plan;

@@ -11,6 +11,7 @@
 
 #include "aphrodite/error.h"
 #include "aphrodite/parallel.h"
+#include "internal/cpu_features.h"
 
 namespace aphrodite::detail {
 
@@ -125,17 +126,9 @@ PanelSource panel_source(std::int64_t p, std::int64_t n, bool gated) {
 float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
 CpuIsa detect_cpu_isa() {
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_cpu_init();
-  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return CpuIsa::kScalar;
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
-    return CpuIsa::kAvx512;
-  }
-  return CpuIsa::kAvx2;
-#else
-  return CpuIsa::kScalar;
-#endif
+  const detail::CpuFeatures& f = detail::cpu_features();
+  if (f.avx512) return CpuIsa::kAvx512;
+  return f.avx2_fma ? CpuIsa::kAvx2 : CpuIsa::kScalar;
 }
 
 // The override: -1 until the first call reads APHRODITE_CPU_ISA, then a CpuIsa value.
