@@ -1,8 +1,9 @@
 // Microseconds per engine step (schedule + input preparation + update, block allocation and
 // prefix-cache publishing included) for steady decode loads and a mixed prefill/decode load.
-// Usage: bench_scheduler [steps]
+// Usage: bench_scheduler [steps per run, default 1000] [runs per load, default 3]
 #include <time.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -88,20 +89,45 @@ Timing run(std::int32_t num_seqs, bool mixed, int steps) {
   return {wall_us / steps, cpu_us / steps};
 }
 
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  const int steps = argc > 1 ? std::atoi(argv[1]) : 2000;
-  std::printf("%-36s %12s %12s\n", "load", "wall us/step", "cpu us/step");
+  const int steps = argc > 1 ? std::atoi(argv[1]) : 1000;
+  const int repeats = argc > 2 ? std::max(1, std::atoi(argv[2])) : 3;
+  // BENCH_ONLY=N: only the decode load with N sequences.
   const char* only = std::getenv("BENCH_ONLY");
-  for (std::int32_t n : {256, 1024, 4096}) {
+  std::printf("%d steps per run, median of %d runs (each on a fresh core)\n", steps, repeats);
+  std::printf("%-38s %12s %12s %16s\n", "load", "wall us/step", "cpu us/step", "cpu ns/seq/step");
+  auto measure = [&](std::int32_t n, bool mixed) {
+    std::vector<double> wall, cpu;
+    for (int r = 0; r < repeats; ++r) {
+      const Timing t = run(n, mixed, steps);
+      wall.push_back(t.wall_us);
+      cpu.push_back(t.cpu_us);
+    }
+    return Timing{median(wall), median(cpu)};
+  };
+  double cpu_1024 = 0, cpu_4096 = 0;
+  for (std::int32_t n : {256, 1024, 2048, 4096, 8192}) {
     if (only != nullptr && std::atoi(only) != n) continue;
-    const Timing t = run(n, false, steps);
-    std::printf("decode, %5d running sequences       %12.2f %12.2f\n", n, t.wall_us, t.cpu_us);
+    const Timing t = measure(n, false);
+    if (n == 1024) cpu_1024 = t.cpu_us;
+    if (n == 4096) cpu_4096 = t.cpu_us;
+    std::printf("decode, %5d running sequences         %12.2f %12.2f %16.1f\n", n, t.wall_us,
+                t.cpu_us, t.cpu_us * 1e3 / n);
   }
   if (only == nullptr) {
-    const Timing t = run(1024, true, steps);
-    std::printf("mixed prefill/decode, 1024 seqs     %12.2f %12.2f\n", t.wall_us, t.cpu_us);
+    const Timing t = measure(1024, true);
+    std::printf("mixed prefill/decode, 1024 seqs       %12.2f %12.2f\n", t.wall_us, t.cpu_us);
+  }
+  if (cpu_1024 > 0 && cpu_4096 > 0) {
+    std::printf("4,096 vs 1,024 sequences: %.2fx the CPU time per step for 4x the sequences\n",
+                cpu_4096 / cpu_1024);
   }
   return 0;
 }

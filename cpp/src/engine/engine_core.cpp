@@ -2,12 +2,17 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <set>
 #include <string>
 #include <unordered_map>
 
 #include "aphrodite/engine/block_pool.h"
+#include "aphrodite/engine/huge_page_allocator.h"
 #include "aphrodite/error.h"
+#include "internal/asan.h"
+#include "request_arena.h"
 
 namespace aphrodite::engine {
 
@@ -74,13 +79,15 @@ struct alignas(64) Request {
   // neither vector's memory.
   std::int32_t last_token = 0;
   std::int32_t tail_block = 0;
-  std::vector<std::int32_t> tokens;  // prompt followed by the outputs
-
-  std::vector<std::int32_t> blocks;
-  std::string id;
   std::uint64_t blocks_generation = 0;  // changes whenever `blocks` is rebuilt from scratch
+  // With libstdc++ the vectors (their allocator names the core's arena) and the string are 32
+  // bytes: `tokens` straddles the first two lines and `id`'s pointer and length end the second;
+  // a step reads no field after them.
+  detail::ArenaVector<std::int32_t> tokens;  // prompt followed by the outputs
+  detail::ArenaVector<std::int32_t> blocks;
+  std::string id;
 
-  std::vector<BlockKey> keys;  // of every full block of `tokens`
+  detail::ArenaVector<BlockKey> keys;  // of every full block of `tokens`
   std::vector<MultiModalItem> mm;
   std::vector<MMState> mm_state;
   std::vector<std::int32_t> stop_ids;
@@ -95,8 +102,67 @@ struct alignas(64) Request {
   std::int32_t stop_token = -1;
   std::string salt;
 
+  explicit Request(detail::RequestArena* arena)
+      : tokens(detail::ArenaAllocator<std::int32_t>(arena)),
+        blocks(detail::ArenaAllocator<std::int32_t>(arena)),
+        keys(detail::ArenaAllocator<BlockKey>(arena)) {}
+
   std::int32_t num_tokens() const { return static_cast<std::int32_t>(tokens.size()); }
 };
+
+// Requests live in slabs of contiguous slots (huge-page backed), reused most recently freed
+// first: the running requests' hot lines stay packed in few pages instead of scattered over the
+// heap between their token vectors, which keeps the per-request loops of a step off the TLB's
+// slow path at thousands of sequences.
+class RequestSlab {
+ public:
+  RequestSlab() = default;
+  RequestSlab(const RequestSlab&) = delete;
+  RequestSlab& operator=(const RequestSlab&) = delete;
+  ~RequestSlab() {
+    for (void* chunk : chunks_) {
+      APHRODITE_ASAN_UNPOISON(chunk, kChunkBytes);
+      detail::huge_page_free(chunk, kChunkBytes);
+    }
+  }
+
+  Request* create(detail::RequestArena* arena) {
+    if (free_.empty()) grow();
+    void* slot = free_.back();
+    APHRODITE_ASAN_UNPOISON(slot, sizeof(Request));
+    Request* r = new (slot) Request(arena);
+    free_.pop_back();
+    return r;
+  }
+  void destroy(Request* r) noexcept {
+    r->~Request();
+    APHRODITE_ASAN_POISON(r, sizeof(Request));
+    free_.push_back(r);  // capacity reserved in grow(): never throws
+  }
+
+ private:
+  static constexpr std::size_t kChunkBytes = detail::kHugePageBytes;
+  static constexpr std::size_t kPerChunk = kChunkBytes / sizeof(Request);
+
+  void grow() {
+    chunks_.reserve(chunks_.size() + 1);
+    auto* chunk = static_cast<Request*>(detail::huge_page_alloc(kChunkBytes));
+    chunks_.push_back(chunk);
+    APHRODITE_ASAN_POISON(chunk, kChunkBytes);
+    free_.reserve(chunks_.size() * kPerChunk);
+    // Pushed in reverse so that create() hands out the chunk's slots in address order.
+    for (std::size_t i = kPerChunk; i-- > 0;) free_.push_back(chunk + i);
+  }
+
+  std::vector<void*> chunks_;
+  std::vector<Request*> free_;
+};
+
+struct RequestDeleter {
+  RequestSlab* slab;
+  void operator()(Request* r) const noexcept { slab->destroy(r); }
+};
+using RequestPtr = std::unique_ptr<Request, RequestDeleter>;
 
 struct WaitingOrder {
   bool operator()(const Request* a, const Request* b) const {
@@ -106,6 +172,20 @@ struct WaitingOrder {
 };
 
 std::int32_t ceil_div(std::int32_t a, std::int32_t b) { return (a + b - 1) / b; }
+
+// The per-request loops of a step (schedule, input preparation, update) walk thousands of
+// requests scattered over the heap; loading the hot lines of the requests a few places ahead
+// overlaps their cache misses, so a step's cost stays proportional to the number of sequences
+// when their state no longer fits the core's L2.
+constexpr std::size_t kPrefetchAhead = 24;
+
+void prefetch_request(const std::vector<Request*>& list, std::size_t i) {
+  if (i + kPrefetchAhead < list.size()) {
+    const auto* p = reinterpret_cast<const char*>(list[i + kPrefetchAhead]);
+    __builtin_prefetch(p, 1);
+    __builtin_prefetch(p + 64, 1);
+  }
+}
 
 }  // namespace
 
@@ -120,8 +200,11 @@ struct EngineCore::Impl {
   std::int32_t max_blocks;
   BlockPool pool;
 
-  std::unordered_map<std::string, std::unique_ptr<Request>> requests;  // unfinished ones
-  std::vector<std::unique_ptr<Request>> finished;  // kept until their event has been reported
+  // Declared before the owners of the requests, so both outlive them.
+  detail::RequestArena arena;
+  RequestSlab slab;
+  std::unordered_map<std::string, RequestPtr> requests;  // unfinished ones
+  std::vector<RequestPtr> finished;                      // kept until their event has been reported
   std::set<Request*, WaitingOrder> waiting;
   std::vector<Request*> running;     // row order of the plan
   std::vector<Request*> scheduled;   // the plan's sequences, awaiting update()
@@ -150,7 +233,7 @@ struct EngineCore::Impl {
   std::vector<std::int32_t> input_ids;
   std::vector<std::int64_t> positions;
   std::vector<std::int64_t> slot_mapping;
-  std::vector<std::int32_t> block_tables;
+  std::vector<std::int32_t, detail::HugePageAllocator<std::int32_t>> block_tables;
   std::vector<std::int32_t> seq_lens;
   std::vector<std::int32_t> query_start_loc;
   std::vector<std::int32_t> num_computed_tokens;
@@ -176,6 +259,7 @@ struct EngineCore::Impl {
     return bs_shift >= 0 ? pos & (bs - 1) : pos % bs;
   }
   void compute_keys(Request& r);
+  void prefetch_update(const Request& r) const;
   std::uint8_t key_message[32 + 64 * sizeof(std::int32_t)];  // compute_keys' scratch
   std::int32_t limit_by_encoder(Request& r, std::int32_t start, std::int32_t n);
   void undo_encoder_choices(Request& r);
@@ -274,6 +358,25 @@ void EngineCore::Impl::compute_keys(Request& r) {
       h.update(r.salt.data(), r.salt.size());
     }
     r.keys.push_back(h.finish());
+  }
+}
+
+// Starts loading what update() will touch for r beyond its own lines (which the caller prefetched
+// earlier): the line its next token goes to and, when the step completes a block, the block id
+// and key to publish and the tokens and parent key of the next key to compute.
+void EngineCore::Impl::prefetch_update(const Request& r) const {
+  const std::int32_t size = r.num_tokens();
+  __builtin_prefetch(r.tokens.data() + size, 1);
+  if (!cfg.enable_prefix_caching) return;
+  const std::int32_t published = r.num_published;
+  if (block_of(r.num_computed + r.num_scheduled) > published) {
+    __builtin_prefetch(r.blocks.data() + published);
+    __builtin_prefetch(r.keys.data() + published);
+  }
+  if (offset_in_block(size + 1) == 0 && size + 1 >= bs) {
+    __builtin_prefetch(r.tokens.data() + size + 1 - bs);
+    if (!r.keys.empty()) __builtin_prefetch(&r.keys.back());
+    __builtin_prefetch(r.keys.data() + r.keys.size(), 1);
   }
 }
 
@@ -461,8 +564,9 @@ void EngineCore::Impl::fill_inputs() {
   std::int32_t s = 0;
   std::int32_t k = 0;
   query_start_loc[0] = 0;
-  for (Request* rp : running) {
-    Request& r = *rp;
+  for (std::size_t idx = 0; idx < running.size(); ++idx) {
+    prefetch_request(running, idx);
+    Request& r = *running[idx];
     const std::int32_t n = r.num_scheduled;
     if (n == 0) continue;
     const std::int32_t c = r.num_computed;
@@ -608,13 +712,14 @@ void EngineCore::add_request(const std::string& request_id, RequestParams params
     fail("without chunked prefill all images of a prompt must fit the encoder budget and cache");
   }
 
-  auto r = std::make_unique<Request>();
+  RequestPtr r(s.slab.create(&s.arena), RequestDeleter{&s.slab});
   r->id = request_id;
   r->min_total = static_cast<std::int32_t>(prompt_len) + params.min_tokens;
   r->length_limit =
       std::min(static_cast<std::int32_t>(prompt_len) + params.max_tokens, cfg.max_model_len);
-  r->tokens = std::move(params.prompt_token_ids);
+  // Capacity for every token the request can reach: no reallocation while decoding.
   r->tokens.reserve(static_cast<std::size_t>(prompt_len + params.max_tokens));
+  r->tokens.assign(params.prompt_token_ids.begin(), params.prompt_token_ids.end());
   r->last_token = r->tokens.back();
   r->mm = std::move(params.mm_items);
   r->mm_state.assign(r->mm.size(), MMState::kNone);
@@ -671,10 +776,9 @@ const SchedulerOutput& EngineCore::schedule() {
   }
   SchedulerOutput& out = s.out;
   // Finished requests whose event went out can go now: no plan or event refers to them any more.
-  s.finished.erase(
-      std::remove_if(s.finished.begin(), s.finished.end(),
-                     [](const std::unique_ptr<Request>& r) { return r->finish_reported; }),
-      s.finished.end());
+  s.finished.erase(std::remove_if(s.finished.begin(), s.finished.end(),
+                                  [](const RequestPtr& r) { return r->finish_reported; }),
+                   s.finished.end());
   s.scheduled.clear();
   out.request_ids.clear();
   out.encoder_inputs.clear();
@@ -690,7 +794,9 @@ const SchedulerOutput& EngineCore::schedule() {
   // prefilling ones are noted on the way (in row order) so the second pass visits only them: a
   // preemption never turns a prefill into a decode, and the conditions are checked again.
   s.prefilling.clear();
-  for (Request* rp : s.running) {
+  for (std::size_t row = 0; row < s.running.size(); ++row) {
+    prefetch_request(s.running, row);
+    Request* rp = s.running[row];
     Request& r = *rp;
     if (r.status != Status::kRunning || r.num_scheduled > 0) continue;
     if (r.num_tokens() - r.num_computed == 1) {
@@ -738,8 +844,12 @@ const std::vector<RequestEvent>& EngineCore::update(const std::int32_t* sampled,
   s.events.clear();
   std::size_t k = 0;
   const bool caching = s.cfg.enable_prefix_caching;
-  for (Request* rp : s.scheduled) {
-    Request& r = *rp;
+  for (std::size_t row = 0; row < s.scheduled.size(); ++row) {
+    prefetch_request(s.scheduled, row);
+    if (row + kPrefetchAhead / 2 < s.scheduled.size()) {
+      s.prefetch_update(*s.scheduled[row + kPrefetchAhead / 2]);
+    }
+    Request& r = *s.scheduled[row];
     const bool samples = r.samples_now;
     const std::int32_t token = samples ? sampled[k++] : -1;
     r.samples_now = false;

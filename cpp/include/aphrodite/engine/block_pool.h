@@ -22,6 +22,7 @@
 #include <cstring>
 #include <vector>
 
+#include "aphrodite/engine/huge_page_allocator.h"
 #include "aphrodite/engine/sha256.h"
 
 namespace aphrodite::engine {
@@ -93,12 +94,14 @@ class BlockPool {
   std::int32_t num_blocks_;
   bool enable_caching_;
   std::int32_t num_free_ = 0;
-  std::vector<BlockMeta> meta_;
+  template <typename T>
+  using Array = std::vector<T, detail::HugePageAllocator<T>>;
+  Array<BlockMeta> meta_;
   // The free queue: entries [head_, tail_) of the ring (positions modulo 2^32, indices masked).
-  std::vector<std::int32_t> queue_;
+  Array<std::int32_t> queue_;
   std::uint32_t queue_mask_ = 0;
   std::uint32_t head_ = 0, tail_ = 0;
-  std::vector<BlockKey> key_;
+  Array<BlockKey> key_;
   // The key -> block index: open addressing with linear probing over block ids (keys are read
   // from key_), with a 31-bit tag of the key's hash (its home slot and a filter that skips most
   // full compares); deletion shifts entries back so probes never need tombstones. At most half
@@ -108,7 +111,7 @@ class BlockPool {
     std::int32_t block = -1;
     std::uint32_t tag = 0;
   };
-  std::vector<Slot> index_;
+  Array<Slot> index_;
   std::size_t index_mask_ = 0;
   std::size_t num_cached_ = 0;
 };
