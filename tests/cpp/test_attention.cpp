@@ -1,6 +1,6 @@
-// C++ tests of the attention ops: the portable and AVX2 inner kernels against a double-precision
-// reference (the Python tests cover whole batches against torch), and paged_attention through the
-// public API on core-owned tensors.
+// C++ tests of the attention ops: the portable, AVX2 and AVX-512 inner kernels against a
+// double-precision reference (the Python tests cover whole batches against torch), and
+// paged_attention through the public API on core-owned tensors.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -26,6 +26,10 @@ std::vector<AttentionCpuKernels> kernel_builds() {
       __builtin_cpu_supports("f16c")) {
     builds.push_back(detail::attention_cpu_kernels_avx2());
   }
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+    builds.push_back(detail::attention_cpu_kernels_avx512());
+  }
 #endif
   return builds;
 }
@@ -35,8 +39,8 @@ TEST(AttentionCpuKernels, AttendBlocksMatchDoubleReference) {
   std::mt19937 rng(11);
   std::normal_distribution<float> normal;
   for (const AttentionCpuKernels& k : kernel_builds()) {
-    for (int rows : {1, 3, 4, 9, 32}) {
-      for (int head_size : {8, 24, 64, 80}) {
+    for (int rows : {1, 3, 4, 7, 8, 9, 17, 32, 33, 50, 64}) {
+      for (int head_size : {8, 24, 40, 64, 80, 112, 128}) {
         const int block = 16;
         const int stride = head_size + 8;  // keys farther apart than head_size, as in the cache
         std::vector<float> q(static_cast<std::size_t>(rows) * head_size);

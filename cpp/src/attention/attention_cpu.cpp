@@ -17,6 +17,7 @@
 #include "attention/attention_cpu_kernels.h"
 #include "internal/attention_kernels.h"
 #include "internal/cpu_features.h"
+#include "linear/gemm_cpu.h"
 
 namespace aphrodite::detail {
 
@@ -153,16 +154,25 @@ void attend_block_scalar(const float* q, int rows, int head_size, const float* k
   (void)num_keys;
 }
 
-bool cpu_has_avx2_fma() { return detail::cpu_features().avx2_fma; }
-
+// The kernel set follows linear()'s (APHRODITE_CPU_ISA / set_linear_cpu_isa, else the best the
+// CPU runs), so one switch selects the instruction set of every CPU op.
 const AttentionCpuKernels& kernels() {
-  static const AttentionCpuKernels chosen = [] {
+  static const AttentionCpuKernels scalar = attention_cpu_kernels_scalar();
 #if defined(__x86_64__) || defined(_M_X64)
-    if (cpu_has_avx2_fma()) return attention_cpu_kernels_avx2();
+  static const AttentionCpuKernels avx2 =
+      cpu_features().avx2_fma ? attention_cpu_kernels_avx2() : scalar;
+  static const AttentionCpuKernels avx512 =
+      cpu_features().avx512 ? attention_cpu_kernels_avx512() : avx2;
+  switch (active_cpu_isa()) {
+    case CpuIsa::kAvx512:
+      return avx512;
+    case CpuIsa::kAvx2:
+      return avx2;
+    case CpuIsa::kScalar:
+      break;
+  }
 #endif
-    return attention_cpu_kernels_scalar();
-  }();
-  return chosen;
+  return scalar;
 }
 
 void bad_metadata(const std::string& message) { throw ValueError("paged_attention: " + message); }
@@ -204,7 +214,7 @@ void check_metadata(const PagedAttentionParams& p) {
 }
 
 // Query rows of one KV head an item handles at most (whole GQA groups; at least one token).
-constexpr int kRowsPerHead = 32;
+constexpr int kRowsPerHead = 64;
 
 // A tile of work: tokens [token_begin, token_end) of one sequence against KV heads
 // [kv_head_begin, kv_head_end). Prefill chunks take one KV head each (their cost is compute);
@@ -220,6 +230,8 @@ struct WorkItem {
 
 // How far ahead (in cache blocks) run_item prefetches K/V.
 constexpr int kPrefetchBlocks = 2;
+// Items with at least this many query rows per KV head do not prefetch (see run_item).
+constexpr int kPrefetchMaxRows = 16;
 
 struct Scratch {
   std::vector<float> q_rows, q, acc, m, l, kf, vf, block;
@@ -289,10 +301,14 @@ void run_item(const PagedAttentionParams& p, const AttentionCpuKernels& kern, co
   const std::int64_t key_stride = static_cast<std::int64_t>(p.num_kv_heads) * D;  // elements
   const std::int64_t run_bytes =
       static_cast<std::int64_t>(heads) * D * static_cast<std::int64_t>(esize);
+  // Few rows (decode) read each block once and wait on memory: prefetch ahead. Prefill chunks
+  // spend far longer on a block than it takes to load, and their context is shared by the
+  // chunks before them, so it is mostly cached: the prefetches would only cost issue slots.
+  const bool prefetch = head_rows < kPrefetchMaxRows;
   for (std::int64_t bi = first_key / bs; bi * bs < last_key; ++bi) {
     const std::int64_t base = bi * bs;
     const int n = static_cast<int>(std::min<std::int64_t>(bs, last_key - base));
-    if ((bi + kPrefetchBlocks) * bs < last_key) {
+    if (prefetch && (bi + kPrefetchBlocks) * bs < last_key) {
       // Blocks are scattered and each holds short runs: prefetch one a few blocks ahead while
       // this one is computed.
       const std::int64_t next =
@@ -402,6 +418,18 @@ void paged_attention_cpu(const PagedAttentionParams& p) {
       }
     }
   }
+  // The pool hands tasks out in order; a chunk's cost grows with its context, so the ones that
+  // see the most keys go first and the cheap ones fill the gaps at the end.
+  auto cost = [&](const WorkItem& w) {
+    const std::int64_t q_len = p.query_start_loc[w.seq + 1] - p.query_start_loc[w.seq];
+    const std::int64_t last_pos =
+        p.seq_lens[w.seq] - q_len + (w.token_end - p.query_start_loc[w.seq]);
+    const std::int64_t keys =
+        p.sliding_window > 0 ? std::min<std::int64_t>(last_pos, p.sliding_window) : last_pos;
+    return keys * (w.token_end - w.token_begin) * (w.kv_head_end - w.kv_head_begin);
+  };
+  std::stable_sort(items.begin(), items.end(),
+                   [&](const WorkItem& a, const WorkItem& b) { return cost(a) > cost(b); });
   const AttentionCpuKernels& kern = kernels();
   parallel_run(static_cast<std::int64_t>(items.size()), [&](std::int64_t i) {
     thread_local Scratch scratch;

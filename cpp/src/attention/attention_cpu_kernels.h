@@ -1,5 +1,6 @@
-// The CPU attention inner kernels, in two builds: portable C++ (attention_cpu.cpp) and AVX2/FMA
-// (attention_cpu_avx2.cpp). The driver picks one table at run time from the CPU's features.
+// The CPU attention inner kernels, in three builds: portable C++ (attention_cpu.cpp), AVX2/FMA
+// (attention_cpu_avx2.cpp) and AVX-512 (attention_cpu_avx512.cpp). The driver picks one table at
+// run time: the CPU kernel set linear() uses (APHRODITE_CPU_ISA or the best the CPU runs).
 #pragma once
 
 #include <cstdint>
@@ -9,16 +10,16 @@
 namespace aphrodite::detail {
 
 // Floats of scratch attend_block needs for `rows` query rows and key blocks of up to
-// `block_size` keys.
+// `block_size` keys (rows and keys rounded up to 16, the widest build's vector).
 inline std::int64_t attend_block_scratch_floats(int rows, int block_size) {
-  const std::int64_t keys = (block_size + 7) / 8 * 8;
-  const std::int64_t padded_rows = (rows + 7) / 8 * 8;
+  const std::int64_t keys = (block_size + 15) / 16 * 16;
+  const std::int64_t padded_rows = (rows + 15) / 16 * 16;
   return (keys + 6) * padded_rows;
 }
 
 // Floats of the packed query (pack_query) of `rows` rows.
 inline std::int64_t packed_query_floats(int rows, int head_size) {
-  return (rows + 7) / 8 * 8 * static_cast<std::int64_t>(head_size);
+  return (rows + 15) / 16 * 16 * static_cast<std::int64_t>(head_size);
 }
 
 struct AttentionCpuKernels {
@@ -41,6 +42,7 @@ struct AttentionCpuKernels {
 AttentionCpuKernels attention_cpu_kernels_scalar();
 #if defined(__x86_64__) || defined(_M_X64)
 AttentionCpuKernels attention_cpu_kernels_avx2();
+AttentionCpuKernels attention_cpu_kernels_avx512();
 #endif
 
 }  // namespace aphrodite::detail

@@ -4,16 +4,9 @@
 // A packed panel row (16 features) is exactly one zmm register, so a register tile spans two
 // panels: 12 rows x 32 columns = 24 accumulators, 2 weight loads and 12 broadcasts per k, which
 // keeps both FMA ports busy while the loads stay under two per cycle.
-//
-// GCC 12 at -O3 reports the deliberately undefined pass-through operand of its own AVX-512
-// intrinsics (_mm512_undefined_ps in avx512fintrin.h) as maybe-uninitialized once inlined here.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <immintrin.h>
-
 #include <cstdint>
 
+#include "internal/avx512_intrinsics.h"
 #include "linear/gemm_cpu.h"
 
 namespace aphrodite::detail {
