@@ -6,7 +6,7 @@
 #include <set>
 #include <vector>
 
-#include "aphrodite/engine/huge_page_allocator.h"
+#include "aphrodite/huge_page_allocator.h"
 #include "engine/request_arena.h"
 
 namespace {
@@ -81,13 +81,10 @@ TEST(RequestArena, VectorsGrowCopyAndMoveAcrossArenas) {
 }
 
 TEST(HugePageAllocator, SmallAndLargeArrays) {
-  std::vector<std::int64_t, aphrodite::engine::detail::HugePageAllocator<std::int64_t>> small(10,
-                                                                                              3);
-  std::vector<std::int64_t, aphrodite::engine::detail::HugePageAllocator<std::int64_t>> large(
+  std::vector<std::int64_t, aphrodite::detail::HugePageAllocator<std::int64_t>> small(10, 3);
+  std::vector<std::int64_t, aphrodite::detail::HugePageAllocator<std::int64_t>> large(
       std::size_t{1} << 18, 5);  // 2 MiB: huge-page path
-  EXPECT_EQ(
-      reinterpret_cast<std::uintptr_t>(large.data()) % aphrodite::engine::detail::kHugePageBytes,
-      0u);
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(large.data()) % aphrodite::detail::kHugePageBytes, 0u);
   EXPECT_EQ(small[9] + large.back(), 8);
 }
 

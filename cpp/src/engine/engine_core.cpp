@@ -9,8 +9,8 @@
 #include <unordered_map>
 
 #include "aphrodite/engine/block_pool.h"
-#include "aphrodite/engine/huge_page_allocator.h"
 #include "aphrodite/error.h"
+#include "aphrodite/huge_page_allocator.h"
 #include "internal/asan.h"
 #include "request_arena.h"
 
@@ -122,7 +122,7 @@ class RequestSlab {
   ~RequestSlab() {
     for (void* chunk : chunks_) {
       APHRODITE_ASAN_UNPOISON(chunk, kChunkBytes);
-      detail::huge_page_free(chunk, kChunkBytes);
+      aphrodite::detail::huge_page_free(chunk);
     }
   }
 
@@ -141,12 +141,12 @@ class RequestSlab {
   }
 
  private:
-  static constexpr std::size_t kChunkBytes = detail::kHugePageBytes;
+  static constexpr std::size_t kChunkBytes = aphrodite::detail::kHugePageBytes;
   static constexpr std::size_t kPerChunk = kChunkBytes / sizeof(Request);
 
   void grow() {
     chunks_.reserve(chunks_.size() + 1);
-    auto* chunk = static_cast<Request*>(detail::huge_page_alloc(kChunkBytes));
+    auto* chunk = static_cast<Request*>(aphrodite::detail::huge_page_alloc(kChunkBytes));
     chunks_.push_back(chunk);
     APHRODITE_ASAN_POISON(chunk, kChunkBytes);
     free_.reserve(chunks_.size() * kPerChunk);
@@ -233,7 +233,7 @@ struct EngineCore::Impl {
   std::vector<std::int32_t> input_ids;
   std::vector<std::int64_t> positions;
   std::vector<std::int64_t> slot_mapping;
-  std::vector<std::int32_t, detail::HugePageAllocator<std::int32_t>> block_tables;
+  std::vector<std::int32_t, aphrodite::detail::HugePageAllocator<std::int32_t>> block_tables;
   std::vector<std::int32_t> seq_lens;
   std::vector<std::int32_t> query_start_loc;
   std::vector<std::int32_t> num_computed_tokens;

@@ -2,15 +2,19 @@
 
 #include <new>
 
-#include "aphrodite/engine/huge_page_allocator.h"
+#include "aphrodite/huge_page_allocator.h"
 #include "internal/asan.h"
 
 namespace aphrodite::engine::detail {
 
+using ::aphrodite::detail::huge_page_alloc;
+using ::aphrodite::detail::huge_page_free;
+using ::aphrodite::detail::kHugePageBytes;
+
 RequestArena::~RequestArena() {
   for (void* chunk : chunks_) {
     APHRODITE_ASAN_UNPOISON(chunk, kHugePageBytes);
-    huge_page_free(chunk, kHugePageBytes);
+    huge_page_free(chunk);
   }
 }
 

@@ -22,8 +22,8 @@
 #include <cstring>
 #include <vector>
 
-#include "aphrodite/engine/huge_page_allocator.h"
 #include "aphrodite/engine/sha256.h"
+#include "aphrodite/huge_page_allocator.h"
 
 namespace aphrodite::engine {
 
@@ -95,7 +95,7 @@ class BlockPool {
   bool enable_caching_;
   std::int32_t num_free_ = 0;
   template <typename T>
-  using Array = std::vector<T, detail::HugePageAllocator<T>>;
+  using Array = std::vector<T, aphrodite::detail::HugePageAllocator<T>>;
   Array<BlockMeta> meta_;
   // The free queue: entries [head_, tail_) of the ring (positions modulo 2^32, indices masked).
   Array<std::int32_t> queue_;
