@@ -144,8 +144,9 @@ std::int32_t BlockPool::lookup(const BlockKey& key) const {
 
 void BlockPool::prefetch_publish(std::int32_t block, const BlockKey& key) const {
   if (!enable_caching_) return;
-  __builtin_prefetch(&meta_[block]);
-  __builtin_prefetch(&index_[key_tag(key) & index_mask_]);
+  __builtin_prefetch(&meta_[block], 1);
+  __builtin_prefetch(&index_[key_tag(key) & index_mask_], 1);
+  __builtin_prefetch(&key_[block], 1);
 }
 
 bool BlockPool::publish(std::int32_t block, const BlockKey& key) {
