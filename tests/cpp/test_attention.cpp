@@ -34,63 +34,83 @@ std::vector<AttentionCpuKernels> kernel_builds() {
   return builds;
 }
 
-// Two key blocks through attend_block with per-row key ranges, against softmax in double.
+// Two key blocks through attend_block with per-row key ranges, against softmax in double: once
+// as two calls of one block each and once as one call over both (the blocks lie in memory in
+// reverse order, so the kernel must follow the block pointers).
 TEST(AttentionCpuKernels, AttendBlocksMatchDoubleReference) {
   std::mt19937 rng(11);
   std::normal_distribution<float> normal;
   for (const AttentionCpuKernels& k : kernel_builds()) {
     for (int rows : {1, 3, 4, 7, 8, 9, 17, 32, 33, 50, 64}) {
       for (int head_size : {8, 24, 40, 64, 80, 112, 128}) {
-        const int block = 16;
-        const int stride = head_size + 8;  // keys farther apart than head_size, as in the cache
-        std::vector<float> q(static_cast<std::size_t>(rows) * head_size);
-        std::vector<float> keys(static_cast<std::size_t>(2 * block) * stride);
-        std::vector<float> values(keys.size());
-        for (float& x : q) x = normal(rng);
-        for (float& x : keys) x = normal(rng);
-        for (float& x : values) x = normal(rng);
-        std::vector<int> begin(rows), end(rows);
-        for (int r = 0; r < rows; ++r) {
-          begin[r] = static_cast<int>(rng() % 20);
-          end[r] = begin[r] + 1 + static_cast<int>(rng() % (2 * block - begin[r]));
-        }
-        std::vector<float> m(rows, -std::numeric_limits<float>::infinity()), l(rows, 0.0f);
-        std::vector<float> acc(q.size(), 0.0f);
-        std::vector<float> scratch(
-            static_cast<std::size_t>(detail::attend_block_scratch_floats(rows, block)));
-        std::vector<float> packed(
-            static_cast<std::size_t>(detail::packed_query_floats(rows, head_size)));
-        k.pack_query(q.data(), rows, head_size, packed.data());
-        for (int b = 0; b < 2; ++b) {
-          std::vector<int> kb(rows), ke(rows);
+        for (bool one_call : {false, true}) {
+          const int block = 16;
+          const int stride = head_size + 8;  // keys farther apart than head_size, as in the cache
+          std::vector<float> q(static_cast<std::size_t>(rows) * head_size);
+          // Logical block b is stored at memory block 1 - b.
+          std::vector<float> keys(static_cast<std::size_t>(2 * block) * stride);
+          std::vector<float> values(keys.size());
+          for (float& x : q) x = normal(rng);
+          for (float& x : keys) x = normal(rng);
+          for (float& x : values) x = normal(rng);
+          auto key_row = [&](int j) {
+            return &keys[((1 - j / block) * block + j % block) * stride];
+          };
+          auto value_row = [&](int j) {
+            return &values[((1 - j / block) * block + j % block) * stride];
+          };
+          const float* k_blocks[2] = {key_row(0), key_row(block)};
+          const float* v_blocks[2] = {value_row(0), value_row(block)};
+          std::vector<int> begin(rows), end(rows);
           for (int r = 0; r < rows; ++r) {
-            kb[r] = std::min(std::max(begin[r] - b * block, 0), block);
-            ke[r] = std::min(std::max(end[r] - b * block, 0), block);
+            begin[r] = static_cast<int>(rng() % 20);
+            end[r] = begin[r] + 1 + static_cast<int>(rng() % (2 * block - begin[r]));
           }
-          k.attend_block(packed.data(), rows, head_size, keys.data() + b * block * stride,
-                         values.data() + b * block * stride, stride, block, kb.data(), ke.data(),
-                         m.data(), l.data(), acc.data(), scratch.data());
-        }
-        for (int r = 0; r < rows; ++r) {
-          std::vector<double> w;
-          double mx = -INFINITY;
-          for (int j = begin[r]; j < end[r]; ++j) {
-            double dot = 0;
-            for (int d = 0; d < head_size; ++d) {
-              dot += static_cast<double>(q[r * head_size + d]) * keys[j * stride + d];
+          std::vector<float> m(rows, -std::numeric_limits<float>::infinity()), l(rows, 0.0f);
+          std::vector<float> acc(q.size(), 0.0f);
+          std::vector<float> scratch(
+              static_cast<std::size_t>(detail::attend_block_scratch_floats(rows, 2 * block)));
+          std::vector<float> packed(
+              static_cast<std::size_t>(detail::packed_query_floats(rows, head_size)));
+          k.pack_query(q.data(), rows, head_size, packed.data());
+          if (one_call) {
+            const detail::KeyBlocks kv{k_blocks, v_blocks, block, stride};
+            k.attend_block(packed.data(), rows, head_size, kv, 2 * block, begin.data(), end.data(),
+                           m.data(), l.data(), acc.data(), scratch.data());
+          } else {
+            for (int b = 0; b < 2; ++b) {
+              std::vector<int> kb(rows), ke(rows);
+              for (int r = 0; r < rows; ++r) {
+                kb[r] = std::min(std::max(begin[r] - b * block, 0), block);
+                ke[r] = std::min(std::max(end[r] - b * block, 0), block);
+              }
+              const detail::KeyBlocks kv{&k_blocks[b], &v_blocks[b], block, stride};
+              k.attend_block(packed.data(), rows, head_size, kv, block, kb.data(), ke.data(),
+                             m.data(), l.data(), acc.data(), scratch.data());
             }
-            w.push_back(dot);
-            mx = std::max(mx, dot);
           }
-          double sum = 0;
-          for (double& x : w) sum += (x = std::exp(x - mx));
-          for (int d = 0; d < head_size; ++d) {
-            double expect = 0;
+          for (int r = 0; r < rows; ++r) {
+            std::vector<double> w;
+            double mx = -INFINITY;
             for (int j = begin[r]; j < end[r]; ++j) {
-              expect += w[j - begin[r]] / sum * values[j * stride + d];
+              double dot = 0;
+              for (int d = 0; d < head_size; ++d) {
+                dot += static_cast<double>(q[r * head_size + d]) * key_row(j)[d];
+              }
+              w.push_back(dot);
+              mx = std::max(mx, dot);
             }
-            ASSERT_NEAR(acc[r * head_size + d] / l[r], expect, 2e-5 * (1 + std::fabs(expect)))
-                << "rows " << rows << " head_size " << head_size << " row " << r << " d " << d;
+            double sum = 0;
+            for (double& x : w) sum += (x = std::exp(x - mx));
+            for (int d = 0; d < head_size; ++d) {
+              double expect = 0;
+              for (int j = begin[r]; j < end[r]; ++j) {
+                expect += w[j - begin[r]] / sum * value_row(j)[d];
+              }
+              ASSERT_NEAR(acc[r * head_size + d] / l[r], expect, 2e-5 * (1 + std::fabs(expect)))
+                  << "rows " << rows << " head_size " << head_size << " one call " << one_call
+                  << " row " << r << " d " << d;
+            }
           }
         }
       }

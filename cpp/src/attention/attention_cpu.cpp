@@ -120,9 +120,9 @@ void pack_query_scalar(const float* q, int rows, int head_size, float* packed) {
   std::memcpy(packed, q, static_cast<std::size_t>(rows) * head_size * sizeof(float));
 }
 
-void attend_block_scalar(const float* q, int rows, int head_size, const float* k, const float* v,
-                         std::int64_t kv_stride, int num_keys, const int* key_begin,
-                         const int* key_end, float* m, float* l, float* acc, float* scratch) {
+void attend_block_scalar(const float* q, int rows, int head_size, const KeyBlocks& kv, int num_keys,
+                         const int* key_begin, const int* key_end, float* m, float* l, float* acc,
+                         float* scratch) {
   float* s = scratch;
   for (int r = 0; r < rows; ++r) {
     const int jb = key_begin[r];
@@ -131,7 +131,7 @@ void attend_block_scalar(const float* q, int rows, int head_size, const float* k
     const float* qr = q + static_cast<std::int64_t>(r) * head_size;
     float block_max = -std::numeric_limits<float>::infinity();
     for (int j = jb; j < je; ++j) {
-      const float* kr = k + j * kv_stride;
+      const float* kr = kv.key(j);
       float dot = 0.0f;
       for (int d = 0; d < head_size; ++d) dot += qr[d] * kr[d];
       s[j] = dot;
@@ -145,7 +145,7 @@ void attend_block_scalar(const float* q, int rows, int head_size, const float* k
     for (int j = jb; j < je; ++j) {
       const float pj = std::exp(s[j] - m_new);
       sum += pj;
-      const float* vr = v + j * kv_stride;
+      const float* vr = kv.value(j);
       for (int d = 0; d < head_size; ++d) ar[d] += pj * vr[d];
     }
     l[r] = l[r] * alpha + sum;
@@ -228,14 +228,15 @@ struct WorkItem {
   int kv_head_end;
 };
 
-// How far ahead (in cache blocks) run_item prefetches K/V.
+// How far ahead (in cache blocks) run_item prefetches K/V, for items that prefetch: those with
+// fewer query rows per KV head than kPrefetchMaxRows (see run_item).
 constexpr int kPrefetchBlocks = 2;
-// Items with at least this many query rows per KV head do not prefetch (see run_item).
 constexpr int kPrefetchMaxRows = 16;
 
 struct Scratch {
   std::vector<float> q_rows, q, acc, m, l, kf, vf, block;
   std::vector<int> pos_begin, pos_end, key_begin, key_end;
+  std::vector<const float*> k_blocks, v_blocks;
 };
 
 void run_item(const PagedAttentionParams& p, const AttentionCpuKernels& kern, const WorkItem& item,
@@ -258,10 +259,13 @@ void run_item(const PagedAttentionParams& p, const AttentionCpuKernels& kern, co
   sc.pos_end.resize(head_rows);
   sc.key_begin.resize(head_rows);
   sc.key_end.resize(head_rows);
-  sc.block.resize(static_cast<std::size_t>(attend_block_scratch_floats(head_rows, bs)));
+  const int max_step_keys = std::max(1, kKeysPerStep / bs) * bs;
+  sc.block.resize(static_cast<std::size_t>(attend_block_scratch_floats(head_rows, max_step_keys)));
+  sc.k_blocks.resize(static_cast<std::size_t>(max_step_keys / bs));
+  sc.v_blocks.resize(static_cast<std::size_t>(max_step_keys / bs));
   if (p.dtype != DType::kFloat32) {
-    sc.kf.resize(static_cast<std::size_t>(bs) * D);
-    sc.vf.resize(static_cast<std::size_t>(bs) * D);
+    sc.kf.resize(static_cast<std::size_t>(max_step_keys) * D);
+    sc.vf.resize(static_cast<std::size_t>(max_step_keys) * D);
   }
 
   const std::int32_t q_begin = p.query_start_loc[item.seq];
@@ -305,51 +309,63 @@ void run_item(const PagedAttentionParams& p, const AttentionCpuKernels& kern, co
   // spend far longer on a block than it takes to load, and their context is shared by the
   // chunks before them, so it is mostly cached: the prefetches would only cost issue slots.
   const bool prefetch = head_rows < kPrefetchMaxRows;
-  for (std::int64_t bi = first_key / bs; bi * bs < last_key; ++bi) {
-    const std::int64_t base = bi * bs;
-    const int n = static_cast<int>(std::min<std::int64_t>(bs, last_key - base));
-    if (prefetch && (bi + kPrefetchBlocks) * bs < last_key) {
-      // Blocks are scattered and each holds short runs: prefetch one a few blocks ahead while
-      // this one is computed.
-      const std::int64_t next =
-          (static_cast<std::int64_t>(table[bi + kPrefetchBlocks]) * bs * p.num_kv_heads +
-           item.kv_head_begin) *
-          D;
-      for (int j = 0; j < bs; ++j) {
-        const std::int64_t at = (next + j * key_stride) * static_cast<std::int64_t>(esize);
-        for (std::int64_t b = 0; b < run_bytes; b += 64) {
-          __builtin_prefetch(static_cast<const char*>(p.key_cache) + at + b);
-          __builtin_prefetch(static_cast<const char*>(p.value_cache) + at + b);
-        }
+  auto prefetch_block = [&](std::int64_t bi) {
+    const std::int64_t first =
+        (static_cast<std::int64_t>(table[bi]) * bs * p.num_kv_heads + item.kv_head_begin) * D;
+    for (int j = 0; j < bs; ++j) {
+      const std::int64_t at = (first + j * key_stride) * static_cast<std::int64_t>(esize);
+      for (std::int64_t b = 0; b < run_bytes; b += 64) {
+        __builtin_prefetch(static_cast<const char*>(p.key_cache) + at + b);
+        __builtin_prefetch(static_cast<const char*>(p.value_cache) + at + b);
       }
+    }
+  };
+  // Steps of whole cache blocks, up to kKeysPerStep keys each; one block per step when
+  // prefetching, which then runs kPrefetchBlocks blocks ahead (a few blocks' K/V in flight).
+  const int step_blocks = prefetch ? 1 : std::max(1, kKeysPerStep / bs);
+  const std::int64_t end_block = (last_key + bs - 1) / bs;
+  for (std::int64_t b0 = first_key / bs; b0 < end_block; b0 += step_blocks) {
+    const int nblocks = static_cast<int>(std::min<std::int64_t>(step_blocks, end_block - b0));
+    const std::int64_t base = b0 * bs;
+    const int n = static_cast<int>(std::min<std::int64_t>(nblocks * bs, last_key - base));
+    if (prefetch) {
+      // Blocks are scattered and each holds short runs: load one a few blocks ahead while this
+      // one is computed.
+      if (b0 + kPrefetchBlocks < end_block) prefetch_block(b0 + kPrefetchBlocks);
     }
     for (int r = 0; r < head_rows; ++r) {
       sc.key_begin[r] = static_cast<int>(std::clamp<std::int64_t>(sc.pos_begin[r] - base, 0, n));
       sc.key_end[r] = static_cast<int>(std::clamp<std::int64_t>(sc.pos_end[r] - base, 0, n));
     }
     for (int h = 0; h < heads; ++h) {
-      const std::int64_t offset =
-          (static_cast<std::int64_t>(table[bi]) * bs * p.num_kv_heads + item.kv_head_begin + h) * D;
-      const float* k;
-      const float* v;
-      std::int64_t kv_stride;
-      if (p.dtype == DType::kFloat32) {
-        k = static_cast<const float*>(p.key_cache) + offset;
-        v = static_cast<const float*>(p.value_cache) + offset;
-        kv_stride = key_stride;
-      } else {
-        const std::int64_t at = offset * static_cast<std::int64_t>(esize);
-        kern.rows_to_f32(static_cast<const char*>(p.key_cache) + at, p.dtype, key_stride, n, D,
-                         1.0f, sc.kf.data());
-        kern.rows_to_f32(static_cast<const char*>(p.value_cache) + at, p.dtype, key_stride, n, D,
-                         1.0f, sc.vf.data());
-        k = sc.kf.data();
-        v = sc.vf.data();
-        kv_stride = D;
+      std::int64_t kv_stride = key_stride;
+      for (int i = 0; i < nblocks; ++i) {
+        const std::int64_t offset =
+            (static_cast<std::int64_t>(table[b0 + i]) * bs * p.num_kv_heads + item.kv_head_begin +
+             h) *
+            D;
+        if (p.dtype == DType::kFloat32) {
+          sc.k_blocks[i] = static_cast<const float*>(p.key_cache) + offset;
+          sc.v_blocks[i] = static_cast<const float*>(p.value_cache) + offset;
+        } else {
+          // Converted to float32, block by block, into the step's scratch (rows D apart).
+          const std::int64_t at = offset * static_cast<std::int64_t>(esize);
+          const int rows_here = std::min(bs, n - i * bs);
+          float* kf = sc.kf.data() + static_cast<std::size_t>(i) * bs * D;
+          float* vf = sc.vf.data() + static_cast<std::size_t>(i) * bs * D;
+          kern.rows_to_f32(static_cast<const char*>(p.key_cache) + at, p.dtype, key_stride,
+                           rows_here, D, 1.0f, kf);
+          kern.rows_to_f32(static_cast<const char*>(p.value_cache) + at, p.dtype, key_stride,
+                           rows_here, D, 1.0f, vf);
+          sc.k_blocks[i] = kf;
+          sc.v_blocks[i] = vf;
+          kv_stride = D;
+        }
       }
+      const KeyBlocks kv{sc.k_blocks.data(), sc.v_blocks.data(), bs, kv_stride};
       const std::size_t r0 = static_cast<std::size_t>(h) * head_rows;
-      kern.attend_block(sc.q.data() + h * packed, head_rows, D, k, v, kv_stride, n,
-                        sc.key_begin.data(), sc.key_end.data(), sc.m.data() + r0, sc.l.data() + r0,
+      kern.attend_block(sc.q.data() + h * packed, head_rows, D, kv, n, sc.key_begin.data(),
+                        sc.key_end.data(), sc.m.data() + r0, sc.l.data() + r0,
                         sc.acc.data() + r0 * D, sc.block.data());
     }
   }

@@ -143,19 +143,23 @@ void qk_tile(const float* qt, int rp, int rv0, const float* k, std::int64_t kv_s
 }
 
 template <int KJ, int NV>
-void qk_keys(const float* qt, int rp, int rv0, const float* k, std::int64_t kv_stride, int num_keys,
-             int head_size, float* st) {
-  int j = 0;
-  for (; j + KJ <= num_keys; j += KJ) qk_tile<KJ, NV>(qt, rp, rv0, k, kv_stride, j, head_size, st);
-  for (; j < num_keys; ++j) qk_tile<1, NV>(qt, rp, rv0, k, kv_stride, j, head_size, st);
+void qk_keys(const float* qt, int rp, int rv0, const KeyBlocks& kv, int num_keys, int head_size,
+             float* st) {
+  for (int b0 = 0; b0 < num_keys; b0 += kv.block_size) {
+    const float* k = kv.k[b0 / kv.block_size];
+    const int n = num_keys - b0 < kv.block_size ? num_keys - b0 : kv.block_size;
+    float* sb = st + static_cast<std::int64_t>(b0) * rp;
+    int j = 0;
+    for (; j + KJ <= n; j += KJ) qk_tile<KJ, NV>(qt, rp, rv0, k, kv.stride, j, head_size, sb);
+    for (; j < n; ++j) qk_tile<1, NV>(qt, rp, rv0, k, kv.stride, j, head_size, sb);
+  }
 }
 
 // acc[r][d0 .. d0 + 8V) = alpha[r] * acc[r][...] + sum_j p(r, j) * v[j][...] for R rows, where
 // p(r, j) = p[r * p_row + j * p_key].
 template <int R, int V>
 void pv_tile(const float* p, std::int64_t p_row, std::int64_t p_key, const float* alpha,
-             const float* v, std::int64_t kv_stride, int num_keys, float* acc, int head_size,
-             int d0) {
+             const KeyBlocks& kv, int num_keys, float* acc, int head_size, int d0) {
   __m256 c[R][V];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
@@ -165,15 +169,20 @@ void pv_tile(const float* p, std::int64_t p_row, std::int64_t p_key, const float
       c[r][w] = _mm256_mul_ps(
           a, _mm256_loadu_ps(acc + static_cast<std::int64_t>(r) * head_size + d0 + 8 * w));
   }
-  for (int j = 0; j < num_keys; ++j) {
-    __m256 vv[V];
+  for (int b0 = 0; b0 < num_keys; b0 += kv.block_size) {
+    const float* vb = kv.v[b0 / kv.block_size] + d0;
+    const float* pk = p + b0 * p_key;
+    const int n = num_keys - b0 < kv.block_size ? num_keys - b0 : kv.block_size;
+    for (int j = 0; j < n; ++j) {
+      __m256 vv[V];
 #pragma GCC unroll 8
-    for (int w = 0; w < V; ++w) vv[w] = _mm256_loadu_ps(v + j * kv_stride + d0 + 8 * w);
+      for (int w = 0; w < V; ++w) vv[w] = _mm256_loadu_ps(vb + j * kv.stride + 8 * w);
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m256 pb = _mm256_broadcast_ss(p + r * p_row + j * p_key);
+      for (int r = 0; r < R; ++r) {
+        const __m256 pb = _mm256_broadcast_ss(pk + r * p_row + j * p_key);
 #pragma GCC unroll 8
-      for (int w = 0; w < V; ++w) c[r][w] = _mm256_fmadd_ps(pb, vv[w], c[r][w]);
+        for (int w = 0; w < V; ++w) c[r][w] = _mm256_fmadd_ps(pb, vv[w], c[r][w]);
+      }
     }
   }
 #pragma GCC unroll 8
@@ -185,33 +194,30 @@ void pv_tile(const float* p, std::int64_t p_row, std::int64_t p_key, const float
 
 template <int R>
 void pv_rows(const float* p, std::int64_t p_row, std::int64_t p_key, const float* alpha,
-             const float* v, std::int64_t kv_stride, int num_keys, float* acc, int head_size) {
+             const KeyBlocks& kv, int num_keys, float* acc, int head_size) {
   int d0 = 0;
   for (; d0 + 16 <= head_size; d0 += 16)
-    pv_tile<R, 2>(p, p_row, p_key, alpha, v, kv_stride, num_keys, acc, head_size, d0);
-  if (d0 < head_size)
-    pv_tile<R, 1>(p, p_row, p_key, alpha, v, kv_stride, num_keys, acc, head_size, d0);
+    pv_tile<R, 2>(p, p_row, p_key, alpha, kv, num_keys, acc, head_size, d0);
+  if (d0 < head_size) pv_tile<R, 1>(p, p_row, p_key, alpha, kv, num_keys, acc, head_size, d0);
 }
 
 void pv_all_rows(const float* p, std::int64_t p_row, std::int64_t p_key, const float* alpha,
-                 const float* v, std::int64_t kv_stride, int num_keys, float* acc, int rows,
-                 int head_size) {
+                 const KeyBlocks& kv, int num_keys, float* acc, int rows, int head_size) {
   int r = 0;
   for (; r + 4 <= rows; r += 4) {
-    pv_rows<4>(p + r * p_row, p_row, p_key, alpha + r, v, kv_stride, num_keys,
+    pv_rows<4>(p + r * p_row, p_row, p_key, alpha + r, kv, num_keys,
                acc + static_cast<std::int64_t>(r) * head_size, head_size);
   }
   for (; r < rows; ++r) {
-    pv_rows<1>(p + r * p_row, p_row, p_key, alpha + r, v, kv_stride, num_keys,
+    pv_rows<1>(p + r * p_row, p_row, p_key, alpha + r, kv, num_keys,
                acc + static_cast<std::int64_t>(r) * head_size, head_size);
   }
 }
 
 // Many rows: scores as [key][row] from the transposed query, softmax vectorised over rows.
-void attend_block_transposed(const float* qt, int rows, int head_size, const float* k,
-                             const float* v, std::int64_t kv_stride, int num_keys,
-                             const int* key_begin, const int* key_end, float* m, float* l,
-                             float* acc, float* scratch) {
+void attend_block_transposed(const float* qt, int rows, int head_size, const KeyBlocks& kv,
+                             int num_keys, const int* key_begin, const int* key_end, float* m,
+                             float* l, float* acc, float* scratch) {
   const int rp = padded_rows(rows);
   float* st = scratch;                                           // [num_keys][rp]
   float* alpha = st + static_cast<std::int64_t>(num_keys) * rp;  // [rp]
@@ -231,16 +237,16 @@ void attend_block_transposed(const float* qt, int rows, int head_size, const flo
     const int nv = rv_total - rv0 < 4 ? rv_total - rv0 : 4;
     switch (nv) {
       case 4:
-        qk_keys<2, 4>(qt, rp, rv0, k, kv_stride, num_keys, head_size, st);
+        qk_keys<2, 4>(qt, rp, rv0, kv, num_keys, head_size, st);
         break;
       case 3:
-        qk_keys<2, 3>(qt, rp, rv0, k, kv_stride, num_keys, head_size, st);
+        qk_keys<2, 3>(qt, rp, rv0, kv, num_keys, head_size, st);
         break;
       case 2:
-        qk_keys<4, 2>(qt, rp, rv0, k, kv_stride, num_keys, head_size, st);
+        qk_keys<4, 2>(qt, rp, rv0, kv, num_keys, head_size, st);
         break;
       default:
-        qk_keys<8, 1>(qt, rp, rv0, k, kv_stride, num_keys, head_size, st);
+        qk_keys<8, 1>(qt, rp, rv0, kv, num_keys, head_size, st);
         break;
     }
     rv0 += nv;
@@ -285,13 +291,13 @@ void attend_block_transposed(const float* qt, int rows, int head_size, const flo
     m[r] = mp[r];
     l[r] = lp[r];
   }
-  pv_all_rows(st, 1, rp, alpha, v, kv_stride, num_keys, acc, rows, head_size);
+  pv_all_rows(st, 1, rp, alpha, kv, num_keys, acc, rows, head_size);
 }
 
 // Few rows (decode): one dot product per score.
-void attend_block_rows(const float* q, int rows, int head_size, const float* k, const float* v,
-                       std::int64_t kv_stride, int num_keys, const int* key_begin,
-                       const int* key_end, float* m, float* l, float* acc, float* scratch) {
+void attend_block_rows(const float* q, int rows, int head_size, const KeyBlocks& kv, int num_keys,
+                       const int* key_begin, const int* key_end, float* m, float* l, float* acc,
+                       float* scratch) {
   const int np = (num_keys + 7) / 8 * 8;
   float* s = scratch;
   float* alpha = s + static_cast<std::int64_t>(rows) * np;
@@ -299,19 +305,26 @@ void attend_block_rows(const float* q, int rows, int head_size, const float* k, 
   for (int r = 0; r < rows; ++r) {
     const float* qr = q + static_cast<std::int64_t>(r) * head_size;
     float* sr = s + static_cast<std::int64_t>(r) * np;
-    for (int j = key_begin[r]; j < key_end[r]; ++j) {
-      const float* kr = k + j * kv_stride;
-      __m256 c0 = _mm256_setzero_ps();
-      __m256 c1 = _mm256_setzero_ps();
-      int d = 0;
-      for (; d + 16 <= head_size; d += 16) {
-        c0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kr + d), c0);
-        c1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d + 8), _mm256_loadu_ps(kr + d + 8), c1);
+    // Keys block by block: one division per block, not per key.
+    const int jb = key_begin[r];
+    const int je = key_end[r];
+    for (int b0 = jb / kv.block_size * kv.block_size; b0 < je; b0 += kv.block_size) {
+      const float* kblock = kv.k[b0 / kv.block_size];
+      const int j1 = je < b0 + kv.block_size ? je : b0 + kv.block_size;
+      for (int j = jb > b0 ? jb : b0; j < j1; ++j) {
+        const float* kr = kblock + (j - b0) * kv.stride;
+        __m256 c0 = _mm256_setzero_ps();
+        __m256 c1 = _mm256_setzero_ps();
+        int d = 0;
+        for (; d + 16 <= head_size; d += 16) {
+          c0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kr + d), c0);
+          c1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d + 8), _mm256_loadu_ps(kr + d + 8), c1);
+        }
+        if (d < head_size) {
+          c0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kr + d), c0);
+        }
+        sr[j] = hsum(_mm256_add_ps(c0, c1));
       }
-      if (d < head_size) {
-        c0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kr + d), c0);
-      }
-      sr[j] = hsum(_mm256_add_ps(c0, c1));
     }
   }
 
@@ -348,18 +361,17 @@ void attend_block_rows(const float* q, int rows, int head_size, const float* k, 
     l[r] = l[r] * alpha[r] + hsum(sum);
     m[r] = m_new;
   }
-  pv_all_rows(s, np, 1, alpha, v, kv_stride, num_keys, acc, rows, head_size);
+  pv_all_rows(s, np, 1, alpha, kv, num_keys, acc, rows, head_size);
 }
 
-void attend_block(const float* q, int rows, int head_size, const float* k, const float* v,
-                  std::int64_t kv_stride, int num_keys, const int* key_begin, const int* key_end,
-                  float* m, float* l, float* acc, float* scratch) {
+void attend_block(const float* q, int rows, int head_size, const KeyBlocks& kv, int num_keys,
+                  const int* key_begin, const int* key_end, float* m, float* l, float* acc,
+                  float* scratch) {
   if (rows >= kTransposeRows) {
-    attend_block_transposed(q, rows, head_size, k, v, kv_stride, num_keys, key_begin, key_end, m, l,
-                            acc, scratch);
+    attend_block_transposed(q, rows, head_size, kv, num_keys, key_begin, key_end, m, l, acc,
+                            scratch);
   } else {
-    attend_block_rows(q, rows, head_size, k, v, kv_stride, num_keys, key_begin, key_end, m, l, acc,
-                      scratch);
+    attend_block_rows(q, rows, head_size, kv, num_keys, key_begin, key_end, m, l, acc, scratch);
   }
 }
 
