@@ -42,12 +42,20 @@ MODELS = {
 CLOCK: Callable[[], float] = time.perf_counter
 
 
+CALLS_PER_TURN = 3
+
+
 def timed_pair(
     ours: Callable[[], object], theirs: Callable[[], object], repeats: int, budget: float
 ) -> tuple[float, float]:
     """Best seconds per call of each, measured alternately after a warm-up, so that load from
     other processes hits both sides alike; stops early once `budget` seconds are spent (at
-    least two rounds)."""
+    least two rounds).
+
+    Each turn runs CALLS_PER_TURN calls back to back: after a parallel region torch's OpenMP
+    workers keep spinning for a while (OMP_WAIT_POLICY's default), so a call made right after
+    a torch call shares the cores with them. The best call of a turn is each side's steady
+    state."""
     fns = (ours, theirs)
     best = [float("inf"), float("inf")]
     for fn in fns:
@@ -55,9 +63,10 @@ def timed_pair(
     start = time.perf_counter()
     for r in range(repeats):
         for i, fn in enumerate(fns):
-            t0 = CLOCK()
-            fn()
-            best[i] = min(best[i], CLOCK() - t0)
+            for _ in range(CALLS_PER_TURN):
+                t0 = CLOCK()
+                fn()
+                best[i] = min(best[i], CLOCK() - t0)
         if r >= 1 and time.perf_counter() - start > budget:
             break
     return best[0], best[1]

@@ -65,8 +65,11 @@ def main() -> None:
     n = len(images)
     rows = []
     for label, hf_fn, ours_fn in (
-        ("PIL images", lambda: proc(images=images, return_tensors="np"),
-         lambda: ops.clip_preprocess(images, CONFIG)),
+        (
+            "PIL images",
+            lambda: proc(images=images, return_tensors="np"),
+            lambda: ops.clip_preprocess(images, CONFIG),
+        ),
         ("uint8 arrays", lambda: proc(images=arrays, return_tensors="np"), ours_arrays),
     ):
         hf_rate = n / best_time(hf_fn, args.repeats)
@@ -76,13 +79,19 @@ def main() -> None:
         all_rate = n / best_time(ours_fn, args.repeats)
         rows.append((label, hf_rate, one_rate, all_rate))
 
-    print(f"{n} images of {sorted(set(PHOTO_SIZES))} -> 3x336x336 float32, "
-          f"{os.cpu_count()} CPUs, core threads {cores}; identical to HF: {identical}")
-    print(f"{'input':<13} {'HF img/s':>9} {'ours 1 thr':>11} {'ratio':>7} "
-          f"{f'ours {cores} thr':>11} {'ratio':>7} {'per core':>9}")
+    print(
+        f"{n} images of {sorted(set(PHOTO_SIZES))} -> 3x336x336 float32, "
+        f"{os.cpu_count()} CPUs, core threads {cores}; identical to HF: {identical}"
+    )
+    print(
+        f"{'input':<13} {'HF img/s':>9} {'ours 1 thr':>11} {'ratio':>7} "
+        f"{f'ours {cores} thr':>11} {'ratio':>7} {'per core':>9}"
+    )
     for label, hf_rate, one_rate, all_rate in rows:
-        print(f"{label:<13} {hf_rate:>9.1f} {one_rate:>11.1f} {one_rate / hf_rate:>6.2f}x "
-              f"{all_rate:>11.1f} {all_rate / hf_rate:>6.2f}x {all_rate / cores / hf_rate:>8.2f}x")
+        print(
+            f"{label:<13} {hf_rate:>9.1f} {one_rate:>11.1f} {one_rate / hf_rate:>6.2f}x "
+            f"{all_rate:>11.1f} {all_rate / hf_rate:>6.2f}x {all_rate / cores / hf_rate:>8.2f}x"
+        )
 
 
 if __name__ == "__main__":
