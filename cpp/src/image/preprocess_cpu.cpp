@@ -9,6 +9,7 @@
 #include "aphrodite/parallel.h"
 #include "internal/cpu_features.h"
 #include "internal/image_preprocess.h"
+#include "linear/gemm_cpu.h"
 
 namespace aphrodite::detail {
 
@@ -22,7 +23,9 @@ inline std::uint8_t clip8(std::int32_t v) {
 
 constexpr std::int32_t kRoundingBias = 1 << (kResamplePrecisionBits - 1);
 
-bool cpu_has_avx2() { return detail::cpu_features().avx2_fma; }
+// The AVX2 passes unless the CPU lacks them or the CPU kernel set (APHRODITE_CPU_ISA, shared
+// with linear()) is forced to the portable code.
+bool use_avx2() { return cpu_features().avx2_fma && active_cpu_isa() != CpuIsa::kScalar; }
 
 struct ImageContext {
   const PreprocessPlan& plan;
@@ -217,7 +220,7 @@ void preprocess_images_cpu(const PreprocessPlan& plan,
   const std::size_t elem = dtype_size(out.dtype());
   const std::int64_t image_elems = 3 * plan.crop_h * plan.crop_w;
   auto* out_bytes = static_cast<std::uint8_t*>(out.data());
-  const bool avx2 = cpu_has_avx2();
+  const bool avx2 = use_avx2();
   const auto n = static_cast<std::int64_t>(plan.images.size());
   // The AVX2 form of image i's x coefficients, into `packed` (none without AVX2 or x resize).
   auto pack_x = [&](std::int64_t i, std::vector<std::int16_t>& packed) -> const std::int16_t* {
