@@ -13,7 +13,13 @@ from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from aphrodite.inputs import InputPreprocessor
-from aphrodite.multimodal import hash_embeddings, hash_rgb_array, load_image, to_rgb_array
+from aphrodite.multimodal import (
+    hash_embeddings,
+    hash_rgb_array,
+    load_image,
+    to_rgb_array,
+    to_rgb_arrays,
+)
 
 IMAGE_TOKEN = 7
 NUM_IMAGE_TOKENS = 4
@@ -46,6 +52,21 @@ def test_rgb_conversion_matches_hugging_face(mode):
     theirs = proc(images=[image], return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
     assert ours.dtype == np.uint8 and ours.shape == (9, 13, 3) and ours.flags.c_contiguous
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_batch_conversion_keeps_order_and_errors():
+    """to_rgb_arrays (threaded for several images) gives each image's to_rgb_array, in order,
+    and raises the error of a bad image."""
+    modes = ["RGB", "L", "RGBA", "P_transparent", "CMYK", "I;16"] * 3
+    images = [_random_image(mode, seed=i) for i, mode in enumerate(modes)]
+    images.append(np.asarray(_random_image("RGB", seed=99)))
+    arrays = to_rgb_arrays(images)
+    assert len(arrays) == len(images)
+    for image, array in zip(images, arrays):
+        np.testing.assert_array_equal(array, to_rgb_array(image))
+    assert to_rgb_arrays([]) == []
+    with pytest.raises(TypeError, match="uint8"):
+        to_rgb_arrays([images[0], np.zeros((4, 4, 3), dtype=np.float32)])
 
 
 def test_hash_depends_on_pixels_and_shape_only():

@@ -10,7 +10,12 @@ import torch
 from PIL import Image
 
 from aphrodite.multimodal.fetch import fetch_timeout_from_env, load_image, load_images
-from aphrodite.multimodal.image import hash_embeddings, hash_rgb_array, to_rgb_array
+from aphrodite.multimodal.image import (
+    hash_embeddings,
+    hash_rgb_array,
+    to_rgb_array,
+    to_rgb_arrays,
+)
 
 # "image": one PIL image, a list of them (one per <image> placeholder, in order), or
 # precomputed image embeddings: a tensor [num_image_tokens, hidden] for one image or
@@ -47,4 +52,5 @@ __all__ = [
     "load_image",
     "load_images",
     "to_rgb_array",
+    "to_rgb_arrays",
 ]

@@ -271,8 +271,7 @@ class ImageFetcher:
         allowed = self.policy.allowed_domains
         if allowed is not None and host not in allowed:
             raise MediaFetchError(
-                f"fetching images from host {host!r} is not allowed "
-                "(see --allowed-media-domains)",
+                f"fetching images from host {host!r} is not allowed (see --allowed-media-domains)",
                 "domain_not_allowed",
             )
 
@@ -292,8 +291,10 @@ class ImageFetcher:
                         url = str(response.url.join(location))
                         continue
                     if response.status_code != 200:
-                        code = "image_not_found" if response.status_code == 404 else (
-                            "image_fetch_failed"
+                        code = (
+                            "image_not_found"
+                            if response.status_code == 404
+                            else "image_fetch_failed"
                         )
                         raise MediaFetchError(
                             f"fetching image {_short(url)!r} failed with HTTP status "

@@ -7,6 +7,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
@@ -56,8 +59,35 @@ def to_rgb_array(image: Any) -> np.ndarray:
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(
             "the installed transformers' convert_to_rgb does not give RGB uint8 pixels for this "
-            f"image (got {rgb.dtype} {rgb.shape}); HF's image processor cannot take it either")
+            f"image (got {rgb.dtype} {rgb.shape}); HF's image processor cannot take it either"
+        )
     return np.ascontiguousarray(rgb)
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _conversion_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            from aphrodite import _C
+
+            _pool = ThreadPoolExecutor(
+                max_workers=max(1, _C.num_threads()), thread_name_prefix="aphrodite-rgb"
+            )
+        return _pool
+
+
+def to_rgb_arrays(images: Sequence[Any]) -> list[np.ndarray]:
+    """:func:`to_rgb_array` of each image, in order. Several images are converted on a thread
+    pool as large as the core's: Pillow releases the GIL while it copies pixels out (about 5 ms
+    for a 2-megapixel photo, as long as the preprocessing op itself), so this scales with the
+    cores instead of running one image at a time."""
+    if len(images) < 2:
+        return [to_rgb_array(im) for im in images]
+    return list(_conversion_pool().map(to_rgb_array, images))
 
 
 def hash_rgb_array(pixels: np.ndarray) -> bytes:

@@ -10,7 +10,7 @@ import PIL
 import torch
 
 from aphrodite import _C
-from aphrodite.multimodal.image import to_rgb_array
+from aphrodite.multimodal.image import to_rgb_arrays
 from aphrodite.ops._stream import stream_of
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -53,13 +53,22 @@ def preprocess_images(
     CUDA; on CUDA it runs on the current stream). Returns ``out``. The resize equals
     ``Image.resize(BICUBIC)`` of the installed Pillow, or of the release whose rule
     ``pass_order`` names."""
-    arrays = [np.ascontiguousarray(im) if isinstance(im, np.ndarray) else im.contiguous()
-              for im in images]
+    arrays = [
+        np.ascontiguousarray(im) if isinstance(im, np.ndarray) else im.contiguous() for im in images
+    ]
     _C.ops.preprocess_images(
-        arrays, out, int(shortest_edge), (int(crop_size[0]), int(crop_size[1])),
-        tuple(float(m) for m in mean), tuple(float(s) for s in std), float(rescale_factor),
-        bool(do_resize), bool(do_center_crop),
-        INSTALLED_PIL_PASS_ORDER if pass_order is None else pass_order, stream=stream_of(out))
+        arrays,
+        out,
+        int(shortest_edge),
+        (int(crop_size[0]), int(crop_size[1])),
+        tuple(float(m) for m in mean),
+        tuple(float(s) for s in std),
+        float(rescale_factor),
+        bool(do_resize),
+        bool(do_center_crop),
+        INSTALLED_PIL_PASS_ORDER if pass_order is None else pass_order,
+        stream=stream_of(out),
+    )
     return out
 
 
@@ -83,10 +92,18 @@ def clip_preprocess(
     std = cfg.get("image_std", OPENAI_CLIP_STD) if cfg.get("do_normalize", True) else (1, 1, 1)
     rescale = cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else 1.0
     if cfg.get("do_convert_rgb", True):
-        arrays = [to_rgb_array(im) for im in images]
+        arrays = to_rgb_arrays(images)
     else:
         arrays = [np.asarray(im) for im in images]
     out = torch.empty(len(arrays), 3, crop_h, crop_w, dtype=dtype, device=device)
     return preprocess_images(
-        arrays, out, shortest_edge, (crop_h, crop_w), mean, std, rescale,
-        cfg.get("do_resize", True), cfg.get("do_center_crop", True))
+        arrays,
+        out,
+        shortest_edge,
+        (crop_h, crop_w),
+        mean,
+        std,
+        rescale,
+        cfg.get("do_resize", True),
+        cfg.get("do_center_crop", True),
+    )
