@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "attention/attention_cpu_kernels.h"
+#include "attention/attention_cpu_layout.h"
 #include "internal/avx512_intrinsics.h"
 
 namespace aphrodite::detail {
@@ -43,23 +44,8 @@ inline __mmask16 lanes(int n) {
 
 constexpr int kVec = 16;
 
-// Rows from which the query is kept transposed ([head_size][rows rounded up to 16]) so that
-// scores come out as [key][row] vectors; below it each score is one dot product.
-constexpr int kTransposeRows = 8;
-
-int padded_rows(int rows) { return (rows + kVec - 1) / kVec * kVec; }
-
 void pack_query(const float* q, int rows, int head_size, float* packed) {
-  if (rows < kTransposeRows) {
-    for (std::int64_t i = 0; i < static_cast<std::int64_t>(rows) * head_size; ++i) packed[i] = q[i];
-    return;
-  }
-  const int rp = padded_rows(rows);
-  for (int d = 0; d < head_size; ++d) {
-    float* dst = packed + static_cast<std::int64_t>(d) * rp;
-    for (int r = 0; r < rp; ++r)
-      dst[r] = r < rows ? q[static_cast<std::int64_t>(r) * head_size + d] : 0.0f;
-  }
+  pack_query_for_width<kVec>(q, rows, head_size, packed);
 }
 
 // st[j][rv * 16 ..] = k[j] . qt[:, rv * 16 ..] for KJ keys from j0 and NV row vectors from rv0.
@@ -188,7 +174,7 @@ void pv_all_rows(const float* p, std::int64_t p_row, std::int64_t p_key, const f
 void attend_block_transposed(const float* qt, int rows, int head_size, const KeyBlocks& kv,
                              int num_keys, const int* key_begin, const int* key_end, float* m,
                              float* l, float* acc, float* scratch) {
-  const int rp = padded_rows(rows);
+  const int rp = padded_rows<kVec>(rows);
   float* st = scratch;                                           // [num_keys][rp]
   float* alpha = st + static_cast<std::int64_t>(num_keys) * rp;  // [rp]
   float* mp = alpha + rp;
