@@ -1,18 +1,19 @@
-// The engine core's request arena: size classes, recycling, heap fallback, vectors on top of it.
+// The engine core's request arena: size classes, recycling, heap fallback, arrays on top of it.
 #include <gtest/gtest.h>
 
 #include <cstdint>
 #include <cstring>
 #include <set>
+#include <stdexcept>
 #include <vector>
 
 #include "aphrodite/huge_page_allocator.h"
 #include "engine/request_arena.h"
+#include "internal/asan.h"
 
 namespace {
 
-using aphrodite::engine::detail::ArenaAllocator;
-using aphrodite::engine::detail::ArenaVector;
+using aphrodite::engine::detail::ArenaArray;
 using aphrodite::engine::detail::RequestArena;
 
 TEST(RequestArena, BlocksAreDisjointAlignedAndKeepTheirContents) {
@@ -61,24 +62,83 @@ TEST(RequestArena, LargeBlocksComeFromTheHeap) {
   arena.deallocate(p, big);
 }
 
-TEST(RequestArena, VectorsGrowCopyAndMoveAcrossArenas) {
-  RequestArena arena, other;
-  ArenaVector<std::int32_t> v{ArenaAllocator<std::int32_t>(&arena)};
-  for (std::int32_t i = 0; i < 10000; ++i) v.push_back(i);
-  ArenaVector<std::int32_t> w{ArenaAllocator<std::int32_t>(&other)};
-  w = v;  // copy: propagates the allocator
-  EXPECT_EQ(w.get_allocator().arena, &arena);
-  ArenaVector<std::int32_t> heap;  // default: the heap
-  heap.assign(v.begin(), v.end());
-  EXPECT_EQ(heap.get_allocator().arena, nullptr);
-  ArenaVector<std::int32_t> moved = std::move(v);
-  ASSERT_EQ(moved.size(), 10000u);
-  for (std::int32_t i = 0; i < 10000; ++i) {
-    ASSERT_EQ(moved[static_cast<std::size_t>(i)], i);
-    ASSERT_EQ(w[static_cast<std::size_t>(i)], i);
-    ASSERT_EQ(heap[static_cast<std::size_t>(i)], i);
+TEST(RequestArena, SizeClassesRoundUpByAtMostAQuarter) {
+  RequestArena arena;
+  // Same class: the most recently freed block comes back; the next class up gets fresh memory.
+  void* a = arena.allocate(1200);  // class 1280 (1024 * 1.25)
+  arena.deallocate(a, 1200);
+  EXPECT_EQ(arena.allocate(1025), a);
+  void* b = arena.allocate(1281);  // class 1536
+  EXPECT_NE(b, a);
+  arena.deallocate(a, 1025);
+  arena.deallocate(b, 1281);
+  // Consecutive fresh blocks are laid out back to back: their distance is the class size.
+  for (std::size_t bytes : {64, 65, 256, 257, 3000, 4096, 4097, 100000}) {
+    auto* p = static_cast<char*>(arena.allocate(bytes));
+    auto* q = static_cast<char*>(arena.allocate(bytes));
+    const auto class_bytes = static_cast<std::size_t>(q - p);
+    EXPECT_GE(class_bytes, bytes) << bytes;
+    EXPECT_EQ(class_bytes % 64, 0u) << bytes;
+    if (bytes > 256) {
+      EXPECT_LE(class_bytes, bytes + bytes / 4) << bytes;
+    }
+    arena.deallocate(p, bytes);
+    arena.deallocate(q, bytes);
   }
 }
+
+TEST(ArenaArray, AppendsWithinItsCapacityAndReleasesItsStorage) {
+  RequestArena arena;
+  ArenaArray<std::int32_t> a;
+  EXPECT_EQ(sizeof(a), 16u);
+  a.allocate(arena, 1000);
+  EXPECT_TRUE(a.empty());
+  EXPECT_EQ(a.capacity(), 1000u);
+  const std::vector<std::int32_t> prompt{5, 6, 7};
+  a.assign(prompt.data(), prompt.data() + prompt.size());
+  for (std::int32_t i = 0; i < 500; ++i) a.push_back(i);
+  std::int32_t* more = a.extend(497);
+  for (std::int32_t i = 0; i < 497; ++i) more[i] = -i;
+  ASSERT_EQ(a.size(), 1000u);
+  EXPECT_EQ(a[0], 5);
+  EXPECT_EQ(a[502], 499);
+  EXPECT_EQ(a.back(), -496);
+  // Full: appending is a logic error, not a reallocation.
+  EXPECT_THROW(a.push_back(1), std::length_error);
+  EXPECT_THROW(a.extend(1), std::length_error);
+  EXPECT_EQ(a.size(), 1000u);
+  EXPECT_THROW(a.allocate(arena, 10), std::logic_error);
+  a.clear();
+  EXPECT_TRUE(a.empty());
+  a.push_back(42);
+  EXPECT_EQ(a.back(), 42);
+  std::int32_t* storage = a.data();
+  a.release(arena);
+  EXPECT_EQ(a.data(), nullptr);
+  EXPECT_EQ(a.capacity(), 0u);
+  // The storage goes back to the arena: the next array of that class gets it.
+  ArenaArray<std::int32_t> b;
+  b.allocate(arena, 1000);
+  EXPECT_EQ(b.data(), storage);
+  b.release(arena);
+  ArenaArray<std::int32_t> none;
+  none.allocate(arena, 0);
+  EXPECT_THROW(none.push_back(1), std::length_error);
+  none.release(arena);
+}
+
+#if defined(APHRODITE_HAS_ASAN)
+TEST(ArenaArrayDeathTest, SlotsPastTheSizeAreUnaddressable) {
+  RequestArena arena;
+  ArenaArray<std::int32_t> a;
+  a.allocate(arena, 64);
+  a.push_back(1);
+  volatile std::int32_t* p = a.data();
+  EXPECT_EQ(p[0], 1);
+  EXPECT_DEATH(p[1] = 2, "container-overflow");
+  a.release(arena);
+}
+#endif
 
 TEST(HugePageAllocator, SmallAndLargeArrays) {
   std::vector<std::int64_t, aphrodite::detail::HugePageAllocator<std::int64_t>> small(10, 3);

@@ -61,8 +61,10 @@ enum class MMState : std::uint8_t {
 };
 
 // Fields in the order a step touches them: a running request's per-step work (schedule, input
-// preparation, update) reads the first two cache lines only (plus its last token and last block),
-// which keeps the step's working set small at thousands of running sequences.
+// preparation, update) reads the first two cache lines only (plus its last token and, every
+// block_size-th step, its last block and key), which keeps the step's working set small at
+// thousands of running sequences. With the 16-byte arena arrays and libstdc++'s 32-byte string
+// everything up to `id` (whose pointer and length a plan refers to) lies in those two lines.
 struct alignas(64) Request {
   Status status = Status::kWaiting;
   bool samples_now = false;
@@ -76,18 +78,16 @@ struct alignas(64) Request {
   std::int32_t length_limit = 0;   // min(prompt + max_tokens, max_model_len)
   std::int32_t eos = -1;
   // tokens.back() and blocks.back() (0 without blocks), kept here so that a decode step reads
-  // neither vector's memory.
+  // neither array's memory.
   std::int32_t last_token = 0;
   std::int32_t tail_block = 0;
   std::uint64_t blocks_generation = 0;  // changes whenever `blocks` is rebuilt from scratch
-  // With libstdc++ the vectors (their allocator names the core's arena) and the string are 32
-  // bytes: `tokens` straddles the first two lines and `id`'s pointer and length end the second;
-  // a step reads no field after them.
-  detail::ArenaVector<std::int32_t> tokens;  // prompt followed by the outputs
-  detail::ArenaVector<std::int32_t> blocks;
+  // Sized for the most the request can reach when it is added (no reallocation afterwards).
+  detail::ArenaArray<std::int32_t> tokens;  // prompt followed by the outputs
+  detail::ArenaArray<std::int32_t> blocks;
+  detail::ArenaArray<BlockKey> keys;  // of every full block of `tokens`
   std::string id;
 
-  detail::ArenaVector<BlockKey> keys;  // of every full block of `tokens`
   std::vector<MultiModalItem> mm;
   std::vector<MMState> mm_state;
   std::vector<std::int32_t> stop_ids;
@@ -101,11 +101,16 @@ struct alignas(64) Request {
   bool has_salt = false;
   std::int32_t stop_token = -1;
   std::string salt;
+  detail::RequestArena* arena;  // of the three arrays
 
-  explicit Request(detail::RequestArena* arena)
-      : tokens(detail::ArenaAllocator<std::int32_t>(arena)),
-        blocks(detail::ArenaAllocator<std::int32_t>(arena)),
-        keys(detail::ArenaAllocator<BlockKey>(arena)) {}
+  explicit Request(detail::RequestArena* a) : arena(a) {}
+  Request(const Request&) = delete;
+  Request& operator=(const Request&) = delete;
+  ~Request() {
+    tokens.release(*arena);
+    blocks.release(*arena);
+    keys.release(*arena);
+  }
 
   std::int32_t num_tokens() const { return static_cast<std::int32_t>(tokens.size()); }
 };
@@ -331,8 +336,12 @@ void EngineCore::Impl::compute_keys(Request& r) {
     const std::uint8_t* parent =
         i == 0 ? kRoot.data() : r.keys[static_cast<std::size_t>(i) - 1].data();
     const std::size_t token_bytes = static_cast<std::size_t>(bs) * sizeof(std::int32_t);
-    while (item < r.mm.size() && r.mm[item].offset + r.mm[item].length <= begin) ++item;
-    const bool plain = (item == r.mm.size() || r.mm[item].offset >= end) && !(i == 0 && r.has_salt);
+    // (has_mm first: the image list lies outside the request's hot lines.)
+    while (r.has_mm && item < r.mm.size() && r.mm[item].offset + r.mm[item].length <= begin) {
+      ++item;
+    }
+    const bool plain =
+        (!r.has_mm || item == r.mm.size() || r.mm[item].offset >= end) && !(i == 0 && r.has_salt);
     if (plain && 32 + token_bytes <= sizeof(key_message)) {
       // The common case (no image, no salt): one contiguous message, hashed in one shot.
       std::memcpy(key_message, parent, 32);
@@ -445,9 +454,7 @@ void EngineCore::Impl::release_blocks(Request& r) {
 void EngineCore::Impl::append_new_blocks(Request& r, std::int32_t n) {
   if (n <= 0) return;
   if (n > pool.num_free_blocks()) throw Error("EngineCore: KV-cache blocks short while allocating");
-  const std::size_t old_size = r.blocks.size();
-  r.blocks.resize(old_size + static_cast<std::size_t>(n));
-  pool.allocate_many(n, r.blocks.data() + old_size);
+  pool.allocate_many(n, r.blocks.extend(static_cast<std::size_t>(n)));
   r.tail_block = r.blocks.back();
 }
 
@@ -718,8 +725,9 @@ void EngineCore::add_request(const std::string& request_id, RequestParams params
   r->length_limit =
       std::min(static_cast<std::int32_t>(prompt_len) + params.max_tokens, cfg.max_model_len);
   // Capacity for every token the request can reach: no reallocation while decoding.
-  r->tokens.reserve(static_cast<std::size_t>(prompt_len + params.max_tokens));
-  r->tokens.assign(params.prompt_token_ids.begin(), params.prompt_token_ids.end());
+  r->tokens.allocate(s.arena, static_cast<std::size_t>(prompt_len + params.max_tokens));
+  r->tokens.assign(params.prompt_token_ids.data(),
+                   params.prompt_token_ids.data() + params.prompt_token_ids.size());
   r->last_token = r->tokens.back();
   r->mm = std::move(params.mm_items);
   r->mm_state.assign(r->mm.size(), MMState::kNone);
@@ -732,10 +740,11 @@ void EngineCore::add_request(const std::string& request_id, RequestParams params
   r->has_salt = params.cache_salt.has_value();
   if (r->has_salt) r->salt = *params.cache_salt;
   r->arrival = ++s.next_arrival;
-  r->blocks.reserve(static_cast<std::size_t>(blocks_needed));
+  r->blocks.allocate(s.arena, static_cast<std::size_t>(blocks_needed));
   // A key per full block of prompt + outputs: no reallocation while decoding.
   if (cfg.enable_prefix_caching) {
-    r->keys.reserve(static_cast<std::size_t>((prompt_len + params.max_tokens) / cfg.block_size));
+    r->keys.allocate(s.arena,
+                     static_cast<std::size_t>((prompt_len + params.max_tokens) / cfg.block_size));
   }
   r->blocks_generation = ++s.next_generation;
   s.compute_keys(*r);
