@@ -1,6 +1,9 @@
 // Microseconds per engine step (schedule + input preparation + update, block allocation and
 // prefix-cache publishing included) for steady decode loads and a mixed prefill/decode load.
 // Usage: bench_scheduler [steps per run, default 1000] [runs per load, default 3]
+// BENCH_ONLY=N: only the decode load with N sequences. BENCH_COLD=1: between schedule() and
+// update(), untimed, sweep 16 MiB of memory (8x the L2), as a model's forward pass does, so that
+// update() and the next schedule() start from cold caches at every batch size.
 #include <time.h>
 
 #include <algorithm>
@@ -31,7 +34,19 @@ double thread_cpu_us() {
 
 // Keeps `num_seqs` requests alive: each finished request is replaced at once, so the step count
 // stays near num_seqs. Prompts are 128..640 tokens; outputs 64..512 tokens (ignore_eos).
-Timing run(std::int32_t num_seqs, bool mixed, int steps) {
+// Evicts the core's L1 and L2 (and part of the L3) by writing a buffer much larger than them.
+class CacheSweeper {
+ public:
+  explicit CacheSweeper(bool enabled) : buffer_(enabled ? std::size_t{16} << 20 : 0) {}
+  void sweep() {
+    for (std::size_t i = 0; i < buffer_.size(); i += 64) buffer_[i] += 1;
+  }
+
+ private:
+  std::vector<unsigned char> buffer_;
+};
+
+Timing run(std::int32_t num_seqs, bool mixed, int steps, bool cold) {
   EngineConfig cfg;
   cfg.block_size = 16;
   cfg.max_num_seqs = num_seqs;
@@ -54,9 +69,19 @@ Timing run(std::int32_t num_seqs, bool mixed, int steps) {
   for (std::int32_t i = 0; i < num_seqs; ++i) add();
   std::vector<std::int32_t> sampled;
   sampled.reserve(static_cast<std::size_t>(num_seqs));
+  CacheSweeper sweeper(cold);
+  double sweep_cpu_us = 0, sweep_wall_us = 0;  // the sweeps' time, taken out of the step's
+  bool sweeping = false;                       // in the measured steps only
   auto step = [&] {
     const SchedulerOutput& plan = core.schedule();
     sampled.assign(static_cast<std::size_t>(plan.num_sampled), 17);
+    if (sweeping) {
+      const auto t0 = Clock::now();
+      const double c0 = thread_cpu_us();
+      sweeper.sweep();
+      sweep_cpu_us += thread_cpu_us() - c0;
+      sweep_wall_us += std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+    }
     const auto& events = core.update(sampled.data(), sampled.size());
     int finished = 0;
     for (const auto& e : events) finished += e.finish_reason != FinishReason::kNone;
@@ -72,6 +97,8 @@ Timing run(std::int32_t num_seqs, bool mixed, int steps) {
     } while ((core.num_waiting() > 0 || core.num_running() < num_seqs) && ++warm < 100000);
   }
   double wall_us = 0, cpu_us = 0;
+  sweep_cpu_us = sweep_wall_us = 0;
+  sweeping = cold;
   for (int i = 0; i < steps; ++i) {
     const auto t0 = Clock::now();
     const double c0 = thread_cpu_us();
@@ -86,7 +113,7 @@ Timing run(std::int32_t num_seqs, bool mixed, int steps) {
       for (int j = 0; j < finished; ++j) add();
     }
   }
-  return {wall_us / steps, cpu_us / steps};
+  return {(wall_us - sweep_wall_us) / steps, (cpu_us - sweep_cpu_us) / steps};
 }
 
 double median(std::vector<double> v) {
@@ -99,14 +126,16 @@ double median(std::vector<double> v) {
 int main(int argc, char** argv) {
   const int steps = argc > 1 ? std::atoi(argv[1]) : 1000;
   const int repeats = argc > 2 ? std::max(1, std::atoi(argv[2])) : 3;
-  // BENCH_ONLY=N: only the decode load with N sequences.
   const char* only = std::getenv("BENCH_ONLY");
-  std::printf("%d steps per run, median of %d runs (each on a fresh core)\n", steps, repeats);
+  const char* cold_env = std::getenv("BENCH_COLD");
+  const bool cold = cold_env != nullptr && std::atoi(cold_env) != 0;
+  std::printf("%d steps per run, median of %d runs (each on a fresh core)%s\n", steps, repeats,
+              cold ? "; caches swept between schedule() and update()" : "");
   std::printf("%-38s %12s %12s %16s\n", "load", "wall us/step", "cpu us/step", "cpu ns/seq/step");
   auto measure = [&](std::int32_t n, bool mixed) {
     std::vector<double> wall, cpu;
     for (int r = 0; r < repeats; ++r) {
-      const Timing t = run(n, mixed, steps);
+      const Timing t = run(n, mixed, steps, cold);
       wall.push_back(t.wall_us);
       cpu.push_back(t.cpu_us);
     }
