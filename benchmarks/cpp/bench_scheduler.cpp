@@ -2,8 +2,8 @@
 // prefix-cache publishing included) for steady decode loads and a mixed prefill/decode load.
 // Usage: bench_scheduler [steps per run, default 1000] [runs per load, default 3]
 // BENCH_ONLY=N: only the decode load with N sequences. BENCH_COLD=1: between schedule() and
-// update(), untimed, sweep 16 MiB of memory (8x the L2), as a model's forward pass does, so that
-// update() and the next schedule() start from cold caches at every batch size.
+// update(), untimed, sweep 16 MiB of memory (8x the L2), as a forward pass on the same CPU
+// would, so that update() and the next schedule() start from cold caches at every batch size.
 #include <time.h>
 
 #include <algorithm>
