@@ -1,16 +1,15 @@
-// Memory for the per-request vectors of the engine core (token ids, block ids, prefix keys).
+// Memory for the per-request arrays of the engine core (token ids, block ids, prefix keys).
 //
-// At thousands of running sequences every step appends a token to each request's token vector
+// At thousands of running sequences every step appends a token to each request's token array
 // and, every block_size steps, touches its block ids and keys. Taken from the general heap these
-// vectors lie on as many distinct 4 KiB pages, more than the TLB holds, and the page walks made a
+// arrays lie on as many distinct 4 KiB pages, more than the TLB holds, and the page walks made a
 // step's cost per sequence grow with the number of sequences. The arena carves them from 2 MiB
 // huge-page-backed chunks instead, and recycles freed ones through per-class free lists
 // (intrusive, so freeing never allocates). The size classes are multiples of 64 bytes, four per
-// doubling above 256 bytes (at most 25 % rounding, not the 100 % of power-of-two classes): the
-// arrays of thousands of requests then span fewer huge pages, fewer than the data TLB's entries
-// for them, which keeps the per-sequence cost of a step from growing with the number of
-// sequences. Chunks go back to the system only when the arena dies; allocations above the largest
-// class use the heap.
+// doubling above 256 bytes (at most 25 % rounding where power-of-two classes waste up to half),
+// so the arrays of thousands of requests span fewer huge pages (1-2 % of a step at 4,096
+// sequences). Chunks go back to the system only when the arena dies; allocations above the
+// largest class use the heap.
 #pragma once
 
 #include <cstddef>
