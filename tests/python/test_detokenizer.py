@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from aphrodite.transformers_utils.detokenizer import IncrementalDetokenizer
+from aphrodite.transformers_utils.detokenizer import IncrementalDetokenizer, _backend_decode
 
 TEXTS = [
     "hello world, héllo wörld",
@@ -115,3 +117,49 @@ def test_streamed_text_holds_back_a_possible_stop_string():
     assert detok.check_stop(len(detok.output_text)) is None
     assert detok.streamed_text(finished=False) == "the quick"  # len("fox!") - 1 held back
     assert detok.streamed_text(finished=True) == "the quick fo"
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_backend_decode_equals_tokenizer_decode(name, skip_special_tokens):
+    tokenizer = TOKENIZERS[name]
+    fast = _backend_decode(tokenizer, skip_special_tokens)
+    assert fast is not None, "these fast tokenizers take the direct path"
+    rng = random.Random(0)
+    vocab = len(tokenizer)
+    for _ in range(300):
+        ids = [rng.randrange(vocab) for _ in range(rng.randint(1, 8))]
+        assert fast(ids) == tokenizer.decode(ids, skip_special_tokens=skip_special_tokens), ids
+
+
+def test_backend_decode_only_where_equivalent():
+    base = TOKENIZERS["byte_level"]
+    cleaning = PreTrainedTokenizerFast(
+        tokenizer_object=base.backend_tokenizer, clean_up_tokenization_spaces=True
+    )
+    assert _backend_decode(cleaning, True) is None
+
+    class Custom(PreTrainedTokenizerFast):
+        def decode(self, token_ids, skip_special_tokens=False, **kwargs):
+            return "custom"
+
+    custom = Custom(tokenizer_object=base.backend_tokenizer)
+    assert _backend_decode(custom, True) is None
+    detok = IncrementalDetokenizer(custom, [])
+    detok.add_tokens(base.encode("hello", add_special_tokens=False))
+    assert detok.output_text.startswith("custom")  # its own decode is the one used
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_incremental_text_is_the_same_on_both_decode_paths(name):
+    tokenizer = TOKENIZERS[name]
+    prompt = tokenizer.encode("hello", add_special_tokens=True)
+    generated = tokenizer.encode(" " + " ".join(TEXTS), add_special_tokens=False)
+    direct = IncrementalDetokenizer(tokenizer, prompt)
+    general = IncrementalDetokenizer(tokenizer, prompt)
+    general._fast_decode = None  # through tokenizer.decode
+    assert direct._fast_decode is not None
+    for t in generated:
+        assert direct.add_tokens([t]) == general.add_tokens([t])
+    assert direct.flush() == general.flush()
+    assert direct.output_text == general.output_text

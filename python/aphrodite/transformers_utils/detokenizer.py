@@ -9,12 +9,42 @@ ends in U+FFFD (an incomplete UTF-8 sequence) nothing is emitted and the offsets
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 # Tokens of the prompt's tail decoded with the first generated tokens, so that the first
 # generated token gets its leading space exactly as in a full decode.
 _PROMPT_CONTEXT_TOKENS = 5
 _REPLACEMENT_CHAR = "\ufffd"
+
+
+def _backend_decode(tokenizer: Any, skip_special_tokens: bool) -> Callable[[list[int]], str] | None:
+    """The ``tokenizers`` library's own decode, when it returns exactly what
+    ``tokenizer.decode`` does: a fast tokenizer whose class keeps transformers' ``decode`` and
+    ``_decode`` (which call it and then, only with ``clean_up_tokenization_spaces``, post-process
+    the text). Skips transformers' per-call argument handling, which costs more than the decode
+    itself for the few tokens of an incremental window; None when that is not known to be
+    equivalent."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not getattr(tokenizer, "is_fast", False):
+        return None
+    if getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return None
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:
+        return None
+    cls = type(tokenizer)
+    if not isinstance(tokenizer, PreTrainedTokenizerFast) or (
+        cls.decode is not PreTrainedTokenizerFast.decode
+        or cls._decode is not PreTrainedTokenizerFast._decode
+    ):
+        return None
+
+    def decode(ids: list[int]) -> str:
+        return backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    return decode
 
 
 class IncrementalDetokenizer:
@@ -49,10 +79,14 @@ class IncrementalDetokenizer:
         self.output_text = ""
         # Longest suffix that could be the start of a stop string: held back from streaming.
         self._stop_holdback = max((len(s) for s in self.stop), default=1) - 1
+        # (Fast tokenizers ignore spaces_between_special_tokens.)
+        self._fast_decode = _backend_decode(tokenizer, skip_special_tokens)
 
     def _decode(self, ids: list[int]) -> str:
         if not ids:
             return ""
+        if self._fast_decode is not None:
+            return self._fast_decode(ids)
         kwargs = {"skip_special_tokens": self.skip_special_tokens}
         if not self.spaces_between_special_tokens:
             kwargs["spaces_between_special_tokens"] = False
