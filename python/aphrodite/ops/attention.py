@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from aphrodite import _C
-from aphrodite.ops._stream import stream_of
+from aphrodite.ops._stream import capsule, optional_capsule, stream_of
 
 
 def reshape_and_cache(
@@ -23,7 +23,12 @@ def reshape_and_cache(
     """Writes ``key``/``value`` ``[num_tokens, num_kv_heads, head_size]`` into the caches at
     ``slot_mapping`` (int64 or int32, ``[num_tokens]``)."""
     _C.ops.reshape_and_cache(
-        key, value, key_cache, value_cache, slot_mapping, stream=stream_of(key_cache)
+        capsule(key),
+        capsule(value),
+        capsule(key_cache),
+        capsule(value_cache),
+        capsule(slot_mapping),
+        stream=stream_of(key_cache),
     )
 
 
@@ -51,19 +56,21 @@ def paged_attention(
     """
     workspace = None
     if key_cache.is_cuda:
-        nbytes = _C.ops.paged_attention_workspace_bytes(query, key_cache, block_tables)
+        nbytes = _C.ops.paged_attention_workspace_bytes(
+            capsule(query), capsule(key_cache), capsule(block_tables)
+        )
         if nbytes:
             workspace = torch.empty(nbytes, dtype=torch.uint8, device=key_cache.device)
     _C.ops.paged_attention(
-        out,
-        query,
-        key_cache,
-        value_cache,
-        block_tables,
-        seq_lens,
-        query_start_loc,
+        capsule(out),
+        capsule(query),
+        capsule(key_cache),
+        capsule(value_cache),
+        capsule(block_tables),
+        capsule(seq_lens),
+        capsule(query_start_loc),
         float(scale),
         int(sliding_window),
-        workspace=workspace,
+        workspace=optional_capsule(workspace),
         stream=stream_of(key_cache),
     )

@@ -11,10 +11,9 @@ import math
 from typing import Literal
 
 import torch
-from torch.utils.dlpack import to_dlpack
 
 from aphrodite import _C
-from aphrodite.ops._stream import stream_of
+from aphrodite.ops._stream import capsule, optional_capsule, stream_of
 
 Activation = Literal["none", "gelu", "gelu_tanh", "swiglu"]
 PackedLinearWeight = _C.ops.PackedLinearWeight
@@ -65,18 +64,15 @@ def linear(
     if out is None:
         out = torch.empty(*lead, n, dtype=x.dtype, device=x.device)
     out2 = out if out.dim() == 2 else out.view(rows, n)
-    if x.is_cuda:
-        _C.ops.linear(out2, x2, weight, bias, activation, stream=stream_of(x))
-    else:
-        # Decode runs ~100 small linears per step: hand CPU tensors over as DLPack capsules made
-        # in C (about 0.3 us each) rather than through Tensor.__dlpack__ (tens of us each).
-        _C.ops.linear(
-            to_dlpack(out2),
-            to_dlpack(x2),
-            weight if isinstance(weight, PackedLinearWeight) else to_dlpack(weight),
-            None if bias is None else to_dlpack(bias),
-            activation,
-        )
+    # Decode runs ~100 small linears per step: the tensors go over as DLPack capsules made in C.
+    _C.ops.linear(
+        capsule(out2),
+        capsule(x2),
+        weight if isinstance(weight, PackedLinearWeight) else capsule(weight),
+        optional_capsule(bias),
+        activation,
+        stream=stream_of(x),
+    )
     return out
 
 
@@ -99,6 +95,14 @@ def llava_projector(
     if out is None:
         out = torch.empty(tokens, w2.shape[0], dtype=x.dtype, device=x.device)
     _C.ops.llava_projector(
-        out, x, w1, b1, w2, b2, activation, workspace=workspace, stream=stream_of(x)
+        capsule(out),
+        capsule(x),
+        capsule(w1),
+        capsule(b1),
+        capsule(w2),
+        capsule(b2),
+        activation,
+        workspace=capsule(workspace),
+        stream=stream_of(x),
     )
     return out
