@@ -193,6 +193,29 @@ def test_greedy_batch_matches_reference():
     assert not engine.runner.encoded, "finished requests must release their image encodings"
 
 
+def test_finished_only_steps_return_the_same_final_outputs():
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    streamed = _run(_engine(limit_mm_per_prompt={"image": 2}), PROMPTS, params)
+    engine = _engine(limit_mm_per_prompt={"image": 2})
+    ids = []
+    for prompt in PROMPTS:
+        ids.append(engine.next_request_id())
+        engine.add_request(ids[-1], prompt, params)
+    done = {}
+    steps = 0
+    while engine.has_unfinished_requests():
+        outs = engine.step(finished_only=True)
+        assert all(out.finished for out in outs)
+        done.update((out.request_id, out) for out in outs)
+        steps += 1
+        assert steps < 10_000
+    assert [done[i].outputs[0].token_ids for i in ids] == [
+        out.outputs[0].token_ids for out in streamed
+    ]
+    assert [done[i].outputs[0].text for i in ids] == [out.outputs[0].text for out in streamed]
+    assert [done[i].prompt_token_ids for i in ids] == [out.prompt_token_ids for out in streamed]
+
+
 def test_preemption_gives_the_unconstrained_outputs():
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     prompts = [

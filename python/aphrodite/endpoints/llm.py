@@ -173,8 +173,8 @@ class LLM:
         prompt_tokens = output_tokens = 0
         try:
             while engine.has_unfinished_requests():
-                for output in engine.step():
-                    if not output.finished or output.request_id not in order:
+                for output in engine.step(finished_only=True):
+                    if output.request_id not in order:
                         continue
                     results[order[output.request_id]] = output
                     prompt_tokens += len(output.prompt_token_ids)

@@ -337,9 +337,13 @@ class LLMEngine:
     def _mm_input(self, engine_id: str, mm_index: int) -> Any:
         return self._seqs[engine_id].parent.processed.mm_items[mm_index].data
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
         """One engine iteration; returns the outputs of the requests that advanced (finished
-        ones have ``finished=True`` and are forgotten by the engine afterwards)."""
+        ones have ``finished=True`` and are forgotten by the engine afterwards).
+
+        ``finished_only``: return only the requests that finished in this step, for callers
+        that do not stream (building every running request's output each step copies its
+        prompt and output ids: work that grows with the sequences' lengths)."""
         plan = self.core.schedule()
         now = time.time()
         sampled = np.empty(0, dtype=np.int32)
@@ -361,6 +365,8 @@ class LLMEngine:
             if request.finished:
                 request.metrics.finished_time = now
                 del self._requests[request.request_id]
+            elif finished_only:
+                continue
             outputs.append(request.output())
         return outputs
 
