@@ -7,6 +7,7 @@
 
 #include "attention/attention_cpu_kernels.h"
 #include "attention/attention_cpu_layout.h"
+#include "internal/simd_exp.h"
 
 namespace aphrodite::detail {
 
@@ -14,28 +15,6 @@ namespace {
 
 // The small fixed loops over register tiles below carry `#pragma GCC unroll`: fully unrolled, the
 // accumulator arrays live in registers instead of being stored back on every iteration.
-
-// exp(x) for float32 lanes (Cephes polynomial, relative error ~1e-7); -inf and very negative
-// inputs give 0.
-inline __m256 exp256(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)),
-                    _mm256_set1_ps(88.3762626647949f));
-  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
-  fx = _mm256_floor_ps(fx);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x);
-  y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
-  const __m256i e =
-      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -257,13 +236,13 @@ void attend_block_transposed(const float* qt, int rows, int head_size, const Key
     const __m256 m_new = _mm256_max_ps(m_old, mx);
     // A row with no key yet (m_old = -inf) has nothing to rescale.
     const __m256 had_keys = _mm256_cmp_ps(m_old, vneg, _CMP_GT_OQ);
-    const __m256 a = _mm256_and_ps(exp256(_mm256_sub_ps(m_old, m_new)), had_keys);
+    const __m256 a = _mm256_and_ps(exp_ps(_mm256_sub_ps(m_old, m_new)), had_keys);
     __m256 sum = _mm256_setzero_ps();
     for (int j = 0; j < num_keys; ++j) {
       float* sj = st + static_cast<std::int64_t>(j) * rp + rv * 8;
       const __m256 x = _mm256_loadu_ps(sj);
       const __m256 valid = _mm256_cmp_ps(x, vneg, _CMP_GT_OQ);
-      const __m256 pj = _mm256_and_ps(exp256(_mm256_sub_ps(x, m_new)), valid);
+      const __m256 pj = _mm256_and_ps(exp_ps(_mm256_sub_ps(x, m_new)), valid);
       _mm256_storeu_ps(sj, pj);
       sum = _mm256_add_ps(sum, pj);
     }
@@ -340,7 +319,7 @@ void attend_block_rows(const float* q, int rows, int head_size, const KeyBlocks&
     for (int j = 0; j < np; j += 8) {
       const __m256 x = _mm256_loadu_ps(sr + j);
       const __m256 valid = _mm256_cmp_ps(x, vneg, _CMP_GT_OQ);
-      const __m256 pj = _mm256_and_ps(exp256(_mm256_sub_ps(x, vmax)), valid);
+      const __m256 pj = _mm256_and_ps(exp_ps(_mm256_sub_ps(x, vmax)), valid);
       _mm256_storeu_ps(sr + j, pj);
       sum = _mm256_add_ps(sum, pj);
     }

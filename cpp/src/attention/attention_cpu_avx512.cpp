@@ -9,6 +9,7 @@
 #include "attention/attention_cpu_kernels.h"
 #include "attention/attention_cpu_layout.h"
 #include "internal/avx512_intrinsics.h"
+#include "internal/simd_exp.h"
 
 namespace aphrodite::detail {
 
@@ -16,26 +17,6 @@ namespace {
 
 // As in the AVX2 build, fixed register-tile loops carry `#pragma GCC unroll` so that the
 // accumulator arrays stay in registers.
-
-// exp(x) for float32 lanes (the AVX2 build's Cephes polynomial, relative error ~1e-7); -inf and
-// very negative inputs give 0 or a denormal.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.3762626647949f)),
-                    _mm512_set1_ps(88.3762626647949f));
-  __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
-  fx = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), x);
-  y = _mm512_add_ps(y, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(y, fx);
-}
 
 // Lanes [0, n) of a 16-float vector (n >= 16: all).
 inline __mmask16 lanes(int n) {
@@ -226,13 +207,13 @@ void attend_block_transposed(const float* qt, int rows, int head_size, const Key
     const __m512 m_new = _mm512_max_ps(m_old, mx);
     // A row with no key yet (m_old = -inf) has nothing to rescale.
     const __mmask16 had_keys = _mm512_cmp_ps_mask(m_old, vneg, _CMP_GT_OQ);
-    const __m512 a = _mm512_maskz_mov_ps(had_keys, exp512(_mm512_sub_ps(m_old, m_new)));
+    const __m512 a = _mm512_maskz_mov_ps(had_keys, exp_ps(_mm512_sub_ps(m_old, m_new)));
     __m512 sum = _mm512_setzero_ps();
     for (int j = 0; j < num_keys; ++j) {
       float* sj = st + static_cast<std::int64_t>(j) * rp + rv * kVec;
       const __m512 x = _mm512_loadu_ps(sj);
       const __mmask16 valid = _mm512_cmp_ps_mask(x, vneg, _CMP_GT_OQ);
-      const __m512 pj = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(x, m_new)));
+      const __m512 pj = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_sub_ps(x, m_new)));
       _mm512_storeu_ps(sj, pj);
       sum = _mm512_add_ps(sum, pj);
     }
@@ -311,7 +292,7 @@ void attend_block_rows(const float* q, int rows, int head_size, const KeyBlocks&
     for (int j = 0; j < np; j += kVec) {
       const __m512 x = _mm512_loadu_ps(sr + j);
       const __mmask16 valid = _mm512_cmp_ps_mask(x, vneg, _CMP_GT_OQ);
-      const __m512 pj = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(x, vmax)));
+      const __m512 pj = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_sub_ps(x, vmax)));
       _mm512_storeu_ps(sr + j, pj);
       sum = _mm512_add_ps(sum, pj);
     }

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "internal/avx512_intrinsics.h"
+#include "internal/simd_exp.h"
 #include "linear/gemm_cpu.h"
 
 namespace aphrodite::detail {
@@ -19,25 +20,6 @@ inline __mmask16 column_mask(std::int64_t valid) {
   if (valid >= 16) return static_cast<__mmask16>(0xFFFF);
   if (valid <= 0) return 0;
   return static_cast<__mmask16>((1u << valid) - 1u);
-}
-
-// exp(x) for float32, the same Cephes polynomial as the AVX2 kernels (see gemm_f32_avx2.cpp).
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.0f));
-  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  const __m512i e =
-      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
 }
 
 // 0.5 * x * erfc(-x / sqrt(2)), erfc from the same Chebyshev fit as the AVX2 kernels.
