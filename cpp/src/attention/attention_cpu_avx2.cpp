@@ -270,27 +270,19 @@ void attend_block_rows(const float* q, int rows, int head_size, const KeyBlocks&
   for (int r = 0; r < rows; ++r) {
     const float* qr = q + static_cast<std::int64_t>(r) * head_size;
     float* sr = s + static_cast<std::int64_t>(r) * np;
-    // Keys block by block: one division per block, not per key.
-    const int jb = key_begin[r];
-    const int je = key_end[r];
-    for (int b0 = jb / kv.block_size * kv.block_size; b0 < je; b0 += kv.block_size) {
-      const float* kblock = kv.k[b0 / kv.block_size];
-      const int j1 = je < b0 + kv.block_size ? je : b0 + kv.block_size;
-      for (int j = jb > b0 ? jb : b0; j < j1; ++j) {
-        const float* kr = kblock + (j - b0) * kv.stride;
-        __m256 c0 = _mm256_setzero_ps();
-        __m256 c1 = _mm256_setzero_ps();
-        int d = 0;
-        for (; d + 16 <= head_size; d += 16) {
-          c0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kr + d), c0);
-          c1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d + 8), _mm256_loadu_ps(kr + d + 8), c1);
-        }
-        if (d < head_size) {
-          c0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kr + d), c0);
-        }
-        sr[j] = hsum(_mm256_add_ps(c0, c1));
+    for_each_key(kv, key_begin[r], key_end[r], [&](int j, const float* kr) {
+      __m256 c0 = _mm256_setzero_ps();
+      __m256 c1 = _mm256_setzero_ps();
+      int d = 0;
+      for (; d + 16 <= head_size; d += 16) {
+        c0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kr + d), c0);
+        c1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d + 8), _mm256_loadu_ps(kr + d + 8), c1);
       }
-    }
+      if (d < head_size) {
+        c0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kr + d), c0);
+      }
+      sr[j] = hsum(_mm256_add_ps(c0, c1));
+    });
   }
 
   // Online softmax: mask, new running max, rescale factor, probabilities in place of scores.
@@ -303,16 +295,7 @@ void attend_block_rows(const float* q, int rows, int head_size, const KeyBlocks&
       for (int j = 0; j < np; ++j) sr[j] = 0.0f;
       continue;
     }
-    float block_max = neg_inf;
-    for (int j = 0; j < np; ++j) {
-      if (j < jb || j >= je) {
-        sr[j] = neg_inf;
-      } else if (sr[j] > block_max) {
-        block_max = sr[j];
-      }
-    }
-    const float m_new = m[r] > block_max ? m[r] : block_max;
-    alpha[r] = m[r] == neg_inf ? 0.0f : expf(m[r] - m_new);
+    const float m_new = mask_scores_and_max(sr, np, jb, je, m[r], &alpha[r]);
     const __m256 vmax = _mm256_set1_ps(m_new);
     const __m256 vneg = _mm256_set1_ps(neg_inf);
     __m256 sum = _mm256_setzero_ps();

@@ -241,29 +241,21 @@ void attend_block_rows(const float* q, int rows, int head_size, const KeyBlocks&
   for (int r = 0; r < rows; ++r) {
     const float* qr = q + static_cast<std::int64_t>(r) * head_size;
     float* sr = s + static_cast<std::int64_t>(r) * np;
-    // Keys block by block: one division per block, not per key.
-    const int jb = key_begin[r];
-    const int je = key_end[r];
-    for (int b0 = jb / kv.block_size * kv.block_size; b0 < je; b0 += kv.block_size) {
-      const float* kblock = kv.k[b0 / kv.block_size];
-      const int j1 = je < b0 + kv.block_size ? je : b0 + kv.block_size;
-      for (int j = jb > b0 ? jb : b0; j < j1; ++j) {
-        const float* kr = kblock + (j - b0) * kv.stride;
-        __m512 c0 = _mm512_setzero_ps();
-        __m512 c1 = _mm512_setzero_ps();
-        int d = 0;
-        for (; d + 2 * kVec <= head_size; d += 2 * kVec) {
-          c0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + d), _mm512_loadu_ps(kr + d), c0);
-          c1 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + d + kVec), _mm512_loadu_ps(kr + d + kVec), c1);
-        }
-        for (; d < head_size; d += kVec) {
-          const __mmask16 mask = lanes(head_size - d);
-          c0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, qr + d),
-                               _mm512_maskz_loadu_ps(mask, kr + d), c0);
-        }
-        sr[j] = _mm512_reduce_add_ps(_mm512_add_ps(c0, c1));
+    for_each_key(kv, key_begin[r], key_end[r], [&](int j, const float* kr) {
+      __m512 c0 = _mm512_setzero_ps();
+      __m512 c1 = _mm512_setzero_ps();
+      int d = 0;
+      for (; d + 2 * kVec <= head_size; d += 2 * kVec) {
+        c0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + d), _mm512_loadu_ps(kr + d), c0);
+        c1 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + d + kVec), _mm512_loadu_ps(kr + d + kVec), c1);
       }
-    }
+      for (; d < head_size; d += kVec) {
+        const __mmask16 mask = lanes(head_size - d);
+        c0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, qr + d),
+                             _mm512_maskz_loadu_ps(mask, kr + d), c0);
+      }
+      sr[j] = _mm512_reduce_add_ps(_mm512_add_ps(c0, c1));
+    });
   }
 
   // Online softmax: mask, new running max, rescale factor, probabilities in place of scores.
@@ -276,16 +268,7 @@ void attend_block_rows(const float* q, int rows, int head_size, const KeyBlocks&
       for (int j = 0; j < np; ++j) sr[j] = 0.0f;
       continue;
     }
-    float block_max = neg_inf;
-    for (int j = 0; j < np; ++j) {
-      if (j < jb || j >= je) {
-        sr[j] = neg_inf;
-      } else if (sr[j] > block_max) {
-        block_max = sr[j];
-      }
-    }
-    const float m_new = m[r] > block_max ? m[r] : block_max;
-    alpha[r] = m[r] == neg_inf ? 0.0f : expf(m[r] - m_new);
+    const float m_new = mask_scores_and_max(sr, np, jb, je, m[r], &alpha[r]);
     const __m512 vmax = _mm512_set1_ps(m_new);
     const __m512 vneg = _mm512_set1_ps(neg_inf);
     __m512 sum = _mm512_setzero_ps();
