@@ -1,8 +1,11 @@
 // CUDA reshape_and_cache and paged_attention (float16 / bfloat16, float32 accumulation).
 //
 // paged_attention, one call for a mixed batch (three or four kernels on the caller's stream):
-// - decode_kernel serves single-token sequences: a block per (sequence, GQA group or part of
-//   one, context split), warps streaming K/V with no block barrier (see its comment).
+// - decode_mma_kernel serves single-token sequences (head sizes up to 128): a block per
+//   (sequence, GQA group or 16 heads of one, context split), K/V streamed through a three-stage
+//   cp.async pipeline into shared memory and the group's heads as the rows of tensor-core tiles.
+//   decode_kernel does the same for head size 256 on CUDA cores, warps streaming K/V through
+//   registers with no block barrier (see its comment).
 // - paged_attention_kernel serves short chunks. A thread block owns a tile of
 //   query rows: up to kMaxRows rows made of `heads_per_block` query
 //   heads of one GQA group times `tokens_per_block` consecutive tokens of one sequence. All of
@@ -20,8 +23,8 @@
 //   to 128) on tensor cores, a block per window of kMmaRows batch tokens and query head; the
 //   other kernels skip those sequences. Which kernel owns a
 //   sequence is decided on the device from query_start_loc, so the host needs no batch plan.
-//   decode_kernel shares the split count and the workspace layout with paged_attention_kernel,
-//   so one merge kernel serves both.
+//   The decode kernels share the split count and the workspace layout with
+//   paged_attention_kernel, so one merge kernel serves all three.
 // The host reads no device data and allocates nothing: safe to capture in a CUDA graph.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -161,21 +164,23 @@ __device__ __forceinline__ int sequence_of(const std::int32_t* qsl, int num_seqs
 }
 
 // ---------------------------------------------------------------------------------------------
-// Prefill on tensor cores (FlashAttention-2 style): a block of 4 warps owns 64 query tokens of one
-// query head, each warp 16 of them, with the warp's Q fragments held in registers. K/V tiles of
-// 64 keys come through the block table into shared memory with cp.async, double-buffered: the
-// next tile's copies are in flight while the current one is computed. S = Q K^T and O += P V are
-// mma.sync m16n8k16 with float32 accumulation, their B operands loaded with ldmatrix (.trans for
-// V); the online softmax runs on the accumulator fragments in the log2 domain (a row lives in the
-// 4 lanes of a quad) and the position mask is only evaluated on tiles that cross it.
+// Prefill on tensor cores (FlashAttention-2 style): a block of 4 warps owns kMmaRows = 128 query
+// tokens of one query head, each warp 32 of them (two m16 tiles, so every K/V fragment read from
+// shared memory feeds both: with 16 rows per warp the ldmatrix traffic, not the tensor cores, was
+// the limit). Q stays in shared memory and its fragments are read per k-step; K/V tiles of 64
+// keys come through the block table into shared memory with cp.async, double-buffered: the next
+// tile's copies are in flight while the current one is computed. S = Q K^T and O += P V are
+// mma.sync m16n8k16 with float32 accumulation, their operands loaded with ldmatrix (.trans for V);
+// the online softmax runs on the accumulator fragments in the log2 domain (a row lives in the
+// 4 lanes of a quad), the position mask is only evaluated on tiles that cross it, and a warp
+// skips the tiles none of its rows sees (the causal tail of the block's last tiles).
 //
 // m16n8k16 fragments (g = lane / 4, t = lane % 4): A (16x16, row-major) a0 = A[g][2t..2t+1],
 // a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]; B (16x8) b0 = B[2t..2t+1][g],
 // b1 = B[2t+8..2t+9][g]; C (16x8) c0,c1 = C[g][2t..2t+1], c2,c3 = C[g+8][2t..2t+1].
-constexpr int kMmaRows = 64;
+constexpr int kMmaWarpRows = 32;
+constexpr int kMmaRows = kWarps * kMmaWarpRows;
 constexpr int kMmaKeys = 64;
-// Q is staged through a K/V tile buffer before the main loop.
-static_assert(kMmaRows == kMmaKeys, "Q staging uses a K/V tile buffer");
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -212,11 +217,6 @@ struct Mma<__nv_bfloat16> {
   }
 };
 
-template <typename T>
-__device__ __forceinline__ std::uint32_t load_pair(const T* p) {
-  return *reinterpret_cast<const std::uint32_t*>(p);
-}
-
 __device__ __forceinline__ std::uint32_t shared_address(const void* p) {
   return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -234,6 +234,11 @@ __device__ __forceinline__ void cp_async_commit() {
 }
 __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+// Waits until at most `Pending` of this thread's most recent cp.async groups are in flight.
+template <int Pending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending) : "memory");
 }
 
 // Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives
@@ -255,8 +260,10 @@ template <int D>
 struct MmaTile {
   // Rows padded by 16 bytes: the 8 row addresses of an ldmatrix phase hit distinct banks.
   static constexpr int kPitch = D + 8;
-  // Two stages of a K tile and a V tile (2-byte elements).
-  static constexpr std::size_t kSmemBytes = 2 * 2 * kMmaKeys * kPitch * 2;
+  static constexpr int kQElems = kMmaRows * kPitch;
+  static constexpr int kStageElems = 2 * kMmaKeys * kPitch;  // a K tile, then a V tile
+  // Q, then two stages of K/V (2-byte elements).
+  static constexpr std::size_t kSmemBytes = (kQElems + 2 * kStageElems) * 2;
 };
 
 // Query rows [tok0, tok0 + ntok) (ntok <= kMmaRows) of sequence `seq`, query head `head`.
@@ -266,24 +273,29 @@ __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsig
                                              int head) {
   using C = Convert<T>;
   using M = Mma<T>;
-  constexpr int P = MmaTile<D>::kPitch;
+  using Tl = MmaTile<D>;
+  constexpr int P = Tl::kPitch;
   constexpr int KT = kMmaKeys;
   constexpr int DT = D / 8;                    // n-tiles of the output
   constexpr int DK = D / 16;                   // k-steps of Q K^T
   constexpr int DV = D / 8;                    // uint4 per K/V row
-  constexpr int NT = KT / 8;                   // n-tiles of S
+  constexpr int SK = 32;                       // keys per softmax step
+  constexpr int NS = SK / 8;                   // n-tiles of S
+  constexpr int MT = kMmaWarpRows / 16;        // m-tiles per warp
   constexpr int kCopies = KT * DV / kThreads;  // 16-byte copies of K (and of V) per thread
   static_assert(KT * DV % kThreads == 0, "a tile is an exact number of copies per thread");
-  static_assert(DT % 2 == 0 && NT % 2 == 0, "ldmatrix.x4 covers two n-tiles");
+  static_assert(DT % 2 == 0 && NS % 2 == 0, "ldmatrix.x4 covers two n-tiles");
+  static_assert(KT % SK == 0, "a tile is a whole number of softmax steps");
   const float neg_inf = -INFINITY;
 
-  T* const kv_s = reinterpret_cast<T*>(smem);  // stage s: K at s * 2 * KT * P, V after it
-  T* const q_stage = kv_s + 3 * KT * P;        // the second stage's V buffer, before the loop
+  T* const q_s = reinterpret_cast<T*>(smem);
+  T* const kv_s = q_s + Tl::kQElems;  // stage s: K at s * kStageElems, V after it
 
   const int group = p.num_heads / p.num_kv_heads;
   const int kv_head = head / group;
   const int pos0 = p.seq_lens[seq] - (q_end - q_begin) + (tok0 - q_begin);
-  const int key_lo = p.sliding_window > 0 ? max(0, pos0 - p.sliding_window + 1) : 0;
+  const int window = p.sliding_window;
+  const int key_lo = window > 0 ? max(0, pos0 - window + 1) : 0;
   const int key_hi = pos0 + ntok;  // > key_lo: every row sees its own key
   const int num_key_tiles = (key_hi - key_lo + KT - 1) / KT;
 
@@ -295,7 +307,7 @@ __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsig
   // Issues the copies of keys [kt0, kt0 + KT) into stage `stage` as one cp.async group; keys at or
   // past key_hi are zero-filled and their block-table entries are never read.
   const auto load_tile = [&](int kt0, int stage) {
-    T* ks = kv_s + stage * 2 * KT * P;
+    T* ks = kv_s + stage * Tl::kStageElems;
     T* vs = ks + KT * P;
 #pragma unroll
     for (int u = 0; u < kCopies; ++u) {
@@ -330,33 +342,366 @@ __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsig
         v = *reinterpret_cast<const uint4*>(query + (tok0 + r) * p.query_token_stride + head * D +
                                             c * 8);
       }
-      *reinterpret_cast<uint4*>(q_stage + r * P + c * 8) = v;
+      *reinterpret_cast<uint4*>(q_s + r * P + c * 8) = v;
     }
   } else {
     for (int i = threadIdx.x; i < kMmaRows * D; i += kThreads) {
       const int r = i / D;
       const int d = i % D;
-      q_stage[r * P + d] =
+      q_s[r * P + d] =
           r < ntok ? query[(tok0 + r) * p.query_token_stride + head * D + d] : C::from_float(0.0f);
     }
   }
-  __syncthreads();  // Q staged
+  // The loop's first barrier makes Q visible to every warp.
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int g = lane / 4;
   const int t = lane % 4;
-  const int row_a = warp * 16 + g;  // this thread's two rows of the tile
-  const int row_b = row_a + 8;
-  const int pos_a = pos0 + row_a;
-  const int pos_b = pos0 + row_b;
+  const int warp_row0 = warp * kMmaWarpRows;  // this warp's rows: [warp_row0, + kMmaWarpRows)
+  // The warp's first and last positions (rows past ntok see nothing).
+  const int warp_pos_lo = pos0 + warp_row0;
+  const int warp_pos_hi = pos0 + min(ntok, warp_row0 + kMmaWarpRows) - 1;
+  float o[MT][DT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mt][dt][e] = 0.0f;
+  // Running max and sum of rows g (index 0) and g + 8 (index 1) of each m-tile.
+  float m_run[MT][2];
+  float l_run[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      m_run[mt][h] = neg_inf;
+      l_run[mt][h] = 0.0f;
+    }
+  const float scale_log2 = p.scale * kLog2e;
+  // ldmatrix row addresses of this lane: matrix lane / 8, row lane % 8 of it.
+  const int ld_row = lane % 8;
+  const int ld_hi = (lane / 8) % 2;  // second 8 of the k dimension (K) / of the keys (V)
+  const int ld_pair = lane / 16;     // second n-tile of the pair
+  // A fragments of Q: lanes 0-15 address rows 0-15 at column 0, lanes 16-31 the same rows at 8.
+  const T* q_lane = q_s + (warp_row0 + lane % 16) * P + (lane / 16) * 8;
+
+  for (int it = 0; it < num_key_tiles; ++it) {
+    const int kt0 = key_lo + it * KT;
+    const int stage = it % 2;
+    cp_async_wait_all();
+    // Tile `it` (and Q) are visible to every warp, and every warp is done with the other stage
+    // (tile it - 1), which the next copies overwrite.
+    __syncthreads();
+    if (it + 1 < num_key_tiles) load_tile(kt0 + KT, stage ^ 1);
+    // No row of this warp sees the tile: past the causal limit of its last row, before the
+    // window of its first one, or no rows at all.
+    if (warp_pos_hi < warp_pos_lo || kt0 > warp_pos_hi ||
+        (window > 0 && kt0 + KT - 1 <= warp_pos_lo - window)) {
+      continue;
+    }
+    // The tile in two steps of SK keys: S for 32 rows x 64 keys would not fit the registers
+    // next to O.
+#pragma unroll 1
+    for (int step = 0; step < KT / SK; ++step) {
+      const int ks0 = kt0 + step * SK;  // first key of the step
+      const T* ks = kv_s + stage * Tl::kStageElems + step * SK * P;
+      const T* vs = ks + KT * P;
+
+      // S = Q K^T for the warp's 32 rows and the step's SK keys.
+      float s[MT][NS][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < DK; ++kk) {
+        std::uint32_t qa[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(qa[mt], q_lane + mt * 16 * P + kk * 16);
+#pragma unroll
+        for (int np = 0; np < NS / 2; ++np) {
+          std::uint32_t b[4];
+          ldmatrix_x4(b, ks + ((2 * np + ld_pair) * 8 + ld_row) * P + kk * 16 + ld_hi * 8);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            M::run(s[mt][2 * np], qa[mt], b[0], b[1]);
+            M::run(s[mt][2 * np + 1], qa[mt], b[2], b[3]);
+          }
+        }
+      }
+
+      // Scale into the log2 domain; mask by position only where the step crosses the warp's
+      // causal diagonal, the sliding window's edge or key_hi (rows past ntok are never stored).
+      const bool unmasked = ks0 + SK - 1 <= warp_pos_lo && ks0 + SK <= key_hi &&
+                            (window <= 0 || ks0 > warp_pos_hi - window);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if (unmasked) {
+#pragma unroll
+          for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[mt][nt][e] *= scale_log2;
+        } else {
+#pragma unroll
+          for (int nt = 0; nt < NS; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int row = warp_row0 + mt * 16 + g + (e >= 2 ? 8 : 0);
+              const int pos = pos0 + row;
+              const int key = ks0 + nt * 8 + 2 * t + (e & 1);
+              const bool visible =
+                  row < ntok && key < key_hi && key <= pos && (window <= 0 || key > pos - window);
+              s[mt][nt][e] = visible ? s[mt][nt][e] * scale_log2 : neg_inf;
+            }
+          }
+        }
+      }
+
+      // Online softmax per row (reduced over the quad's 4 lanes). A row with no visible key so
+      // far keeps m = -inf; the guards keep it at l = 0, O = 0 instead of NaN.
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        float alpha[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float mx = neg_inf;
+#pragma unroll
+          for (int nt = 0; nt < NS; ++nt) {
+            mx = fmaxf(mx, fmaxf(s[mt][nt][2 * h], s[mt][nt][2 * h + 1]));
+          }
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float m_new = fmaxf(m_run[mt][h], mx);
+          alpha[h] = m_run[mt][h] == neg_inf ? 0.0f : exp2f(m_run[mt][h] - m_new);
+          float sum = 0.0f;
+#pragma unroll
+          for (int nt = 0; nt < NS; ++nt) {
+#pragma unroll
+            for (int e = 2 * h; e < 2 * h + 2; ++e) {
+              const float x = s[mt][nt][e];
+              const float pr = x == neg_inf ? 0.0f : exp2f(x - m_new);
+              s[mt][nt][e] = pr;
+              sum += pr;
+            }
+          }
+          sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+          sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+          l_run[mt][h] = l_run[mt][h] * alpha[h] + sum;
+          m_run[mt][h] = m_new;
+        }
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+          o[mt][dt][0] *= alpha[0];
+          o[mt][dt][1] *= alpha[0];
+          o[mt][dt][2] *= alpha[1];
+          o[mt][dt][3] *= alpha[1];
+        }
+      }
+
+      // O += P V: P's accumulator fragments are the A fragments of 16-key chunks; V's B
+      // fragments come transposed from its key-major rows, each feeding both m-tiles.
+#pragma unroll
+      for (int kc = 0; kc < NS / 2; ++kc) {
+        std::uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          a[mt][0] = M::pack(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+          a[mt][1] = M::pack(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+          a[mt][2] = M::pack(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+          a[mt][3] = M::pack(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+        }
+#pragma unroll
+        for (int dp = 0; dp < DT / 2; ++dp) {
+          std::uint32_t b[4];
+          ldmatrix_x4_trans(b, vs + (kc * 16 + ld_hi * 8 + ld_row) * P + (2 * dp + ld_pair) * 8);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            M::run(o[mt][2 * dp], a[mt], b[0], b[1]);
+            M::run(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+          }
+        }
+      }
+    }
+  }
+
+  T* out = static_cast<T*>(p.out);
+  // Every row < ntok saw at least its own key: l > 0.
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = warp_row0 + mt * 16 + g + 8 * h;
+      if (row >= ntok) continue;
+      const float inv = 1.0f / l_run[mt][h];
+      T* dst = out + (tok0 + row) * p.out_token_stride + head * D + 2 * t;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        dst[dt * 8] = C::from_float(o[mt][dt][2 * h] * inv);
+        dst[dt * 8 + 1] = C::from_float(o[mt][dt][2 * h + 1] * inv);
+      }
+    }
+  }
+}
+
+// A block owns a window of kMmaRows consecutive tokens of the batch (windows numbered from the
+// token count alone, so no block is launched per sequence) and one query head; it computes the
+// rows of each tensor-core sequence in its window, one after the other (sequences of
+// kTensorCoreMinTokens = 64 tokens or more: up to three per 128-token window).
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) prefill_mma_kernel(const PagedAttentionParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  // Heavy (late, causal) windows first: the grid's tail is then made of light ones.
+  const int window = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);
+  const int w0 = window * kMmaRows;
+  const int w1 = min(w0 + kMmaRows, p.num_tokens);
+  const int head = blockIdx.y;
+  const std::int32_t* qsl = p.query_start_loc;
+  bool first = true;
+  // Sequences before sequence_of(w0) end at or before w0.
+  for (int seq = sequence_of(qsl, p.num_seqs, w0); seq < p.num_seqs && qsl[seq] < w1; ++seq) {
+    const int q_begin = qsl[seq];
+    const int q_end = qsl[seq + 1];
+    const int tok0 = max(q_begin, w0);
+    const int tok1 = min(q_end, w1);
+    if (tok0 >= tok1 || !uses_tensor_core_prefill<D>(q_end - q_begin)) continue;
+    if (!first) __syncthreads();  // every warp is done with the previous rows' shared memory
+    first = false;
+    prefill_rows<T, D>(p, smem, seq, q_begin, q_end, tok0, tok1 - tok0, head);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode on tensor cores (head sizes <= 128). A block owns one single-token sequence, up to
+// kDecodeRows query heads of one GQA group (the rows of an m16 tile; rows past the block's heads
+// are zero) and one split of the context. Decode is bound by reading K/V, so what matters is the
+// number of bytes in flight: K/V tiles of kMmaKeys keys stream into shared memory through a
+// kDecodeStages-deep cp.async pipeline, kDecodeStages - 1 tiles ahead of the one being used,
+// and no register holds loaded data. The arithmetic is small next to the copy: each warp takes
+// 16 keys of every tile (S = Q K^T and O += P V on mma.sync, fragments as in prefill_rows) with
+// its own online softmax; the warps merge through shared memory at the end and the splits through
+// the workspace, in decode_kernel's layout.
+constexpr int kDecodeRows = 16;
+constexpr int kDecodeStages = 3;
+
+template <int D>
+struct DecodeMmaTile {
+  static constexpr int kPitch = D + 8;  // as MmaTile: conflict-free ldmatrix rows
+  static constexpr int kStageElems = 2 * kMmaKeys * kPitch;  // a K tile, then a V tile
+  static constexpr std::size_t kSmemBytes = kDecodeStages * kStageElems * 2;
+  // The warps' (m, l, O) rows, written over the pipeline's buffers once the loop is done.
+  static constexpr std::size_t kMergeBytes = kWarps * kDecodeRows * (D + 2) * sizeof(float);
+  static_assert(kMergeBytes <= kSmemBytes, "the merge reuses the pipeline's shared memory");
+};
+
+// Two consecutive 2-byte elements as an mma operand register (first in the low half); `p` need
+// only be 2-byte aligned.
+template <typename T>
+__device__ __forceinline__ std::uint32_t load_pair_unaligned(const T* p) {
+  const auto* h = reinterpret_cast<const std::uint16_t*>(p);
+  return static_cast<std::uint32_t>(h[0]) | (static_cast<std::uint32_t>(h[1]) << 16);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+    decode_mma_kernel(const PagedAttentionParams p, const Geometry g, float* __restrict__ part_acc,
+                      float* __restrict__ part_ml) {
+  using C = Convert<T>;
+  using M = Mma<T>;
+  using Tl = DecodeMmaTile<D>;
+  constexpr int P = Tl::kPitch;
+  constexpr int KT = kMmaKeys;
+  constexpr int DT = D / 8;                    // n-tiles of the output
+  constexpr int DK = D / 16;                   // k-steps of Q K^T
+  constexpr int DV = D / 8;                    // uint4 per K/V row
+  constexpr int kCopies = KT * DV / kThreads;  // 16-byte copies of K (and of V) per thread
+  static_assert(KT == kWarps * 16, "each warp takes 16 keys of a tile");
+  static_assert(KT * DV % kThreads == 0, "a tile is an exact number of copies per thread");
+  static_assert(DT % 2 == 0, "ldmatrix.x4 covers two n-tiles");
+  const float neg_inf = -INFINITY;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* const kv_s = reinterpret_cast<T*>(smem);  // stage s: K at s * kStageElems, V after it
+
+  const int seq = blockIdx.x;
+  const int token = p.query_start_loc[seq];
+  if (p.query_start_loc[seq + 1] - token != 1) return;
+  const int group = p.num_heads / p.num_kv_heads;
+  const int chunks = (group + kDecodeRows - 1) / kDecodeRows;
+  const int kv_head = blockIdx.y / chunks;
+  const int first = (blockIdx.y % chunks) * kDecodeRows;  // the block's first head in the group
+  const int rows = min(kDecodeRows, group - first);
+  const int head0 = kv_head * group + first;
+  const int split = blockIdx.z;
+  const int seq_len = p.seq_lens[seq];
+  const int pos = seq_len - 1;
+  // Every key in [key_lo, key_hi) is visible to the token (causal and window bounds).
+  int key_lo = p.sliding_window > 0 ? max(0, pos - p.sliding_window + 1) : 0;
+  int key_hi = seq_len;
+  if (g.num_splits > 1) {
+    key_lo = max(key_lo, split * g.split_keys);
+    key_hi = min(key_hi, (split + 1) * g.split_keys);
+  }
+  const int num_key_tiles = key_hi > key_lo ? (key_hi - key_lo + KT - 1) / KT : 0;
+
+  const std::int32_t* table =
+      p.block_tables + static_cast<std::int64_t>(seq) * p.max_blocks_per_seq;
+  const T* key_cache = static_cast<const T*>(p.key_cache);
+  const T* value_cache = static_cast<const T*>(p.value_cache);
+  const BlockIndexer blocks(p.block_size);
+  // Issues the copies of tile `it` (keys key_lo + it * KT ...) into stage it % kDecodeStages as
+  // one cp.async group. Keys at or past key_hi are zero-filled without reading their block-table
+  // entry; past the last tile the group is empty, so every thread commits the same groups.
+  const auto load_tile = [&](int it) {
+    if (it < num_key_tiles) {
+      const int kt0 = key_lo + it * KT;
+      T* ks = kv_s + (it % kDecodeStages) * Tl::kStageElems;
+      T* vs = ks + KT * P;
+#pragma unroll
+      for (int u = 0; u < kCopies; ++u) {
+        const int i = static_cast<int>(threadIdx.x) + u * kThreads;
+        const int j = i / DV;
+        const int c = i % DV;
+        const int kpos = kt0 + j;
+        const bool valid = kpos < key_hi;
+        const T* ksrc = key_cache;
+        const T* vsrc = value_cache;
+        if (valid) {
+          const std::int64_t block = table[blocks.column(kpos)];
+          const std::int64_t row =
+              ((block * p.block_size + blocks.row(kpos)) * p.num_kv_heads + kv_head) * D + c * 8;
+          ksrc += row;
+          vsrc += row;
+        }
+        cp_async16(ks + j * P + c * 8, ksrc, valid);
+        cp_async16(vs + j * P + c * 8, vsrc, valid);
+      }
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int it = 0; it < kDecodeStages - 1; ++it) load_tile(it);
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int gr = lane / 4;  // this thread's rows: gr and gr + 8
+  const int t = lane % 4;
+  // Q's A fragments straight from global memory (read once); rows past the block's heads are 0.
+  const T* query = static_cast<const T*>(p.query);
+  const T* q_a = query + static_cast<std::int64_t>(token) * p.query_token_stride + (head0 + gr) * D;
+  const T* q_b = q_a + 8 * D;
+  const bool has_a = gr < rows;
+  const bool has_b = gr + 8 < rows;
   std::uint32_t qf[DK][4];
 #pragma unroll
   for (int kk = 0; kk < DK; ++kk) {
-    qf[kk][0] = load_pair(q_stage + row_a * P + kk * 16 + 2 * t);
-    qf[kk][1] = load_pair(q_stage + row_b * P + kk * 16 + 2 * t);
-    qf[kk][2] = load_pair(q_stage + row_a * P + kk * 16 + 8 + 2 * t);
-    qf[kk][3] = load_pair(q_stage + row_b * P + kk * 16 + 8 + 2 * t);
+    const int d = kk * 16 + 2 * t;
+    qf[kk][0] = has_a ? load_pair_unaligned(q_a + d) : 0u;
+    qf[kk][1] = has_b ? load_pair_unaligned(q_b + d) : 0u;
+    qf[kk][2] = has_a ? load_pair_unaligned(q_a + d + 8) : 0u;
+    qf[kk][3] = has_b ? load_pair_unaligned(q_b + d + 8) : 0u;
   }
   float o[DT][4];
 #pragma unroll
@@ -365,70 +710,46 @@ __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsig
     for (int e = 0; e < 4; ++e) o[dt][e] = 0.0f;
   float m_a = neg_inf, m_b = neg_inf, l_a = 0.0f, l_b = 0.0f;
   const float scale_log2 = p.scale * kLog2e;
-  // ldmatrix row addresses of this lane: matrix lane / 8, row lane % 8 of it.
   const int ld_row = lane % 8;
-  const int ld_hi = (lane / 8) % 2;  // second 8 of the k dimension (K) / of the keys (V)
-  const int ld_pair = lane / 16;     // second n-tile of the pair
+  const int ld_hi = (lane / 8) % 2;
+  const int ld_pair = lane / 16;
 
   for (int it = 0; it < num_key_tiles; ++it) {
-    const int kt0 = key_lo + it * KT;
-    const int stage = it % 2;
-    cp_async_wait_all();
-    // Tile `it` is visible to every warp, and every warp is done with the other stage (tile
-    // it - 1, or the Q staging before the first tile), which the next copies overwrite.
+    cp_async_wait<kDecodeStages - 2>();  // this thread's copies of tile `it` have landed
+    // Everyone's copies of tile `it` are visible, and every warp is done with tile it - 1,
+    // whose stage the next copies overwrite.
     __syncthreads();
-    if (it + 1 < num_key_tiles) load_tile(kt0 + KT, stage ^ 1);
-    const T* ks = kv_s + stage * 2 * KT * P;
+    load_tile(it + kDecodeStages - 1);
+    const T* ks = kv_s + (it % kDecodeStages) * Tl::kStageElems + warp * 16 * P;
     const T* vs = ks + KT * P;
 
-    // S = Q K^T for this warp's 16 rows and the tile's KT keys.
-    float s[NT][4];
+    // S = Q K^T for the warp's 16 keys (two n-tiles).
+    float s[2][4];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[nt][e] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < DK; ++kk) {
+      std::uint32_t b[4];
+      ldmatrix_x4(b, ks + (ld_pair * 8 + ld_row) * P + kk * 16 + ld_hi * 8);
+      M::run(s[0], qf[kk], b[0], b[1]);
+      M::run(s[1], qf[kk], b[2], b[3]);
+    }
+    // Keys from key_lo on are visible up to key_hi (the last tile's tail is masked).
+    const int k0 = key_lo + it * KT + warp * 16;
 #pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        std::uint32_t b[4];
-        ldmatrix_x4(b, ks + ((2 * np + ld_pair) * 8 + ld_row) * P + kk * 16 + ld_hi * 8);
-        M::run(s[2 * np], qf[kk], b[0], b[1]);
-        M::run(s[2 * np + 1], qf[kk], b[2], b[3]);
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = k0 + nt * 8 + 2 * t + (e & 1);
+        s[nt][e] = key < key_hi ? s[nt][e] * scale_log2 : neg_inf;
       }
-    }
 
-    // Scale into the log2 domain; mask by position only where the tile crosses the causal
-    // diagonal, the sliding window's edge or key_hi (rows past ntok are never stored).
-    const bool unmasked =
-        kt0 + KT - 1 <= pos0 && (p.sliding_window <= 0 || kt0 > pos0 + ntok - 1 - p.sliding_window);
-    if (unmasked) {
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = e >= 2 ? row_b : row_a;
-          const int pos = e >= 2 ? pos_b : pos_a;
-          const int key = kt0 + nt * 8 + 2 * t + (e & 1);
-          const bool visible = row < ntok && key < key_hi && key <= pos &&
-                               (p.sliding_window <= 0 || key > pos - p.sliding_window);
-          s[nt][e] = visible ? s[nt][e] * scale_log2 : neg_inf;
-        }
-      }
-    }
-
-    // Online softmax per row (reduced over the quad's 4 lanes).
-    float mx_a = neg_inf, mx_b = neg_inf;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      mx_a = fmaxf(mx_a, fmaxf(s[nt][0], s[nt][1]));
-      mx_b = fmaxf(mx_b, fmaxf(s[nt][2], s[nt][3]));
-    }
+    // Online softmax per row (reduced over the quad's 4 lanes); a warp may see no visible key
+    // in a tile (the tail), and the guards keep its rows at m = -inf, l = 0, O = 0.
+    float mx_a = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
+    float mx_b = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
 #pragma unroll
     for (int lane_mask = 1; lane_mask <= 2; lane_mask *= 2) {
       mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, lane_mask));
@@ -436,12 +757,11 @@ __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsig
     }
     const float new_a = fmaxf(m_a, mx_a);
     const float new_b = fmaxf(m_b, mx_b);
-    // A row with no visible key so far keeps m = -inf; the guards keep it at 0 instead of NaN.
     const float alpha_a = m_a == neg_inf ? 0.0f : exp2f(m_a - new_a);
     const float alpha_b = m_b == neg_inf ? 0.0f : exp2f(m_b - new_b);
     float sum_a = 0.0f, sum_b = 0.0f;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
+    for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const bool second = e >= 2;
@@ -464,75 +784,87 @@ __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsig
     l_b = l_b * alpha_b + sum_b;
     m_a = new_a;
     m_b = new_b;
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      o[dt][0] *= alpha_a;
-      o[dt][1] *= alpha_a;
-      o[dt][2] *= alpha_b;
-      o[dt][3] *= alpha_b;
-    }
 
-    // O += P V: P's accumulator fragments are the A fragments of 16-key chunks; V's B fragments
-    // come transposed from its key-major rows.
+    // O = alpha O + P V, P's accumulator fragments being the A fragment of the 16 keys.
+    std::uint32_t a[4];
+    a[0] = M::pack(s[0][0], s[0][1]);
+    a[1] = M::pack(s[0][2], s[0][3]);
+    a[2] = M::pack(s[1][0], s[1][1]);
+    a[3] = M::pack(s[1][2], s[1][3]);
 #pragma unroll
-    for (int kc = 0; kc < NT / 2; ++kc) {
-      std::uint32_t a[4];
-      a[0] = M::pack(s[2 * kc][0], s[2 * kc][1]);
-      a[1] = M::pack(s[2 * kc][2], s[2 * kc][3]);
-      a[2] = M::pack(s[2 * kc + 1][0], s[2 * kc + 1][1]);
-      a[3] = M::pack(s[2 * kc + 1][2], s[2 * kc + 1][3]);
-#pragma unroll
-      for (int dp = 0; dp < DT / 2; ++dp) {
-        std::uint32_t b[4];
-        ldmatrix_x4_trans(b, vs + (kc * 16 + ld_hi * 8 + ld_row) * P + (2 * dp + ld_pair) * 8);
-        M::run(o[2 * dp], a, b[0], b[1]);
-        M::run(o[2 * dp + 1], a, b[2], b[3]);
-      }
+    for (int dp = 0; dp < DT / 2; ++dp) {
+      o[2 * dp][0] *= alpha_a;
+      o[2 * dp][1] *= alpha_a;
+      o[2 * dp][2] *= alpha_b;
+      o[2 * dp][3] *= alpha_b;
+      o[2 * dp + 1][0] *= alpha_a;
+      o[2 * dp + 1][1] *= alpha_a;
+      o[2 * dp + 1][2] *= alpha_b;
+      o[2 * dp + 1][3] *= alpha_b;
+      std::uint32_t b[4];
+      ldmatrix_x4_trans(b, vs + (ld_hi * 8 + ld_row) * P + (2 * dp + ld_pair) * 8);
+      M::run(o[2 * dp], a, b[0], b[1]);
+      M::run(o[2 * dp + 1], a, b[2], b[3]);
     }
   }
 
-  T* out = static_cast<T*>(p.out);
-  // Every row < ntok saw at least its own key: l > 0.
+  // Merge the warps: (m, l, O) of each row through shared memory, over the pipeline's buffers
+  // (no copy is in flight: the groups past the last tile were empty).
+  cp_async_wait_all();
+  __syncthreads();
+  float* m_w = reinterpret_cast<float*>(smem);  // [kWarps][kDecodeRows]
+  float* l_w = m_w + kWarps * kDecodeRows;      // [kWarps][kDecodeRows]
+  float* o_w = l_w + kWarps * kDecodeRows;      // [kWarps][kDecodeRows][D]
+  const int row_a = warp * kDecodeRows + gr;
+  const int row_b = row_a + 8;
+  if (t == 0) {
+    m_w[row_a] = m_a;
+    m_w[row_b] = m_b;
+    l_w[row_a] = l_a;
+    l_w[row_b] = l_b;
+  }
 #pragma unroll
   for (int dt = 0; dt < DT; ++dt) {
     const int d = dt * 8 + 2 * t;
-    if (row_a < ntok) {
-      T* dst = out + (tok0 + row_a) * p.out_token_stride + head * D + d;
-      dst[0] = C::from_float(o[dt][0] / l_a);
-      dst[1] = C::from_float(o[dt][1] / l_a);
-    }
-    if (row_b < ntok) {
-      T* dst = out + (tok0 + row_b) * p.out_token_stride + head * D + d;
-      dst[0] = C::from_float(o[dt][2] / l_b);
-      dst[1] = C::from_float(o[dt][3] / l_b);
-    }
+    o_w[row_a * D + d] = o[dt][0];
+    o_w[row_a * D + d + 1] = o[dt][1];
+    o_w[row_b * D + d] = o[dt][2];
+    o_w[row_b * D + d + 1] = o[dt][3];
   }
-}
+  __syncthreads();
 
-// A block owns a window of kMmaRows consecutive tokens of the batch (windows numbered from the
-// token count alone, so no block is launched per sequence) and one query head; it computes the
-// rows of each tensor-core sequence in its window: at most two, the end of one sequence and the
-// start of the next, as such sequences have >= kMmaRows tokens.
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) prefill_mma_kernel(const PagedAttentionParams p) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  // Heavy (late, causal) windows first: the grid's tail is then made of light ones.
-  const int window = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);
-  const int w0 = window * kMmaRows;
-  const int w1 = min(w0 + kMmaRows, p.num_tokens);
-  const int head = blockIdx.y;
-  const std::int32_t* qsl = p.query_start_loc;
-  bool first = true;
-  // Sequences before sequence_of(w0) end at or before w0.
-  for (int seq = sequence_of(qsl, p.num_seqs, w0); seq < p.num_seqs && qsl[seq] < w1; ++seq) {
-    const int q_begin = qsl[seq];
-    const int q_end = qsl[seq + 1];
-    const int tok0 = max(q_begin, w0);
-    const int tok1 = min(q_end, w1);
-    if (tok0 >= tok1 || !uses_tensor_core_prefill<D>(q_end - q_begin)) continue;
-    if (!first) __syncthreads();  // every warp is done with the previous rows' shared memory
-    first = false;
-    prefill_rows<T, D>(p, smem, seq, q_begin, q_end, tok0, tok1 - tok0, head);
+  T* out = static_cast<T*>(p.out);
+  for (int i = threadIdx.x; i < rows * D; i += kThreads) {
+    const int r = i / D;
+    const int d = i % D;
+    float mx = neg_inf;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, m_w[w * kDecodeRows + r]);
+    float num = 0.0f;
+    float den = 0.0f;
+    if (mx != neg_inf) {  // else the split held no key: its partial stays empty
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float weight = exp2f(m_w[w * kDecodeRows + r] - mx);
+        num = fmaf(weight, o_w[(w * kDecodeRows + r) * D + d], num);
+        den = fmaf(weight, l_w[w * kDecodeRows + r], den);
+      }
+    }
+    const int head = head0 + r;
+    if (g.num_splits == 1) {
+      // den > 0: the token sees its own key.
+      out[static_cast<std::int64_t>(token) * p.out_token_stride + head * D + d] =
+          C::from_float(num / den);
+    } else {
+      const std::int64_t slot =
+          (static_cast<std::int64_t>(token) * p.num_heads + head) * g.num_splits + split;
+      part_acc[slot * D + d] = num;
+      if (d == 0) {
+        // The merge works in the natural-log domain, as the general kernel's partials.
+        part_ml[slot * 2] = mx == neg_inf ? neg_inf : mx * kLn2;
+        part_ml[slot * 2 + 1] = den;
+      }
+    }
   }
 }
 
@@ -1075,24 +1407,39 @@ void launch_attention(const PagedAttentionParams& p, const Geometry& g, float* p
       <<<grid, kThreads, Tile<D>::kSmemBytes, stream>>>(p, g, part_acc, part_ml);
   check_launch("paged_attention_kernel");
   // Single-token sequences; the kernel above skipped them.
-  const dim3 decode_grid(static_cast<unsigned>(p.num_seqs),
-                         static_cast<unsigned>(p.num_kv_heads * g.decode_chunks),
-                         static_cast<unsigned>(g.num_splits));
-  switch (g.decode_heads) {
-    case 8:
-      decode_kernel<T, D, 8><<<decode_grid, kThreads, 0, stream>>>(p, g, part_acc, part_ml);
-      break;
-    case 4:
-      decode_kernel<T, D, 4><<<decode_grid, kThreads, 0, stream>>>(p, g, part_acc, part_ml);
-      break;
-    case 2:
-      decode_kernel<T, D, 2><<<decode_grid, kThreads, 0, stream>>>(p, g, part_acc, part_ml);
-      break;
-    default:
-      decode_kernel<T, D, 1><<<decode_grid, kThreads, 0, stream>>>(p, g, part_acc, part_ml);
-      break;
+  if constexpr (D <= 128) {
+    constexpr std::size_t smem_bytes = DecodeMmaTile<D>::kSmemBytes;
+    check_cuda(
+        cudaFuncSetAttribute(decode_mma_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem_bytes)),
+        "cudaFuncSetAttribute(decode_mma_kernel)");
+    const int group = p.num_heads / p.num_kv_heads;
+    const int chunks = (group + kDecodeRows - 1) / kDecodeRows;
+    const dim3 decode_grid(static_cast<unsigned>(p.num_seqs),
+                           static_cast<unsigned>(p.num_kv_heads * chunks),
+                           static_cast<unsigned>(g.num_splits));
+    decode_mma_kernel<T, D><<<decode_grid, kThreads, smem_bytes, stream>>>(p, g, part_acc, part_ml);
+    check_launch("decode_mma_kernel");
+  } else {
+    const dim3 decode_grid(static_cast<unsigned>(p.num_seqs),
+                           static_cast<unsigned>(p.num_kv_heads * g.decode_chunks),
+                           static_cast<unsigned>(g.num_splits));
+    switch (g.decode_heads) {
+      case 8:
+        decode_kernel<T, D, 8><<<decode_grid, kThreads, 0, stream>>>(p, g, part_acc, part_ml);
+        break;
+      case 4:
+        decode_kernel<T, D, 4><<<decode_grid, kThreads, 0, stream>>>(p, g, part_acc, part_ml);
+        break;
+      case 2:
+        decode_kernel<T, D, 2><<<decode_grid, kThreads, 0, stream>>>(p, g, part_acc, part_ml);
+        break;
+      default:
+        decode_kernel<T, D, 1><<<decode_grid, kThreads, 0, stream>>>(p, g, part_acc, part_ml);
+        break;
+    }
+    check_launch("decode_kernel");
   }
-  check_launch("decode_kernel");
   if constexpr (D <= 128) {
     // Prefill chunks of >= kTensorCoreMinTokens tokens; the kernels above skipped them.
     constexpr std::size_t smem_bytes = MmaTile<D>::kSmemBytes;

@@ -263,9 +263,11 @@ def test_paged_attention_half_dtypes(device: str, dtype: torch.dtype, head_size:
     run_case(device, gen, dtype, 8, 1, head_size, 16, q_lens, seq_lens, sliding_window=0)
 
 
-# (num_heads, num_kv_heads) covering every CUDA decode tiling: groups 1, 2, 4 and 8 (one block
-# per group), 6 (three blocks of 2 heads) and 3 (three blocks of 1 head).
-DECODE_LAYOUTS = [(4, 4), (8, 4), (8, 2), (16, 2), (24, 4), (12, 4)]
+# (num_heads, num_kv_heads) covering every CUDA decode tiling: on tensor cores (head sizes up to
+# 128) groups of up to 16 heads in one block, 32 in two full blocks and 20 in a full and a
+# partial one; for head size 256 groups 1, 2, 4 and 8 (one block per group), 6 (three blocks of
+# 2 heads) and 3 (three blocks of 1 head).
+DECODE_LAYOUTS = [(4, 4), (8, 4), (8, 2), (16, 2), (24, 4), (12, 4), (32, 1), (40, 2)]
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", DECODE_LAYOUTS)
@@ -356,6 +358,33 @@ def test_paged_attention_long_prefill(device: str) -> None:
     run_case(
         device, gen, default_dtype(device), 4, 1, 128, 16, [300, 1], [300, 700], sliding_window=0
     )
+
+
+@pytest.mark.parametrize("sliding_window", [0, 150])
+def test_paged_attention_long_prefill_chunks(device: str, sliding_window: int) -> None:
+    """Prefill chunks spanning several 128-token tensor-core windows, over cached prefixes whose
+    lengths fall off every tile grid, next to a whole prompt and a decode token: on CUDA the
+    warps of a window skip the key tiles past their causal limit or before their window."""
+    gen = torch.Generator().manual_seed(5 + sliding_window)
+    run_case(
+        device,
+        gen,
+        default_dtype(device),
+        8,
+        2,
+        128,
+        16,
+        [700, 260, 1, 97],
+        [901, 260, 400, 350],
+        sliding_window=sliding_window,
+    )
+
+
+def test_paged_attention_three_prefills_in_one_window(device: str) -> None:
+    """Tensor-core prefill sequences of 64 to 70 tokens: on CUDA one 128-token window holds the
+    end of one, a whole one and the start of a third, computed one after the other."""
+    gen = torch.Generator().manual_seed(6)
+    run_case(device, gen, default_dtype(device), 8, 2, 64, 16, [70, 64, 64, 64], [70, 100, 64, 80])
 
 
 def test_paged_attention_strided_query_and_out(device: str) -> None:
