@@ -104,6 +104,7 @@ class Case:
             self.seq_lens,
             self.qsl,
             self.scale,
+            max_query_len=self.q_len,  # known to the scheduler, passed by the engine too
         )
 
     def torch_sdpa(self) -> torch.Tensor:

@@ -1400,12 +1400,17 @@ std::size_t workspace_bytes_for(const Geometry& g, int num_tokens, int num_heads
 template <typename T, int D>
 void launch_attention(const PagedAttentionParams& p, const Geometry& g, float* part_acc,
                       float* part_ml, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(g.num_tiles),
-                  static_cast<unsigned>(p.num_kv_heads * g.head_chunks),
-                  static_cast<unsigned>(g.num_splits));
-  paged_attention_kernel<T, D>
-      <<<grid, kThreads, Tile<D>::kSmemBytes, stream>>>(p, g, part_acc, part_ml);
-  check_launch("paged_attention_kernel");
+  // With a known bound on the query lengths, the kernels for longer queries are not launched
+  // (their blocks would all find no sequence of theirs and return).
+  const bool unknown = p.max_query_len <= 0;
+  if (unknown || p.max_query_len >= 2) {
+    const dim3 grid(static_cast<unsigned>(g.num_tiles),
+                    static_cast<unsigned>(p.num_kv_heads * g.head_chunks),
+                    static_cast<unsigned>(g.num_splits));
+    paged_attention_kernel<T, D>
+        <<<grid, kThreads, Tile<D>::kSmemBytes, stream>>>(p, g, part_acc, part_ml);
+    check_launch("paged_attention_kernel");
+  }
   // Single-token sequences; the kernel above skipped them.
   if constexpr (D <= 128) {
     constexpr std::size_t smem_bytes = DecodeMmaTile<D>::kSmemBytes;
@@ -1441,17 +1446,19 @@ void launch_attention(const PagedAttentionParams& p, const Geometry& g, float* p
     check_launch("decode_kernel");
   }
   if constexpr (D <= 128) {
-    // Prefill chunks of >= kTensorCoreMinTokens tokens; the kernels above skipped them.
-    constexpr std::size_t smem_bytes = MmaTile<D>::kSmemBytes;
-    // Above the default 48 KiB a kernel must opt in (not a stream operation: graph-capture safe).
-    check_cuda(
-        cudaFuncSetAttribute(prefill_mma_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem_bytes)),
-        "cudaFuncSetAttribute(prefill_mma_kernel)");
-    const dim3 mma_grid(static_cast<unsigned>((p.num_tokens + kMmaRows - 1) / kMmaRows),
-                        static_cast<unsigned>(p.num_heads));
-    prefill_mma_kernel<T, D><<<mma_grid, kThreads, smem_bytes, stream>>>(p);
-    check_launch("prefill_mma_kernel");
+    if (unknown || p.max_query_len >= kTensorCoreMinTokens) {
+      // Prefill chunks of >= kTensorCoreMinTokens tokens; the kernels above skipped them.
+      constexpr std::size_t smem_bytes = MmaTile<D>::kSmemBytes;
+      // Above the default 48 KiB a kernel must opt in (not a stream operation: capture safe).
+      check_cuda(cudaFuncSetAttribute(prefill_mma_kernel<T, D>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem_bytes)),
+                 "cudaFuncSetAttribute(prefill_mma_kernel)");
+      const dim3 mma_grid(static_cast<unsigned>((p.num_tokens + kMmaRows - 1) / kMmaRows),
+                          static_cast<unsigned>(p.num_heads));
+      prefill_mma_kernel<T, D><<<mma_grid, kThreads, smem_bytes, stream>>>(p);
+      check_launch("prefill_mma_kernel");
+    }
   }
   if (g.num_splits > 1) {
     const dim3 combine_grid(static_cast<unsigned>(p.num_tokens),

@@ -41,7 +41,7 @@ void bind_attention_ops(py::module_& ops) {
       "paged_attention",
       [](py::handle out, py::handle query, py::handle key_cache, py::handle value_cache,
          py::handle block_tables, py::handle seq_lens, py::handle query_start_loc, float scale,
-         int sliding_window, py::handle workspace, std::uintptr_t stream) {
+         int sliding_window, py::handle workspace, std::uintptr_t stream, int max_query_len) {
         const ImportedTensor o = import_tensor(out, "out", /*writable=*/true);
         const ImportedTensor q = import_tensor(query, "query");
         const ImportedTensor kc = import_tensor(key_cache, "key_cache");
@@ -54,12 +54,12 @@ void bind_attention_ops(py::module_& ops) {
         const TensorView* ws_view = ws ? &ws->view() : nullptr;
         py::gil_scoped_release release;
         aphrodite::paged_attention(o, q, kc, vc, bt, sl, qsl, scale, sliding_window, ws_view,
-                                   stream);
+                                   stream, max_query_len);
       },
       py::arg("out"), py::arg("query"), py::arg("key_cache"), py::arg("value_cache"),
       py::arg("block_tables"), py::arg("seq_lens"), py::arg("query_start_loc"), py::arg("scale"),
       py::arg("sliding_window") = 0, py::kw_only(), py::arg("workspace") = py::none(),
-      py::arg("stream") = 0,
+      py::arg("stream") = 0, py::arg("max_query_len") = 0,
       "Paged attention over a mixed batch of prefill chunks and decode tokens; see "
       "aphrodite/attention.h for the metadata contract.");
 }

@@ -215,6 +215,15 @@ TEST(PagedAttention, PublicApiOnCoreTensors) {
   EXPECT_THROW(paged_attention(out.view, query.view, key_cache.view, value_cache.view,
                                int64_tables.view, seq_lens.view, qsl.view, scale),
                TypeError);
+  // max_query_len: the second sequence has 3 query tokens; a bound of 3 holds, 2 does not.
+  paged_attention(out.view, query.view, key_cache.view, value_cache.view, tables.view,
+                  seq_lens.view, qsl.view, scale, 4, nullptr, 0, /*max_query_len=*/3);
+  EXPECT_THROW(paged_attention(out.view, query.view, key_cache.view, value_cache.view, tables.view,
+                               seq_lens.view, qsl.view, scale, 4, nullptr, 0, 2),
+               ValueError);
+  EXPECT_THROW(paged_attention(out.view, query.view, key_cache.view, value_cache.view, tables.view,
+                               seq_lens.view, qsl.view, scale, 4, nullptr, 0, -1),
+               ValueError);
 }
 
 }  // namespace

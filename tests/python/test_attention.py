@@ -156,7 +156,10 @@ def run_case(
     pad_tokens: int = 0,
     fused_qkv: bool = False,
     strided_out: bool = False,
+    hint_max_query_len: bool = False,
 ) -> None:
+    """One paged_attention call checked against the reference; with ``hint_max_query_len`` the
+    call is told the batch's longest query (on CUDA the kernels for longer ones are skipped)."""
     b = Batch(
         gen,
         device,
@@ -190,6 +193,7 @@ def run_case(
         b.query_start_loc,
         scale,
         sliding_window,
+        max_query_len=max(q_lens) if hint_max_query_len else 0,
     )
     assert_close(out, b.reference(scale, sliding_window), dtype)
 
@@ -219,7 +223,7 @@ def test_paged_attention_mixed_batch(
     device: str, head_size: int, num_heads: int, num_kv_heads: int
 ) -> None:
     gen = torch.Generator().manual_seed(1000 * head_size + 10 * num_heads + num_kv_heads)
-    for _ in range(2):
+    for hint in (False, True):
         q_lens, seq_lens = random_composition(gen, num_seqs=5, max_ctx=150)
         block_size = [8, 16, 32][int(torch.randint(0, 3, (1,), generator=gen))]
         run_case(
@@ -233,6 +237,7 @@ def test_paged_attention_mixed_batch(
             q_lens,
             seq_lens,
             pad_tokens=2,
+            hint_max_query_len=hint,
         )
 
 
@@ -276,7 +281,8 @@ def test_paged_attention_decode_batch(
     device: str, head_size: int, num_heads: int, num_kv_heads: int
 ) -> None:
     """Single-token sequences only, contexts from 1 key to a few thousand (off every block, tile
-    and split boundary); on CUDA the decode kernel with the context split and merged."""
+    and split boundary); on CUDA the decode kernel with the context split and merged, alone (the
+    call is told max_query_len 1, as the engine's decode steps are)."""
     gen = torch.Generator().manual_seed(head_size * 100 + num_heads * 10 + num_kv_heads)
     seq_lens = [1, 2, 17, 300, 1029, 2100]
     block_size = [8, 16, 32][(head_size + num_heads) % 3]
@@ -290,6 +296,7 @@ def test_paged_attention_decode_batch(
         block_size,
         [1] * len(seq_lens),
         seq_lens,
+        hint_max_query_len=True,
     )
 
 
@@ -344,6 +351,7 @@ def test_paged_attention_prefill_tiles(
         [64, 130, 77, 1],
         [64, 200, 141, 90],
         sliding_window=sliding_window,
+        hint_max_query_len=head_size % 64 == 0,
     )
 
 
@@ -466,6 +474,8 @@ def test_paged_attention_rejects_bad_arguments(device: str) -> None:
         )
     with pytest.raises(ValueError, match="sliding_window"):
         ops.paged_attention(**args, sliding_window=-1)
+    with pytest.raises(ValueError, match="max_query_len must be >= 0"):
+        ops.paged_attention(**args, max_query_len=-1)
     with pytest.raises(TypeError, match="out"):
         ops.paged_attention(
             **{**args, "out": args["out"].float() if device != "cpu" else args["out"].half()}
@@ -480,6 +490,9 @@ def test_paged_attention_cpu_checks_metadata() -> None:
         ops.paged_attention(**{**args, "seq_lens": torch.tensor([1], dtype=torch.int32)})
     with pytest.raises(ValueError, match="more blocks than block_tables"):
         ops.paged_attention(**{**args, "seq_lens": torch.tensor([40], dtype=torch.int32)})
+    with pytest.raises(ValueError, match="more than max_query_len = 1"):
+        ops.paged_attention(**args, max_query_len=1)
+    ops.paged_attention(**args, max_query_len=2)
     with pytest.raises(ValueError, match="slot_mapping"):
         k = torch.randn(2, 2, 64)
         ops.reshape_and_cache(k, k, args["key_cache"], args["value_cache"], torch.tensor([0, 64]))

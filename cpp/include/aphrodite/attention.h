@@ -49,10 +49,15 @@ std::size_t paged_attention_workspace_bytes(const TensorView& query, const Tenso
 // over each sequence's cached context. `workspace` (optional, a CUDA uint8 tensor on the query's
 // device) enables split contexts when it holds at least paged_attention_workspace_bytes(); without
 // it (or with a smaller one) each (tokens, head) tile is computed by one thread block.
+// `max_query_len` > 0 promises that no sequence has more query tokens (the scheduler knows it on
+// the host; 0: unknown). On CUDA it spares the launches of the kernels for longer queries, e.g. a
+// decode-only batch (max_query_len 1) runs the decode kernel alone; like the rest of the
+// metadata, the CUDA kernels trust it (a longer sequence would keep rows of `out` unwritten),
+// and the CPU checks it.
 void paged_attention(const TensorView& out, const TensorView& query, const TensorView& key_cache,
                      const TensorView& value_cache, const TensorView& block_tables,
                      const TensorView& seq_lens, const TensorView& query_start_loc, float scale,
                      int sliding_window = 0, const TensorView* workspace = nullptr,
-                     StreamHandle stream = 0);
+                     StreamHandle stream = 0, int max_query_len = 0);
 
 }  // namespace aphrodite

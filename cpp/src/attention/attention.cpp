@@ -181,7 +181,8 @@ std::size_t paged_attention_workspace_bytes(const TensorView& query, const Tenso
 void paged_attention(const TensorView& out, const TensorView& query, const TensorView& key_cache,
                      const TensorView& value_cache, const TensorView& block_tables,
                      const TensorView& seq_lens, const TensorView& query_start_loc, float scale,
-                     int sliding_window, const TensorView* workspace, StreamHandle stream) {
+                     int sliding_window, const TensorView* workspace, StreamHandle stream,
+                     int max_query_len) {
   const Device device = key_cache.device();
   check_same_device(query, "query", key_cache, "key_cache");
   check_same_device(out, "out", key_cache, "key_cache");
@@ -206,6 +207,8 @@ void paged_attention(const TensorView& out, const TensorView& query, const Tenso
   check_contiguous(query_start_loc, "query_start_loc");
   if (sliding_window < 0)
     fail("sliding_window must be >= 0, got " + std::to_string(sliding_window));
+  if (max_query_len < 0)
+    fail("max_query_len must be >= 0 (0: unknown), got " + std::to_string(max_query_len));
   if (!(scale > 0.0f) || scale == std::numeric_limits<float>::infinity()) {
     fail("scale must be a positive finite number, got " + std::to_string(scale));
   }
@@ -230,6 +233,7 @@ void paged_attention(const TensorView& out, const TensorView& query, const Tenso
   p.max_blocks_per_seq = s.max_blocks;
   p.scale = scale;
   p.sliding_window = sliding_window;
+  p.max_query_len = max_query_len;
   p.dtype = key_cache.dtype();
   if (s.num_tokens == 0 || s.num_seqs == 0) return;
 

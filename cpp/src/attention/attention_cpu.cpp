@@ -192,6 +192,10 @@ void check_metadata(const PagedAttentionParams& p) {
       bad_metadata("seq_lens[" + std::to_string(s) + "] = " + std::to_string(len) +
                    " is below the sequence's query length " + std::to_string(q_len));
     }
+    if (p.max_query_len > 0 && q_len > p.max_query_len) {
+      bad_metadata("sequence " + std::to_string(s) + " has " + std::to_string(q_len) +
+                   " query tokens, more than max_query_len = " + std::to_string(p.max_query_len));
+    }
     if (q_len == 0) continue;
     const std::int64_t blocks = (len + p.block_size - 1) / p.block_size;
     if (blocks > p.max_blocks_per_seq) {

@@ -46,6 +46,7 @@ struct PagedAttentionParams {
   int max_blocks_per_seq = 0;
   float scale = 1.0f;
   int sliding_window = 0;  // 0: none
+  int max_query_len = 0;   // no sequence has more query tokens; 0: unknown
   DType dtype = DType::kFloat32;
 };
 

@@ -28,6 +28,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # int32 [num_seqs, max_blocks_per_seq]
     seq_lens: torch.Tensor  # int32 [num_seqs]
     query_start_loc: torch.Tensor  # int32 [num_seqs + 1]
+    max_query_len: int = 0  # the longest sequence's query tokens (0: unknown)
 
 
 def rope_inverse_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
@@ -128,6 +129,7 @@ class LlamaAttention(nn.Module):
             meta.seq_lens,
             meta.query_start_loc,
             self.scale,
+            max_query_len=meta.max_query_len,
         )
         return self.o_proj(out.view(t, self.q_size))
 

@@ -42,6 +42,8 @@ def paged_attention(
     query_start_loc: torch.Tensor,
     scale: float,
     sliding_window: int = 0,
+    *,
+    max_query_len: int = 0,
 ) -> None:
     """Attention of ``query`` ``[num_tokens, num_heads, head_size]`` over each sequence's cached
     context, written into ``out``.
@@ -50,6 +52,10 @@ def paged_attention(
     length including this step's tokens), ``query_start_loc`` int32 ``[num_seqs + 1]``. Query token
     j of sequence s is at position ``seq_lens[s] - q_len + j`` and sees keys at positions
     ``<=`` its own and, with ``sliding_window > 0``, ``> position - sliding_window``.
+
+    ``max_query_len`` > 0 promises that no sequence has more query tokens (0: unknown); on CUDA
+    it spares the kernels for longer queries (a decode-only batch passes 1), which trust it as
+    they trust the rest of the metadata; the CPU checks it.
 
     On CUDA the split-context workspace comes from torch's caching allocator, which keeps the call
     safe to capture in a CUDA graph (the workspace size depends on shapes only).
@@ -73,4 +79,5 @@ def paged_attention(
         int(sliding_window),
         workspace=optional_capsule(workspace),
         stream=stream_of(key_cache),
+        max_query_len=int(max_query_len),
     )

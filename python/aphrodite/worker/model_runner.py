@@ -97,6 +97,7 @@ class ModelRunner:
             block_tables=self._to_device(plan.block_tables, torch.int32),
             seq_lens=self._to_device(plan.seq_lens, torch.int32),
             query_start_loc=self._to_device(plan.query_start_loc, torch.int32),
+            max_query_len=int(np.diff(plan.query_start_loc).max(initial=0)),
         )
         embeds = self.model.language_model.embed(input_ids)
         for start, request_id, mm_index, offset, length in plan.mm_embeds:
