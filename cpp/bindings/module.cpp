@@ -13,6 +13,7 @@ namespace py = pybind11;
 namespace aphrodite::bindings {
 void bind_attention_ops(py::module_& ops);
 void bind_image_ops(py::module_& ops);
+void bind_layer_ops(py::module_& ops);
 void bind_linear_ops(py::module_& ops);
 void bind_engine(py::module_& m);
 }  // namespace aphrodite::bindings
@@ -87,5 +88,6 @@ PYBIND11_MODULE(_C, m) {
   py::module_ ops = m.def_submodule("ops", "The core's ops; backend chosen by the tensors' device");
   aphrodite::bindings::bind_attention_ops(ops);
   aphrodite::bindings::bind_image_ops(ops);
+  aphrodite::bindings::bind_layer_ops(ops);
   aphrodite::bindings::bind_linear_ops(ops);
 }

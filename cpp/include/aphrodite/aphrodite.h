@@ -1,9 +1,11 @@
 // Umbrella header of the aphrodite core library.
 #pragma once
 
+#include "aphrodite/attention.h"
 #include "aphrodite/backend.h"
 #include "aphrodite/buffer.h"
 #include "aphrodite/error.h"
+#include "aphrodite/layer_ops.h"
 #include "aphrodite/linear.h"
 #include "aphrodite/llava_projector.h"
 #include "aphrodite/parallel.h"

@@ -100,5 +100,11 @@ void check_last_dim_contiguous(const TensorView& t, const char* name);
 void check_device(const TensorView& t, const char* name, Device expected);
 void check_same_device(const TensorView& a, const char* a_name, const TensorView& b,
                        const char* b_name);
+// t has ref's dtype (TypeError naming both otherwise).
+void check_same_dtype(const TensorView& t, const char* name, const TensorView& ref,
+                      const char* ref_name);
+// [tokens, heads, head_size], dense in [heads, head_size], any token stride >= heads * head_size
+// (slices of a fused QKV projection's output).
+void check_token_major(const TensorView& t, const char* name);
 
 }  // namespace aphrodite

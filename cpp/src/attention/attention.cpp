@@ -18,31 +18,6 @@ std::vector<DType> allowed_dtypes(Device device) {
   return {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
 }
 
-void check_same_dtype(const TensorView& t, const char* name, const TensorView& ref,
-                      const char* ref_name) {
-  if (t.dtype() != ref.dtype()) {
-    throw TypeError(std::string(name) + " must have the dtype of " + ref_name + " (" +
-                    dtype_name(ref.dtype()) + "), got " + t.describe());
-  }
-}
-
-// [tokens, heads, head_size] with dense [heads, head_size] and any token stride >= heads*size.
-void check_token_major(const TensorView& t, const char* name) {
-  check_dim(t, name, 3);
-  if (t.size(0) > 1 || t.size(1) > 1) {
-    if (t.stride(2) != 1 || (t.size(1) > 1 && t.stride(1) != t.size(2))) {
-      fail(std::string(name) + " must be dense in its [heads, head_size] dimensions, got " +
-           t.describe());
-    }
-  } else if (t.stride(2) != 1 && t.size(2) > 1) {
-    fail(std::string(name) + " must be dense in its last dimension, got " + t.describe());
-  }
-  if (t.size(0) > 1 && t.stride(0) < t.size(1) * t.size(2)) {
-    fail(std::string(name) + " rows overlap: token stride " + std::to_string(t.stride(0)) +
-         " is below heads * head_size in " + t.describe());
-  }
-}
-
 // Cache tensors: [num_blocks, block_size, num_kv_heads, head_size], contiguous.
 void check_cache(const TensorView& t, const char* name) {
   check_dim(t, name, 4);

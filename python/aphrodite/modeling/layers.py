@@ -61,12 +61,11 @@ class Linear(nn.Module):
         return y
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
-        """``silu(gate) * up`` of the gate/up halves of ``forward(x)``, in one fused op when the
-        weight is packed."""
+        """``silu(gate) * up`` of the gate/up halves of ``forward(x)``: fused into the GEMM when
+        the weight is packed, else one ``ops.silu_and_mul`` after it."""
         if self.packed is not None:
             return ops.linear(x, self.packed, self.bias, activation="swiglu")
-        gate, up = F.linear(x, self.weight, self.bias).chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return ops.silu_and_mul(F.linear(x, self.weight, self.bias))
 
 
 class LayerNorm(nn.Module):
@@ -81,8 +80,8 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm, computed in float32 and cast back before the weight, exactly as HF does
-    (the order matters for bf16/fp16 agreement)."""
+    """Llama's RMSNorm, computed in float32 and cast back before the weight, as HF does (the
+    order matters for bf16/fp16 agreement), in one op (``ops.rms_norm``)."""
 
     def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
@@ -90,6 +89,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``residual = x + residual``, then this norm of it, both in place and in one op:
+        returns ``(normed, residual)`` (HF's residual add followed by the next norm)."""
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)

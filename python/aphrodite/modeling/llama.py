@@ -55,7 +55,8 @@ def rope_inverse_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for every position up to max_positions (float32, on the device); looked up
-    per token and cast to the activations' dtype before use, as HF does."""
+    per token and cast to the activations' dtype before use, as HF does, by
+    ``ops.rotary_embedding``, which rotates q and k in place."""
 
     def __init__(self, head_dim: int, rope: RopeConfig, max_positions: int, device: torch.device):
         super().__init__()
@@ -69,14 +70,9 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)  # [tokens, 1, head_dim]
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        """Rotates q ``[tokens, heads, head_dim]`` and k in place; returns them."""
+        ops.rotary_embedding(positions, q, k, self.cos, self.sin)
+        return q, k
 
 
 class LlamaAttention(nn.Module):
@@ -165,9 +161,27 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = LlamaMLP(cfg, dtype, device)
 
-    def forward(self, x, positions, rotary, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """HF's ``x + attn(norm(x))`` then ``+ mlp(norm(.))``, with each residual add fused into
+        the norm after it (vLLM's layout): takes and returns (this block's output, the residual
+        stream before it is added); the first layer gets ``residual=None``. ``x`` and
+        ``residual`` are updated in place."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_and_norm(x, residual)
+        h = self.self_attn(h, positions, rotary, kv_cache, meta)
+        h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -197,9 +211,13 @@ class LlamaModel(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        """The final norm's output ``[tokens, hidden]``. ``inputs_embeds`` becomes the residual
+        stream and is overwritten."""
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"{len(kv_caches)} KV caches for {len(self.layers)} layers")
-        x = inputs_embeds
+        x, residual = inputs_embeds, None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rotary, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, kv_cache, meta)
+        if residual is None:  # no layers
+            return self.norm(x)
+        return self.norm.add_and_norm(x, residual)[0]

@@ -11,6 +11,7 @@ from aphrodite.ops.image import (
     pil_pass_order,
     preprocess_images,
 )
+from aphrodite.ops.layers import fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 from aphrodite.ops.linear import (
     PackedLinearWeight,
     linear,
@@ -24,6 +25,7 @@ __all__ = [
     "PackedLinearWeight",
     "PilPassOrder",
     "clip_preprocess",
+    "fused_add_rms_norm",
     "linear",
     "linear_cpu_isa",
     "llava_projector",
@@ -32,5 +34,8 @@ __all__ = [
     "pil_pass_order",
     "preprocess_images",
     "reshape_and_cache",
+    "rms_norm",
+    "rotary_embedding",
     "set_linear_cpu_isa",
+    "silu_and_mul",
 ]
