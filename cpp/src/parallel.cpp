@@ -52,6 +52,11 @@ int default_num_threads() {
   return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
+// A parallel region is published in one atomic word (region_): its generation, whether it is
+// still open to workers, and how many workers have joined it. The caller runs tasks itself and
+// then closes the region; it waits only for the workers that joined. A worker that wakes up after
+// the close (a futex wake-up on a busy machine can take 100 us, longer than a small region)
+// leaves the region alone instead of making the caller wait for it.
 class ThreadPool {
  public:
   explicit ThreadPool(int num_threads) : num_threads_(num_threads) {
@@ -61,8 +66,9 @@ class ThreadPool {
   ~ThreadPool() {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-      generation_.fetch_add(1, std::memory_order_release);
+      stop_.store(true, std::memory_order_relaxed);
+      region_.store(next_generation(region_.load(std::memory_order_relaxed)),
+                    std::memory_order_release);
     }
     cv_.notify_all();
     for (auto& t : workers_) t.join();
@@ -76,19 +82,36 @@ class ThreadPool {
     num_tasks_ = num_tasks;
     next_task_.store(0, std::memory_order_relaxed);
     error_ = nullptr;
-    active_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
     {
+      // Under mu_: a worker about to sleep either sees the new generation or gets the notify.
       std::lock_guard<std::mutex> lock(mu_);
-      generation_.fetch_add(1, std::memory_order_release);
+      region_.store(next_generation(region_.load(std::memory_order_relaxed)) | kOpen,
+                    std::memory_order_release);
     }
     cv_.notify_all();
     execute();
-    while (active_.load(std::memory_order_acquire) != 0) cpu_relax();
+    // Close the region to late workers, then wait for those inside to finish their tasks.
+    const std::uint64_t closed = region_.fetch_and(~kOpen, std::memory_order_acq_rel) & ~kOpen;
+    std::uint64_t state = closed;
+    while ((state & kJoinedMask) != 0) {
+      cpu_relax();
+      state = region_.load(std::memory_order_acquire);
+    }
     fn_ = nullptr;
     if (error_) std::rethrow_exception(error_);
   }
 
  private:
+  static constexpr std::uint64_t kJoinedMask = 0xffffffffu;  // workers inside the region
+  static constexpr std::uint64_t kOpen = std::uint64_t{1} << 32;
+  static constexpr int kGenerationShift = 33;
+
+  static std::uint64_t generation(std::uint64_t state) { return state >> kGenerationShift; }
+  // The next region's word: generation + 1, closed, nobody joined.
+  static std::uint64_t next_generation(std::uint64_t state) {
+    return (generation(state) + 1) << kGenerationShift;
+  }
+
   void execute() {
     tls_in_region = true;
     for (;;) {
@@ -106,23 +129,34 @@ class ThreadPool {
   }
 
   void worker_loop() {
-    std::uint64_t seen = 0;
+    std::uint64_t seen = 0;  // the last generation this worker looked at
     for (;;) {
-      std::uint64_t gen = generation_.load(std::memory_order_acquire);
+      std::uint64_t state = region_.load(std::memory_order_acquire);
       auto spin_start = std::chrono::steady_clock::now();
       int spins = 0;
-      while (gen == seen) {
+      while (generation(state) == seen) {
         cpu_relax();
         if ((++spins & 63) == 0 && std::chrono::steady_clock::now() - spin_start > kSpinTime) {
           std::unique_lock<std::mutex> lock(mu_);
-          cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+          cv_.wait(lock,
+                   [&] { return generation(region_.load(std::memory_order_acquire)) != seen; });
         }
-        gen = generation_.load(std::memory_order_acquire);
+        state = region_.load(std::memory_order_acquire);
       }
-      seen = gen;
-      if (stop_) return;
+      seen = generation(state);
+      if (stop_.load(std::memory_order_relaxed)) return;
+      // Join while the region is open; the acquire pairs with run()'s release of its fields.
+      bool joined = false;
+      while ((state & kOpen) != 0 && generation(state) == seen) {
+        if (region_.compare_exchange_weak(state, state + 1, std::memory_order_acq_rel,
+                                          std::memory_order_acquire)) {
+          joined = true;
+          break;
+        }
+      }
+      if (!joined) continue;  // closed already: the caller ran every task
       execute();
-      active_.fetch_sub(1, std::memory_order_acq_rel);
+      region_.fetch_sub(1, std::memory_order_acq_rel);
     }
   }
 
@@ -131,13 +165,12 @@ class ThreadPool {
   std::mutex region_mu_;  // one parallel region at a time
   std::mutex mu_;         // guards sleeping workers' wake-up
   std::condition_variable cv_;
-  std::atomic<std::uint64_t> generation_{0};
-  bool stop_ = false;
+  std::atomic<std::uint64_t> region_{0};  // generation << 33 | open << 32 | joined workers
+  std::atomic<bool> stop_{false};
 
   const std::function<void(std::int64_t)>* fn_ = nullptr;
   std::int64_t num_tasks_ = 0;
   std::atomic<std::int64_t> next_task_{0};
-  std::atomic<int> active_{0};
   std::mutex error_mu_;
   std::exception_ptr error_;
 };
