@@ -37,6 +37,8 @@ class EngineArgs:
         limit_mm_per_prompt: the most items per modality in one prompt, e.g. {"image": 2}
             (default: one image).
         max_logprobs: the largest `logprobs` / `prompt_logprobs` a request may ask for.
+        enforce_eager: on CUDA, run decode steps op by op instead of replaying CUDA graphs
+            captured at start-up (for debugging, or to skip the capture's seconds).
     """
 
     model: str
@@ -56,6 +58,7 @@ class EngineArgs:
     num_kv_blocks: int | None = None
     limit_mm_per_prompt: dict[str, int] | None = None
     max_logprobs: int = 20
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -144,6 +144,8 @@ class LLMEngine:
         encoder_budget = max(self.max_num_batched_tokens, config.num_image_tokens)
         self.num_kv_blocks = self._num_kv_blocks(encoder_budget)
         self.runner.allocate_kv_cache(self.num_kv_blocks, args.block_size)
+        if self.device.type == "cuda" and not args.enforce_eager:
+            self.runner.capture_cuda_graphs(args.max_num_seqs)
         self.core = _C.EngineCore(
             _C.EngineConfig(
                 num_blocks=self.num_kv_blocks,

@@ -25,6 +25,7 @@ from aphrodite.config import ModelConfig
 from aphrodite.modeling.llama import AttentionMetadata
 from aphrodite.modeling.llava import LlavaForConditionalGeneration
 from aphrodite.modeling.weights import iterate_weights
+from aphrodite.worker.cuda_graph import DecodeGraphs
 
 # An image as RGB uint8 [H, W, 3], or precomputed image embeddings [num_image_tokens, hidden].
 MMInput = Union[np.ndarray, torch.Tensor]
@@ -47,6 +48,7 @@ class ModelRunner:
         self.encoder_cache: dict[tuple[str, int], torch.Tensor] = {}
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
+        self.graphs: DecodeGraphs | None = None
 
     # KV cache -----------------------------------------------------------------------------
 
@@ -72,6 +74,17 @@ class ModelRunner:
             self.kv_caches.append((k, v))
         self.block_size = block_size
 
+    def capture_cuda_graphs(self, max_num_seqs: int) -> None:
+        """Captures the decoder for decode steps of up to ``max_num_seqs`` sequences (CUDA;
+        after allocate_kv_cache). Decode-only steps then replay a graph."""
+        if self.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need a CUDA device")
+        if not self.kv_caches:
+            raise RuntimeError("allocate_kv_cache() must be called before capture_cuda_graphs()")
+        graphs = DecodeGraphs(self, max_num_seqs)
+        graphs.capture()
+        self.graphs = graphs
+
     # Execution ------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -89,6 +102,11 @@ class ModelRunner:
         if num_tokens == 0:
             self._free(plan.freed_encoder_outputs)
             return torch.empty(0, hidden_size, dtype=self.dtype, device=self.device)
+
+        if self.graphs is not None and self.graphs.can_run(plan):
+            hidden = self.graphs.run(plan)
+            self._free(plan.freed_encoder_outputs)
+            return hidden
 
         input_ids = self._to_device(plan.input_ids, torch.int64)
         positions = self._to_device(plan.positions, torch.int64)

@@ -404,7 +404,8 @@ def run_server_from_args(args: argparse.Namespace, parser: argparse.ArgumentPars
             name: getattr(args, name)
             for name in ("seed", "max_num_seqs", "max_num_batched_tokens", "block_size",
                          "enable_prefix_caching", "gpu_memory_utilization",
-                         "kv_cache_memory_gb", "num_kv_blocks", "enable_chunked_prefill")
+                         "kv_cache_memory_gb", "num_kv_blocks", "enable_chunked_prefill",
+                         "enforce_eager")
             if getattr(args, name) is not None
         },
     )

@@ -130,6 +130,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     eng.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
                      default=None,
                      help="Split long prompts over several steps (default: on).")
+    eng.add_argument("--enforce-eager", action="store_true", default=None,
+                     help="On CUDA, run decode steps op by op instead of replaying CUDA graphs "
+                     "captured at start-up.")
     eng.add_argument("--seed", type=int, default=None, help="Seed of the engine's sampler.")
     return parser
 
