@@ -52,9 +52,9 @@ def test_capture_needs_cuda(tmp_path) -> None:
 
 
 def test_graph_decode_matches_eager_on_cuda(tmp_path) -> None:
-    """Greedy bf16 generation with graphs (3 requests: a padded bucket of 4, then 2 and 1 as
-    requests finish at different lengths) gives exactly the eager engine's tokens: same kernels,
-    and contexts short enough that no context split differs between the two."""
+    """Greedy bf16 generation with graphs (4 requests, then 2, then 1 as they finish: batches
+    equal to the buckets, so the eager GEMMs see the same row counts) gives exactly the eager
+    engine's tokens: same kernels, and contexts short enough that no context split differs."""
     from conftest import CUDA_USABLE
 
     if not CUDA_USABLE:
@@ -75,8 +75,10 @@ def test_graph_decode_matches_eager_on_cuda(tmp_path) -> None:
         {"prompt": "USER: <image>\nWhat is this? ASSISTANT:", "multi_modal_data": {"image": image}},
         "USER: tell me a story ASSISTANT:",
         "USER: hello ASSISTANT:",
+        "USER: and now? ASSISTANT:",
     ]
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (20, 14, 9)]
+    lengths = (20, 14, 9, 9)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
     outputs = {}
     for eager in (True, False):
         llm = LLM(

@@ -90,6 +90,11 @@ class DecodeGraphs:
     def capture(self) -> None:
         """Captures every bucket, largest first, into one shared memory pool. The buffers hold
         padding meanwhile, so the captures and their warm-up runs write no KV."""
+        with torch.cuda.device(self.runner.device):
+            self._capture_all()
+        logger.info("captured CUDA graphs for decode batches of %s sequences", self.sizes)
+
+    def _capture_all(self) -> None:
         pool = None
         for size in reversed(self.sizes):
             self._forward(size)  # warm-up: lazy initialisation, allocator, kernel attributes
@@ -101,7 +106,6 @@ class DecodeGraphs:
                 pool = graph.pool()
             self.graphs[size] = (graph, out)
         torch.cuda.synchronize(self.runner.device)
-        logger.info("captured CUDA graphs for decode batches of %s sequences", self.sizes)
 
     def can_run(self, plan: Any) -> bool:
         return (
@@ -128,6 +132,7 @@ class DecodeGraphs:
             self.slot_mapping[n:size].fill_(-1)
             self.seq_lens[n:size].fill_(1)
         graph, out = self.graphs[size]
-        graph.replay()
+        with torch.cuda.device(self.runner.device):  # the captured device, from any thread
+            graph.replay()
         self.replays += 1
         return out[:n]
