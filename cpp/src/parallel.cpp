@@ -12,6 +12,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -175,23 +176,31 @@ class ThreadPool {
   std::exception_ptr error_;
 };
 
+// The pool is shared: a region holds its own reference, so set_num_threads() on another thread
+// swaps in a new pool without destroying the one that region runs on (the last holder joins
+// its workers).
 std::mutex g_pool_mu;
-std::unique_ptr<ThreadPool> g_pool;
+std::shared_ptr<ThreadPool> g_pool;
 
-ThreadPool& pool() {
+std::shared_ptr<ThreadPool> pool() {
   std::lock_guard<std::mutex> lock(g_pool_mu);
-  if (!g_pool) g_pool = std::make_unique<ThreadPool>(default_num_threads());
-  return *g_pool;
+  if (!g_pool) g_pool = std::make_shared<ThreadPool>(default_num_threads());
+  return g_pool;
 }
 
 }  // namespace
 
-int num_threads() { return pool().num_threads(); }
+int num_threads() { return pool()->num_threads(); }
 
 void set_num_threads(int n) {
   if (n < 1) throw ValueError("number of threads must be >= 1, got " + std::to_string(n));
-  std::lock_guard<std::mutex> lock(g_pool_mu);
-  g_pool = std::make_unique<ThreadPool>(n);
+  auto fresh = std::make_shared<ThreadPool>(n);
+  std::shared_ptr<ThreadPool> old;
+  {
+    std::lock_guard<std::mutex> lock(g_pool_mu);
+    old = std::exchange(g_pool, std::move(fresh));
+  }
+  // `old` is released here, outside the lock: if it was the last reference, its workers join.
 }
 
 void parallel_run(std::int64_t num_tasks, const std::function<void(std::int64_t)>& fn) {
@@ -200,12 +209,12 @@ void parallel_run(std::int64_t num_tasks, const std::function<void(std::int64_t)
     for (std::int64_t t = 0; t < num_tasks; ++t) fn(t);
     return;
   }
-  ThreadPool& p = pool();
-  if (p.num_threads() == 1) {
+  std::shared_ptr<ThreadPool> p = pool();
+  if (p->num_threads() == 1) {
     for (std::int64_t t = 0; t < num_tasks; ++t) fn(t);
     return;
   }
-  p.run(num_tasks, fn);
+  p->run(num_tasks, fn);
 }
 
 void parallel_for(std::int64_t begin, std::int64_t end, std::int64_t grain,

@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import copy
+import numbers
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 # Temperatures below this are treated as greedy decoding: dividing logits by a value this small
 # would overflow float32 without changing the argmax.
 _GREEDY_TEMPERATURE = 1e-5
+
+# torch generators take seeds in [-2**63, 2**64).
+_SEED_MIN, _SEED_END = -(2**63), 2**64
+
+
+def _as_int(value: object) -> object:
+    """Integers of any kind (numpy's included) as int; bools and everything else unchanged, for
+    the checks to reject."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class SamplingType(IntEnum):
@@ -81,7 +97,19 @@ class SamplingParams:
             self.stop = [self.stop]
         else:
             self.stop = list(self.stop)
-        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        self.stop_token_ids = (
+            [] if self.stop_token_ids is None else [_as_int(t) for t in self.stop_token_ids]
+        )
+        for name in (
+            "n",
+            "top_k",
+            "seed",
+            "max_tokens",
+            "min_tokens",
+            "logprobs",
+            "prompt_logprobs",
+        ):
+            setattr(self, name, _as_int(getattr(self, name)))
         if self.top_k == -1:
             self.top_k = 0
         self._verify()
@@ -98,7 +126,7 @@ class SamplingParams:
             if not cond:
                 raise ValueError(message)
 
-        check(isinstance(self.n, int) and self.n >= 1, f"n must be an int >= 1, got {self.n!r}")
+        check(_is_int(self.n) and self.n >= 1, f"n must be an int >= 1, got {self.n!r}")
         check(
             -2.0 <= self.presence_penalty <= 2.0,
             f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
@@ -114,20 +142,21 @@ class SamplingParams:
         check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
         check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
         check(
-            isinstance(self.top_k, int) and self.top_k >= 0,
+            _is_int(self.top_k) and self.top_k >= 0,
             f"top_k must be an int: -1 or 0 (disabled) or >= 1, got {self.top_k!r}",
         )
         check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}")
         check(
-            self.seed is None or isinstance(self.seed, int),
-            f"seed must be an int or None, got {self.seed!r}",
+            self.seed is None
+            or (_is_int(self.seed) and _SEED_MIN <= self.seed and self.seed + self.n <= _SEED_END),
+            f"seed must be None or an int in [-2**63, 2**64 - n], got {self.seed!r}",
         )
         check(
-            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
             f"max_tokens must be an int >= 1 or None, got {self.max_tokens!r}",
         )
         check(
-            isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+            _is_int(self.min_tokens) and self.min_tokens >= 0,
             f"min_tokens must be an int >= 0, got {self.min_tokens!r}",
         )
         check(
@@ -137,7 +166,7 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             check(
-                value is None or (isinstance(value, int) and value >= 0),
+                value is None or (_is_int(value) and value >= 0),
                 f"{name} must be an int >= 0 or None, got {value!r}",
             )
         check(
@@ -145,7 +174,7 @@ class SamplingParams:
             f"stop must be non-empty strings, got {self.stop!r}",
         )
         check(
-            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
             f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}",
         )
         check(

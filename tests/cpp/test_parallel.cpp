@@ -3,6 +3,7 @@
 #include <atomic>
 #include <numeric>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "aphrodite/parallel.h"
@@ -57,6 +58,26 @@ TEST(Parallel, ResizePool) {
   std::atomic<int> count{0};
   parallel_run(100, [&](std::int64_t) { count++; });
   EXPECT_EQ(count.load(), 100);
+  set_num_threads(n);
+}
+
+// Resizing from one thread while another runs regions: each region finishes on the pool it
+// started on (before, the old pool was destroyed under it; ASan/TSan builds catch that).
+TEST(Parallel, ResizeWhileRegionsRun) {
+  int n = num_threads();
+  std::atomic<bool> stop{false};
+  std::atomic<std::int64_t> regions{0};
+  std::atomic<std::int64_t> sum{0};
+  std::thread runner([&] {
+    while (!stop) {
+      parallel_run(6, [&](std::int64_t t) { sum += t; });
+      ++regions;
+    }
+  });
+  for (int i = 0; i < 300; ++i) set_num_threads(1 + i % 3);
+  stop = true;
+  runner.join();
+  EXPECT_EQ(sum.load(), regions.load() * 15);
   set_num_threads(n);
 }
 

@@ -182,7 +182,8 @@ def test_errors_before_anything_is_scheduled(llm):
         ({"prompt": QUESTION, "multi_modal_data": {"image": [image, image]}}, "placeholder"),
         ({"prompt": "USER: hi", "multi_modal_data": {"image": image}}, "placeholder"),
         ("word " * 300, "max_model_len"),
-        ({"prompt": QUESTION, "multi_modal_data": {"image": np.zeros((8, 8, 3))}}, "image type"),
+        ({"prompt": QUESTION, "multi_modal_data": {"image": np.zeros((8, 8, 3))}}, "uint8"),
+        ({"prompt": QUESTION, "multi_modal_data": {"image": "cat.jpg"}}, "image type"),
         (
             {"prompt": QUESTION * 3, "multi_modal_data": {"image": [image] * 3}},
             "limit_mm_per_prompt",
@@ -193,3 +194,79 @@ def test_errors_before_anything_is_scheduled(llm):
             llm.generate([good, bad], GREEDY, use_tqdm=False)
         assert not engine.has_unfinished_requests()
         assert not engine.core.has_unfinished_requests()
+
+
+def test_numpy_pixels_are_taken_like_pil_images(llm):
+    image = _image(23)
+    prompt = {"prompt": QUESTION, "multi_modal_data": {"image": image}}
+    from_pil = llm.generate(prompt, GREEDY, use_tqdm=False)[0]
+    pixels = np.asarray(image.convert("RGB"))
+    for item in (pixels, [pixels], np.ascontiguousarray(pixels[::-1, :, :][::-1])):
+        out = llm.generate(
+            {"prompt": QUESTION, "multi_modal_data": {"image": item}}, GREEDY, use_tqdm=False
+        )[0]
+        assert out.outputs[0].token_ids == from_pil.outputs[0].token_ids
+    gray = np.asarray(image.convert("L"))
+    from_l = llm.generate(
+        {"prompt": QUESTION, "multi_modal_data": {"image": image.convert("L")}}, GREEDY
+    )[0]
+    out = llm.generate({"prompt": QUESTION, "multi_modal_data": {"image": gray}}, GREEDY)[0]
+    assert out.outputs[0].token_ids == from_l.outputs[0].token_ids
+    for bad, message in [
+        (pixels.astype(np.float32), "uint8"),
+        (np.zeros((0, 5, 3), np.uint8), "empty"),
+        (np.zeros((4, 5, 2), np.uint8), r"\[H, W\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            llm.generate({"prompt": QUESTION, "multi_modal_data": {"image": bad}}, GREEDY)
+
+
+class _FailOnCall:
+    """Wraps ModelRunner.execute_model to raise on its n-th call (counting from 1)."""
+
+    def __init__(self, runner, n: int, error: BaseException) -> None:
+        self.execute, self.n, self.error, self.calls = runner.execute_model, n, error, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.n:
+            raise self.error
+        return self.execute(*args, **kwargs)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("device lost"), KeyboardInterrupt()])
+def test_a_failed_step_aborts_its_requests_and_the_engine_goes_on(llm, monkeypatch, error):
+    engine = llm.llm_engine
+    prompts = [
+        {"prompt": QUESTION, "multi_modal_data": {"image": _image(30 + i, (30 + 7 * i, 40))}}
+        for i in range(3)
+    ]
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    # Fail mid-way: some requests are decoding, others still prefilling (20-token steps).
+    failing = _FailOnCall(engine.runner, 6, error)
+    monkeypatch.setattr(engine.runner, "execute_model", failing)
+    with pytest.raises(type(error)):
+        llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert failing.calls == 6
+    assert not engine.has_unfinished_requests()
+    assert not engine.core.has_unfinished_requests()
+    engine.core.check_consistency()
+    monkeypatch.undo()
+    again = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == expected
+
+
+def test_eos_listed_in_stop_token_ids_has_no_stop_reason(llm, monkeypatch):
+    engine = llm.llm_engine
+    prompt = {"prompt": QUESTION, "multi_modal_data": {"image": _image(40)}}
+    first = llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids[0]
+    # Make the first greedy token the end-of-sequence token (the random model rarely emits its
+    # real one), then list it in stop_token_ids as well.
+    monkeypatch.setattr(engine, "eos_token_id", first)
+    params = SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[first])
+    out = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == [first] and out.finish_reason == "stop" and out.stop_reason is None
+    # With ignore_eos the same token ends the completion as a stop token.
+    params = SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[first], ignore_eos=True)
+    out = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == [first] and out.finish_reason == "stop" and out.stop_reason == first

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -214,3 +215,14 @@ def test_sampling_params_validation():
         SamplingParams(stop=[""])
     params = SamplingParams(temperature=0.0, top_p=0.5, stop="x", top_k=-1)
     assert params.stop == ["x"] and params.top_p == 1.0 and params.top_k == 0
+    # Integers of any kind are taken (as int); bools and out-of-range seeds are not.
+    params = SamplingParams(seed=np.int64(7), max_tokens=np.int32(4), stop_token_ids=[np.int64(2)])
+    assert (params.seed, params.max_tokens, params.stop_token_ids) == (7, 4, [2])
+    assert type(params.seed) is int and type(params.stop_token_ids[0]) is int
+    for bad in (dict(n=True), dict(logprobs=True), dict(max_tokens=False)):
+        with pytest.raises(ValueError, match="must be an int"):
+            SamplingParams(**bad)
+    for seed, n in ((2**64, 1), (2**64 - 1, 2), (-(2**63) - 1, 1)):
+        with pytest.raises(ValueError, match="seed"):
+            SamplingParams(seed=seed, n=n)
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1

@@ -9,7 +9,8 @@
 namespace aphrodite {
 
 int num_threads();
-// Changes the pool size (>= 1). Not to be called while a parallel region runs.
+// Changes the pool size (>= 1). Safe while other threads run parallel regions: they finish on
+// the pool they started on.
 void set_num_threads(int n);
 
 // Runs fn(task) for task in [0, num_tasks) across the pool and returns when all are done.

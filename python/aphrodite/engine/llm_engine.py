@@ -352,7 +352,11 @@ class LLMEngine:
         per_seq: dict[str, tuple[float, dict[int, Logprob] | None]] = {}
         if plan.num_tokens > 0:
             self._note_scheduled(plan, now)
-            sampled, per_seq = self._execute(plan)
+            try:
+                sampled, per_seq = self._execute(plan)
+            except BaseException:
+                self._abandon_plan(plan)
+                raise
         events = self.core.update(sampled)
         touched: dict[str, _Request] = {}
         now = time.time()
@@ -371,6 +375,19 @@ class LLMEngine:
                 continue
             outputs.append(request.output())
         return outputs
+
+    def _abandon_plan(self, plan: Any) -> None:
+        """After a step failed between schedule() and update() (an error in the model or the
+        sampler, Ctrl-C): aborts the plan's requests, whose KV cache for the step is in an
+        unknown state, and closes the plan so that the engine goes on with the others."""
+        engine_ids = list(plan.request_ids)
+        num_sampled = len(plan.logits_indices)
+        failed = {seq.parent.request_id for e in engine_ids if (seq := self._seqs.get(e))}
+        self.abort_request(failed)
+        if failed:
+            logger.warning("step failed; aborted its %d request(s)", len(failed))
+        # The aborted requests' tokens are ignored; the update only closes the plan.
+        self.core.update(np.zeros(num_sampled, dtype=np.int32))
 
     def _note_scheduled(self, plan: Any, now: float) -> None:
         computed = plan.num_computed_tokens
@@ -510,7 +527,12 @@ class LLMEngine:
                 step_logprobs = None
 
         if finish_reason == "stop" and stop_token is not None:
-            seq.stop_reason = stop_token if stop_token in seq.params.stop_token_ids else None
+            # As vLLM: the EOS token is checked first, and its stop has no stop_reason even
+            # when stop_token_ids lists it too.
+            eos = stop_token == self.eos_token_id and not seq.params.ignore_eos
+            seq.stop_reason = (
+                None if eos or stop_token not in seq.params.stop_token_ids else (stop_token)
+            )
         if seq.detokenizer is not None:
             text_ids = new_token_ids
             if (

@@ -5,6 +5,7 @@ Every check that can fail runs here, before anything is scheduled."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,8 +56,9 @@ def parse_prompt(prompt: Any) -> tuple[str | None, list[int] | None, Mapping]:
     if isinstance(ids, (np.ndarray, torch.Tensor)):
         ids = ids.tolist()
     ids = list(ids)
-    if not all(isinstance(t, int) for t in ids):
+    if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
         raise TypeError("'prompt_token_ids' must be a sequence of ints")
+    ids = [int(t) for t in ids]
     return None, ids, mm_data
 
 
@@ -107,9 +109,11 @@ class InputPreprocessor:
         images = self._image_items(mm_data["image"]) if "image" in mm_data else []
         token_ids, offsets = self._expand_placeholders(token_ids, len(images))
         if len(token_ids) >= self.max_model_len:
+            expanded = (
+                f" (images expanded to {self.num_image_tokens} tokens each)" if images else ""
+            )
             raise ValueError(
-                f"the prompt is {len(token_ids)} tokens long (images expanded to "
-                f"{self.num_image_tokens} tokens each) but max_model_len is "
+                f"the prompt is {len(token_ids)} tokens long{expanded} but max_model_len is "
                 f"{self.max_model_len}: it must be shorter to leave room for output"
             )
         items = [
@@ -155,12 +159,20 @@ class InputPreprocessor:
                     f"got shape {tuple(image.shape)}"
                 )
             return self._embedding_item(image)
-        if not isinstance(image, Image.Image):
+        if isinstance(image, np.ndarray):
+            # Pixels, as vLLM takes them: uint8 [H, W, 3] (or [H, W] / [H, W, 1] grayscale).
+            if image.dtype != np.uint8:
+                raise ValueError(
+                    f"numpy images must hold uint8 pixels [H, W, 3], got dtype {image.dtype}"
+                )
+            if image.ndim in (2, 3) and (image.shape[0] < 1 or image.shape[1] < 1):
+                raise ValueError(f"the image is empty (shape {image.shape})")
+        elif not isinstance(image, Image.Image):
             raise ValueError(
-                f"unsupported image type {type(image).__name__}: pass a PIL.Image.Image, a list "
-                "of them, or image embeddings as a torch.Tensor"
+                f"unsupported image type {type(image).__name__}: pass a PIL.Image.Image, a uint8 "
+                "numpy array [H, W, 3], a list of them, or image embeddings as a torch.Tensor"
             )
-        if image.width < 1 or image.height < 1:
+        elif image.width < 1 or image.height < 1:
             raise ValueError(f"the image is empty ({image.width}x{image.height})")
         pixels = to_rgb_array(image)
         return hash_rgb_array(pixels), pixels
