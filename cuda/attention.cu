@@ -266,6 +266,40 @@ struct MmaTile {
   static constexpr std::size_t kSmemBytes = (kQElems + 2 * kStageElems) * 2;
 };
 
+// Issues the cp.async copies of keys [kt0, kt0 + kMmaKeys) of KV head `kv_head` from the paged
+// caches into `ks` and `vs` (rows of `Pitch` elements), without committing them: the tile loader
+// of both tensor-core kernels. Keys at or past key_hi are zero-filled and their block-table
+// entries are never read.
+template <typename T, int D, int Pitch>
+__device__ __forceinline__ void copy_kv_tile(const PagedAttentionParams& p,
+                                             const std::int32_t* table, const BlockIndexer& blocks,
+                                             int kv_head, int kt0, int key_hi, T* ks, T* vs) {
+  constexpr int DV = D / 8;                          // uint4 per K/V row
+  constexpr int kCopies = kMmaKeys * DV / kThreads;  // 16-byte copies of K (and of V) per thread
+  static_assert(kMmaKeys * DV % kThreads == 0, "a tile is an exact number of copies per thread");
+  const T* key_cache = static_cast<const T*>(p.key_cache);
+  const T* value_cache = static_cast<const T*>(p.value_cache);
+#pragma unroll
+  for (int u = 0; u < kCopies; ++u) {
+    const int i = static_cast<int>(threadIdx.x) + u * kThreads;
+    const int j = i / DV;
+    const int c = i % DV;
+    const int kpos = kt0 + j;
+    const bool valid = kpos < key_hi;
+    const T* ksrc = key_cache;
+    const T* vsrc = value_cache;
+    if (valid) {
+      const std::int64_t block = table[blocks.column(kpos)];
+      const std::int64_t row =
+          ((block * p.block_size + blocks.row(kpos)) * p.num_kv_heads + kv_head) * D + c * 8;
+      ksrc += row;
+      vsrc += row;
+    }
+    cp_async16(ks + j * Pitch + c * 8, ksrc, valid);
+    cp_async16(vs + j * Pitch + c * 8, vsrc, valid);
+  }
+}
+
 // Query rows [tok0, tok0 + ntok) (ntok <= kMmaRows) of sequence `seq`, query head `head`.
 template <typename T, int D>
 __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsigned char* smem,
@@ -282,8 +316,6 @@ __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsig
   constexpr int SK = 32;                       // keys per softmax step
   constexpr int NS = SK / 8;                   // n-tiles of S
   constexpr int MT = kMmaWarpRows / 16;        // m-tiles per warp
-  constexpr int kCopies = KT * DV / kThreads;  // 16-byte copies of K (and of V) per thread
-  static_assert(KT * DV % kThreads == 0, "a tile is an exact number of copies per thread");
   static_assert(DT % 2 == 0 && NS % 2 == 0, "ldmatrix.x4 covers two n-tiles");
   static_assert(KT % SK == 0, "a tile is a whole number of softmax steps");
   const float neg_inf = -INFINITY;
@@ -301,33 +333,11 @@ __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsig
 
   const std::int32_t* table =
       p.block_tables + static_cast<std::int64_t>(seq) * p.max_blocks_per_seq;
-  const T* key_cache = static_cast<const T*>(p.key_cache);
-  const T* value_cache = static_cast<const T*>(p.value_cache);
   const BlockIndexer blocks(p.block_size);
-  // Issues the copies of keys [kt0, kt0 + KT) into stage `stage` as one cp.async group; keys at or
-  // past key_hi are zero-filled and their block-table entries are never read.
+  // Issues the copies of keys [kt0, kt0 + KT) into stage `stage` as one cp.async group.
   const auto load_tile = [&](int kt0, int stage) {
     T* ks = kv_s + stage * Tl::kStageElems;
-    T* vs = ks + KT * P;
-#pragma unroll
-    for (int u = 0; u < kCopies; ++u) {
-      const int i = static_cast<int>(threadIdx.x) + u * kThreads;
-      const int j = i / DV;
-      const int c = i % DV;
-      const int kpos = kt0 + j;
-      const bool valid = kpos < key_hi;
-      const T* ksrc = key_cache;
-      const T* vsrc = value_cache;
-      if (valid) {
-        const std::int64_t block = table[blocks.column(kpos)];
-        const std::int64_t row =
-            ((block * p.block_size + blocks.row(kpos)) * p.num_kv_heads + kv_head) * D + c * 8;
-        ksrc += row;
-        vsrc += row;
-      }
-      cp_async16(ks + j * P + c * 8, ksrc, valid);
-      cp_async16(vs + j * P + c * 8, vsrc, valid);
-    }
+    copy_kv_tile<T, D, P>(p, table, blocks, kv_head, kt0, key_hi, ks, ks + KT * P);
     cp_async_commit();
   };
 
@@ -616,10 +626,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int KT = kMmaKeys;
   constexpr int DT = D / 8;                    // n-tiles of the output
   constexpr int DK = D / 16;                   // k-steps of Q K^T
-  constexpr int DV = D / 8;                    // uint4 per K/V row
-  constexpr int kCopies = KT * DV / kThreads;  // 16-byte copies of K (and of V) per thread
   static_assert(KT == kWarps * 16, "each warp takes 16 keys of a tile");
-  static_assert(KT * DV % kThreads == 0, "a tile is an exact number of copies per thread");
   static_assert(DT % 2 == 0, "ldmatrix.x4 covers two n-tiles");
   const float neg_inf = -INFINITY;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -648,36 +655,14 @@ __global__ void __launch_bounds__(kThreads)
 
   const std::int32_t* table =
       p.block_tables + static_cast<std::int64_t>(seq) * p.max_blocks_per_seq;
-  const T* key_cache = static_cast<const T*>(p.key_cache);
-  const T* value_cache = static_cast<const T*>(p.value_cache);
   const BlockIndexer blocks(p.block_size);
   // Issues the copies of tile `it` (keys key_lo + it * KT ...) into stage it % kDecodeStages as
-  // one cp.async group. Keys at or past key_hi are zero-filled without reading their block-table
-  // entry; past the last tile the group is empty, so every thread commits the same groups.
+  // one cp.async group; past the last tile the group is empty, so every thread commits the same
+  // groups.
   const auto load_tile = [&](int it) {
     if (it < num_key_tiles) {
-      const int kt0 = key_lo + it * KT;
       T* ks = kv_s + (it % kDecodeStages) * Tl::kStageElems;
-      T* vs = ks + KT * P;
-#pragma unroll
-      for (int u = 0; u < kCopies; ++u) {
-        const int i = static_cast<int>(threadIdx.x) + u * kThreads;
-        const int j = i / DV;
-        const int c = i % DV;
-        const int kpos = kt0 + j;
-        const bool valid = kpos < key_hi;
-        const T* ksrc = key_cache;
-        const T* vsrc = value_cache;
-        if (valid) {
-          const std::int64_t block = table[blocks.column(kpos)];
-          const std::int64_t row =
-              ((block * p.block_size + blocks.row(kpos)) * p.num_kv_heads + kv_head) * D + c * 8;
-          ksrc += row;
-          vsrc += row;
-        }
-        cp_async16(ks + j * P + c * 8, ksrc, valid);
-        cp_async16(vs + j * P + c * 8, vsrc, valid);
-      }
+      copy_kv_tile<T, D, P>(p, table, blocks, kv_head, key_lo + it * KT, key_hi, ks, ks + KT * P);
     }
     cp_async_commit();
   };

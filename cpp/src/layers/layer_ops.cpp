@@ -39,7 +39,25 @@ void check_norm_args(const TensorView& x, const char* x_name, const TensorView& 
   check_shape(weight, "weight", {x.size(1)});
 }
 
-void run_rms_norm(const detail::RmsNormParams& p, Device device, StreamHandle stream) {
+// Normalises the rows of x into out (the same tensor for the in-place fused form), after adding
+// the rows of `residual` when it is given.
+void run_rms_norm(const TensorView& out, const TensorView& x, const TensorView* residual,
+                  const TensorView& weight, float eps, StreamHandle stream) {
+  detail::RmsNormParams p;
+  p.out = out.data();
+  p.out_stride = out.stride(0);
+  p.x = x.data();
+  p.x_stride = x.stride(0);
+  if (residual != nullptr) {
+    p.residual = residual->data();
+    p.residual_stride = residual->stride(0);
+  }
+  p.weight = weight.data();
+  p.rows = x.size(0);
+  p.hidden = x.size(1);
+  p.eps = eps;
+  p.dtype = x.dtype();
+  const Device device = x.device();
   backend_for(device);
   if (p.rows == 0 || p.hidden == 0) return;
   if (device.is_cpu()) {
@@ -63,17 +81,7 @@ void rms_norm(const TensorView& out, const TensorView& x, const TensorView& weig
   check_rows(out, "out");
   check_shape(out, "out", {x.size(0), x.size(1)});
   check_eps(eps);
-  detail::RmsNormParams p;
-  p.out = out.data();
-  p.out_stride = out.stride(0);
-  p.x = x.data();
-  p.x_stride = x.stride(0);
-  p.weight = weight.data();
-  p.rows = x.size(0);
-  p.hidden = x.size(1);
-  p.eps = eps;
-  p.dtype = x.dtype();
-  run_rms_norm(p, x.device(), stream);
+  run_rms_norm(out, x, nullptr, weight, eps, stream);
 }
 
 void fused_add_rms_norm(const TensorView& x, const TensorView& residual, const TensorView& weight,
@@ -87,19 +95,7 @@ void fused_add_rms_norm(const TensorView& x, const TensorView& residual, const T
   if (x.data() == residual.data() && x.numel() > 0) {
     throw ValueError("fused_add_rms_norm: x and residual must be different tensors");
   }
-  detail::RmsNormParams p;
-  p.out = x.data();
-  p.out_stride = x.stride(0);
-  p.x = x.data();
-  p.x_stride = x.stride(0);
-  p.residual = residual.data();
-  p.residual_stride = residual.stride(0);
-  p.weight = weight.data();
-  p.rows = x.size(0);
-  p.hidden = x.size(1);
-  p.eps = eps;
-  p.dtype = x.dtype();
-  run_rms_norm(p, x.device(), stream);
+  run_rms_norm(x, x, &residual, weight, eps, stream);
 }
 
 void rotary_embedding(const TensorView& positions, const TensorView& query, const TensorView& key,
