@@ -310,12 +310,12 @@ __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsig
   using Tl = MmaTile<D>;
   constexpr int P = Tl::kPitch;
   constexpr int KT = kMmaKeys;
-  constexpr int DT = D / 8;                    // n-tiles of the output
-  constexpr int DK = D / 16;                   // k-steps of Q K^T
-  constexpr int DV = D / 8;                    // uint4 per K/V row
-  constexpr int SK = 32;                       // keys per softmax step
-  constexpr int NS = SK / 8;                   // n-tiles of S
-  constexpr int MT = kMmaWarpRows / 16;        // m-tiles per warp
+  constexpr int DT = D / 8;              // n-tiles of the output
+  constexpr int DK = D / 16;             // k-steps of Q K^T
+  constexpr int DV = D / 8;              // uint4 per K/V row
+  constexpr int SK = 32;                 // keys per softmax step
+  constexpr int NS = SK / 8;             // n-tiles of S
+  constexpr int MT = kMmaWarpRows / 16;  // m-tiles per warp
   static_assert(DT % 2 == 0 && NS % 2 == 0, "ldmatrix.x4 covers two n-tiles");
   static_assert(KT % SK == 0, "a tile is a whole number of softmax steps");
   const float neg_inf = -INFINITY;
@@ -624,8 +624,8 @@ __global__ void __launch_bounds__(kThreads)
   using Tl = DecodeMmaTile<D>;
   constexpr int P = Tl::kPitch;
   constexpr int KT = kMmaKeys;
-  constexpr int DT = D / 8;                    // n-tiles of the output
-  constexpr int DK = D / 16;                   // k-steps of Q K^T
+  constexpr int DT = D / 8;   // n-tiles of the output
+  constexpr int DK = D / 16;  // k-steps of Q K^T
   static_assert(KT == kWarps * 16, "each warp takes 16 keys of a tile");
   static_assert(DT % 2 == 0, "ldmatrix.x4 covers two n-tiles");
   const float neg_inf = -INFINITY;

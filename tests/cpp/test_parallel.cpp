@@ -32,9 +32,8 @@ TEST(Parallel, ManySmallRegionsBackToBack) {
 TEST(Parallel, NestedRegionsRunSerially) {
   std::atomic<int> count{0};
   parallel_run(8, [&](std::int64_t) {
-    parallel_for(0, 10, 1, [&](std::int64_t lo, std::int64_t hi) {
-      count += static_cast<int>(hi - lo);
-    });
+    parallel_for(0, 10, 1,
+                 [&](std::int64_t lo, std::int64_t hi) { count += static_cast<int>(hi - lo); });
   });
   EXPECT_EQ(count.load(), 80);
 }
