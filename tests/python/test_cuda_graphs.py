@@ -80,21 +80,61 @@ def test_graph_decode_matches_eager_on_cuda(tmp_path) -> None:
     lengths = (20, 14, 9, 9)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
     outputs = {}
-    for eager in (True, False):
+    # Eager; graphs; graphs with the KV cache sized by profiling (which counts the graphs' pool).
+    for key, eager, kv in (("eager", True, 64), ("graphs", False, 64), ("profiled", False, None)):
         llm = LLM(
             model=str(checkpoint),
             device="cuda",
             dtype="bfloat16",
             max_model_len=256,
             max_num_seqs=8,
-            num_kv_blocks=64,
+            num_kv_blocks=kv,
+            gpu_memory_utilization=0.3,
             enforce_eager=eager,
         )
         graphs = llm.llm_engine.runner.graphs
         assert (graphs is None) == eager
-        outputs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        outputs[key] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         if not eager:
             assert graphs.replays >= 19  # every decode step but the ones with a prefill
-        del llm
+        del llm, graphs
         torch.cuda.empty_cache()
-    assert outputs[False] == outputs[True]
+    assert outputs["graphs"] == outputs["eager"]
+    assert outputs["profiled"] == outputs["eager"]
+
+
+def test_decode_inputs_stage_a_plan_and_pad_the_bucket() -> None:
+    """The graphs' input staging (on the CPU here; pinned buffers and async copies on CUDA)."""
+    from aphrodite.worker.cuda_graph import DecodeInputs
+
+    x = DecodeInputs(rows=8, max_blocks=5, device=torch.device("cpu"))
+    plan = SimpleNamespace(
+        num_tokens=3,
+        input_ids=np.array([11, 12, 13], dtype=np.int32),
+        positions=np.array([40, 7, 19], dtype=np.int64),
+        slot_mapping=np.array([81, 22, -1], dtype=np.int64),
+        seq_lens=np.array([41, 8, 20], dtype=np.int32),
+        block_tables=np.array([[3, 4, 5], [6, 0, 0], [7, 8, 0]], dtype=np.int32),
+    )
+    x.stage(plan, 4)
+    assert x.input_ids[:3].tolist() == [11, 12, 13]
+    assert x.positions[:3].tolist() == [40, 7, 19]
+    assert x.slot_mapping[:4].tolist() == [81, 22, -1, -1]  # row 3 pads: no KV write
+    assert x.seq_lens[:4].tolist() == [41, 8, 20, 1]
+    assert x.block_tables[:3, :3].tolist() == plan.block_tables.tolist()
+    assert x.query_start_loc[:5].tolist() == [0, 1, 2, 3, 4]
+    # A smaller step next: its rows replace the first ones, the rest of the bucket pads.
+    small = SimpleNamespace(
+        num_tokens=1,
+        input_ids=np.array([99]),
+        positions=np.array([5]),
+        slot_mapping=np.array([9]),
+        seq_lens=np.array([6]),
+        block_tables=np.array([[2]], dtype=np.int32),
+    )
+    x.stage(small, 2)
+    assert x.slot_mapping[:2].tolist() == [9, -1] and x.seq_lens[:2].tolist() == [6, 1]
+    assert x.block_tables[0, 0].item() == 2 and x.input_ids[0].item() == 99
+    assert 0 <= x.block_tables[1, 0].item() < 9  # the padding row reads a valid block
+    with pytest.raises(ValueError, match="does not fit"):
+        x.stage(plan, 2)

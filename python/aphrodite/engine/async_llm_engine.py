@@ -167,7 +167,10 @@ class AsyncLLMEngine:
     # ------------------------------------------------------------------ requests
 
     async def add_request(
-        self, request_id: str, prompt: Any, params: SamplingParams,
+        self,
+        request_id: str,
+        prompt: Any,
+        params: SamplingParams,
         add_special_tokens: bool = True,
     ) -> RequestStream:
         """Queues a request; returns its stream once the engine accepted it. Raises the
@@ -323,7 +326,13 @@ class AsyncLLMEngine:
         now = time.perf_counter()
         ttft = timing.first_token - timing.arrival if timing.first_token is not None else None
         try:
-            self.on_finished(reason, timing.num_prompt_tokens, timing.num_generated, ttft,
-                              timing.inter_token, now - timing.arrival)
+            self.on_finished(
+                reason,
+                timing.num_prompt_tokens,
+                timing.num_generated,
+                ttft,
+                timing.inter_token,
+                now - timing.arrival,
+            )
         except Exception:
             logger.exception("request metrics hook failed")

@@ -144,7 +144,7 @@ class LLMEngine:
         encoder_budget = max(self.max_num_batched_tokens, config.num_image_tokens)
         self.num_kv_blocks = self._num_kv_blocks(encoder_budget)
         self.runner.allocate_kv_cache(self.num_kv_blocks, args.block_size)
-        if self.device.type == "cuda" and not args.enforce_eager:
+        if self._decode_graph_batch():
             self.runner.capture_cuda_graphs(args.max_num_seqs)
         self.core = _C.EngineCore(
             _C.EngineConfig(
@@ -169,6 +169,14 @@ class LLMEngine:
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args)
 
+    def _decode_graph_batch(self) -> int:
+        """The largest decode batch captured in a CUDA graph (0: decode steps run eagerly)."""
+        if self.device.type != "cuda" or self.args.enforce_eager:
+            return 0
+        from aphrodite.worker.cuda_graph import graph_batch_sizes
+
+        return graph_batch_sizes(self.args.max_num_seqs)[-1]
+
     def _num_kv_blocks(self, encoder_budget: int) -> int:
         """KV blocks: num_kv_blocks if given, else what gpu_memory_utilization leaves after a
         profiled worst-case step (CUDA) or kv_cache_memory_gb / APHRODITE_CPU_KVCACHE_SPACE
@@ -187,6 +195,7 @@ class LLMEngine:
             max_num_seqs=args.max_num_seqs,
             max_images=max(1, encoder_budget // num_image_tokens),
             cpu_kvcache_space_gib=args.kv_cache_memory_gb,
+            decode_graph_batch=self._decode_graph_batch(),
         )
         num_blocks = min(num_blocks, args.max_useful_blocks(self.max_model_len))
         if num_blocks - 1 < -(-self.max_model_len // args.block_size):

@@ -67,6 +67,7 @@ class ModelRunner:
             )
         c = self.model_config
         shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        self.graphs = None  # captured over the previous caches
         self.kv_caches = []
         for _ in range(c.num_layers):
             k = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -81,7 +82,13 @@ class ModelRunner:
             raise RuntimeError("CUDA graphs need a CUDA device")
         if not self.kv_caches:
             raise RuntimeError("allocate_kv_cache() must be called before capture_cuda_graphs()")
-        graphs = DecodeGraphs(self, max_num_seqs)
+        graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            self.block_size,
+            self.model_config.max_model_len,
+            max_num_seqs,
+        )
         graphs.capture()
         self.graphs = graphs
 
@@ -199,11 +206,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def profile_peak_memory(
-        self, max_num_batched_tokens: int, max_num_seqs: int, max_images: int
+        self,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        max_images: int,
+        decode_graph_batch: int = 0,
     ) -> int:
         """Peak bytes torch allocates on the device (weights included) while running a
         worst-case step: the full token budget spread over the most sequences, `max_images`
-        images encoded and merged, and logits for every sequence. CUDA only."""
+        images encoded and merged, and logits for every sequence. With `decode_graph_batch`,
+        plus the activations of a decode step of that many sequences: what the CUDA graphs'
+        memory pool keeps once they are captured. CUDA only."""
         if self.device.type != "cuda":
             raise RuntimeError("profile_peak_memory needs a CUDA device")
         c = self.model_config
@@ -243,7 +256,7 @@ class ModelRunner:
             mm_embeds=mm_embeds,
             freed_encoder_outputs=list(images),
         )
-        saved_caches, saved_block_size = self.kv_caches, self.block_size
+        saved = self.kv_caches, self.block_size, self.graphs
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -255,10 +268,35 @@ class ModelRunner:
             torch.softmax(logits, dim=-1)  # the sampler's largest temporary
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
+            del hidden, logits
+            if decode_graph_batch > 0:
+                peak += self._decode_activation_bytes(decode_graph_batch)
         finally:
-            self.kv_caches, self.block_size = saved_caches, saved_block_size
+            self.kv_caches, self.block_size, self.graphs = saved
             torch.cuda.empty_cache()
         return int(peak)
+
+    def _decode_activation_bytes(self, num_seqs: int) -> int:
+        """Bytes a decode step of `num_seqs` sequences allocates beyond what is already
+        allocated (the profile's KV cache of 2 blocks is in place)."""
+        plan = SimpleNamespace(
+            num_tokens=num_seqs,
+            input_ids=np.zeros(num_seqs, dtype=np.int32),
+            positions=np.zeros(num_seqs, dtype=np.int64),
+            slot_mapping=np.full(num_seqs, -1, dtype=np.int64),
+            block_tables=np.zeros((num_seqs, 1), dtype=np.int32),
+            seq_lens=np.ones(num_seqs, dtype=np.int32),
+            query_start_loc=np.arange(num_seqs + 1, dtype=np.int32),
+            encoder_inputs=[],
+            mm_embeds=[],
+            freed_encoder_outputs=[],
+        )
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.execute_model(plan, lambda rid, idx: None)
+        torch.cuda.synchronize(self.device)
+        return max(0, torch.cuda.max_memory_allocated(self.device) - base)
 
 
 def determine_num_kv_blocks(
@@ -270,12 +308,14 @@ def determine_num_kv_blocks(
     max_num_seqs: int = 256,
     max_images: int = 1,
     cpu_kvcache_space_gib: float | None = None,
+    decode_graph_batch: int = 0,
 ) -> int:
     """How many KV blocks to allocate.
 
     CUDA: the device's total memory x `gpu_memory_utilization`, minus the peak of a profiled
     worst-case step (`profile_peak_memory`) and minus memory outside torch's allocator (CUDA
-    context, other processes), divided by `kv_block_bytes`.
+    context, other processes) and the memory CUDA graphs of decode steps of up to
+    `decode_graph_batch` sequences will keep (0: none are captured), divided by `kv_block_bytes`.
     CPU: `cpu_kvcache_space_gib`, else the environment variable APHRODITE_CPU_KVCACHE_SPACE
     (GiB, default 4), divided by `kv_block_bytes`.
     """
@@ -285,7 +325,9 @@ def determine_num_kv_blocks(
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}"
             )
-        peak = runner.profile_peak_memory(max_num_batched_tokens, max_num_seqs, max_images)
+        peak = runner.profile_peak_memory(
+            max_num_batched_tokens, max_num_seqs, max_images, decode_graph_batch
+        )
         free, total = torch.cuda.mem_get_info(runner.device)
         outside_torch = max(0, (total - free) - torch.cuda.memory_reserved(runner.device))
         available = int(total * gpu_memory_utilization) - peak - outside_torch
