@@ -67,6 +67,21 @@ void bind_image_ops(py::module_& ops) {
       "[H, W, 3] CPU images into out [N, 3, crop_h, crop_w] (float32/float16/bfloat16, CPU or "
       "CUDA), as HF's CLIPImageProcessorPil does.");
   ops.def(
+      "check_image_size",
+      [](std::int64_t height, std::int64_t width, std::int64_t shortest_edge,
+         std::array<std::int64_t, 2> crop_size, bool do_resize, bool do_center_crop,
+         const std::string& name) {
+        ImagePreprocessParams params;
+        params.shortest_edge = shortest_edge;
+        params.do_resize = do_resize;
+        params.do_center_crop = do_center_crop;
+        check_image_size(height, width, params, crop_size[0], crop_size[1], name);
+      },
+      py::arg("height"), py::arg("width"), py::arg("shortest_edge"), py::arg("crop_size"),
+      py::arg("do_resize") = true, py::arg("do_center_crop") = true, py::arg("name") = "image",
+      "Raises ValueError unless preprocess_images can take an image of height x width with these "
+      "settings (sides and resized sides below 2^29; crop-sized without the center crop).");
+  ops.def(
       "pil_vertical_pass_first",
       [](std::int64_t in_h, std::int64_t in_w, std::int64_t out_h, std::int64_t out_w,
          PilPassOrder order) { return pil_vertical_pass_first(in_h, in_w, out_h, out_w, order); },

@@ -502,6 +502,15 @@ class ModelConfig:
     def num_image_tokens(self) -> int:
         return self.hf_config.num_image_tokens
 
+    def check_image_size(self, height: int, width: int) -> None:
+        """Raises ValueError unless the image preprocessing can take an image of this size."""
+        from aphrodite.ops import check_image_size
+
+        p = self.image_processor
+        check_image_size(
+            height, width, p["shortest_edge"], p["crop_size"], p["do_resize"], p["do_center_crop"]
+        )
+
     def __post_init__(self) -> None:
         crop_h, crop_w = self.image_processor["crop_size"]
         size = self.hf_config.vision.image_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import numbers
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -126,6 +127,19 @@ class SamplingParams:
             if not cond:
                 raise ValueError(message)
 
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        ):
+            value = getattr(self, name)
+            check(
+                isinstance(value, (int, float)) and math.isfinite(value),
+                f"{name} must be a finite number, got {value!r}",
+            )
         check(_is_int(self.n) and self.n >= 1, f"n must be an int >= 1, got {self.n!r}")
         check(
             -2.0 <= self.presence_penalty <= 2.0,

@@ -118,7 +118,7 @@ def test_timeout_env(monkeypatch):
     assert fetch_timeout_from_env() == 10.0
     monkeypatch.setenv("APHRODITE_IMAGE_FETCH_TIMEOUT", "2.5")
     assert fetch_timeout_from_env() == 2.5
-    for bad in ("abc", "0", "-1"):
+    for bad in ("abc", "0", "-1", "nan", "inf"):
         monkeypatch.setenv("APHRODITE_IMAGE_FETCH_TIMEOUT", bad)
         with pytest.raises(ValueError, match="APHRODITE_IMAGE_FETCH_TIMEOUT"):
             fetch_timeout_from_env()

@@ -188,6 +188,12 @@ def test_errors_before_anything_is_scheduled(llm):
             {"prompt": QUESTION * 3, "multi_modal_data": {"image": [image] * 3}},
             "limit_mm_per_prompt",
         ),
+        # 1 x 10,000,000 resized to the 56 px shortest edge: 560,000,000 px wide, over the
+        # preprocessing's 2^29 limit; refused before anything is scheduled.
+        (
+            {"prompt": QUESTION, "multi_modal_data": {"image": np.zeros((1, 10**7, 3), np.uint8)}},
+            "aspect ratio",
+        ),
     ]
     for bad, message in cases:
         with pytest.raises(ValueError, match=message):

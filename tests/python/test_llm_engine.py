@@ -120,6 +120,7 @@ def _engine(**kwargs) -> LLMEngine:
         num_image_tokens=NUM_IMAGE_TOKENS,
         hidden_size=4,
         chat_template=None,
+        check_image_size=lambda height, width: None,
     )
     args = dict(model="stand-in", block_size=8, max_num_seqs=8, max_num_batched_tokens=32)
     args.update(kwargs)

@@ -158,8 +158,10 @@ def test_input_errors_are_value_errors():
         pre.process("text with # but no image")
     with pytest.raises(ValueError, match="max_model_len"):
         pre.process({"prompt": "abcdefgh#", "multi_modal_data": {"image": img}})
-    with pytest.raises(ValueError, match="unsupported image type ndarray"):
+    with pytest.raises(ValueError, match="numpy images must hold uint8"):
         pre.process({"prompt": "#", "multi_modal_data": {"image": np.zeros((4, 4, 3))}})
+    with pytest.raises(ValueError, match="unsupported image type str"):
+        pre.process({"prompt": "#", "multi_modal_data": {"image": "cat.png"}})
     with pytest.raises(ValueError, match="limit_mm_per_prompt"):
         _preprocessor(limit=1).process({"prompt": "##", "multi_modal_data": {"image": [img] * 2}})
     with pytest.raises(ValueError, match="shape"):
@@ -170,3 +172,36 @@ def test_input_errors_are_value_errors():
         pre.process({"prompt_token_ids": [1, 100]})
     with pytest.raises(TypeError):
         pre.process(123)
+
+
+def test_images_the_preprocessing_cannot_take_fail_at_admission():
+    """An extreme aspect ratio would make the resize overflow the op's limits: the request
+    fails when its prompt is processed, not later in the batch that would encode it."""
+    from aphrodite import ops
+
+    def check(height: int, width: int) -> None:
+        ops.check_image_size(height, width, 336, (336, 336))
+
+    pre = InputPreprocessor(
+        _CharTokenizer(),
+        vocab_size=100,
+        max_model_len=64,
+        image_token_id=IMAGE_TOKEN,
+        num_image_tokens=NUM_IMAGE_TOKENS,
+        hidden_size=HIDDEN,
+        limit_mm_per_prompt={"image": 1},
+        check_image_size=check,
+    )
+    strip = np.zeros((1, 2_000_000, 3), dtype=np.uint8)  # 336 x 672,000,000 once resized
+    with pytest.raises(ValueError, match="aspect ratio is too extreme"):
+        pre.process({"prompt": "#", "multi_modal_data": {"image": strip}})
+    small = np.zeros((1, 500, 3), dtype=np.uint8)
+    ok = pre.process({"prompt": "#", "multi_modal_data": {"image": small}})
+    assert len(ok.mm_items) == 1
+    # The op's own rules, as the engine's preprocessing applies them.
+    ops.check_image_size(1, 1, 336, (336, 336))
+    with pytest.raises(ValueError, match="height and width"):
+        ops.check_image_size(0, 5, 336, (336, 336))
+    with pytest.raises(ValueError, match="without center crop"):
+        ops.check_image_size(300, 400, 336, (336, 336), do_center_crop=False)
+    ops.check_image_size(336, 336, 336, (336, 336), do_resize=False, do_center_crop=False)

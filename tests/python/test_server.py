@@ -10,6 +10,7 @@ import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -159,13 +160,22 @@ def metric(body: str, name: str, **labels) -> float:
 
 
 def num_image_tokens(http, images) -> int:
-    """Tokens one image takes in the prompt: the usage of a one-image prompt minus its
-    unexpanded token count."""
+    """Tokens one image takes in the prompt: /v1/tokenize expands each image placeholder to
+    them (runs of the image token), so its count equals the prompt tokens a chat request with
+    the same messages uses."""
     msgs = user(text("hi"), image(data_url(images.images["/rgb.png"])))
     tok = http.post("/v1/tokenize", json={"model": MODEL, "messages": msgs}).json()
     r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs,
                                                "max_tokens": 1}).json()
-    return r["usage"]["prompt_tokens"] - tok["count"] + 1
+    assert r["usage"]["prompt_tokens"] == tok["count"] == len(tok["tokens"])
+    per_image = image_token_count(tok["tokens"])
+    assert per_image > 1
+    return per_image
+
+
+def image_token_count(ids: list[int]) -> int:
+    """How many ids are the image token (the most repeated id in these short prompts)."""
+    return max(ids.count(t) for t in set(ids))
 
 
 # ------------------------------------------------------------------ basics
@@ -191,7 +201,8 @@ def test_chat_http_and_data_urls(client, images, http):
         assert isinstance(choice.message.content, str) and choice.message.role == "assistant"
         tok = http.post("/v1/tokenize", json={"model": MODEL, "messages": msgs}).json()
         # The server inserted exactly one placeholder, expanded to the image's tokens.
-        assert r.usage.prompt_tokens == tok["count"] - 1 + per_image
+        assert r.usage.prompt_tokens == tok["count"]
+        assert image_token_count(tok["tokens"]) == per_image
         assert 1 <= r.usage.completion_tokens <= 8
         assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
@@ -202,7 +213,8 @@ def test_two_images_in_one_message(client, images, http):
                 image(data_url(images.images["/gray.png"])))
     rendered = http.post("/v1/tokenize", json={"model": MODEL, "messages": msgs}).json()
     r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4, temperature=0)
-    assert r.usage.prompt_tokens == rendered["count"] - 2 + 2 * per_image
+    assert r.usage.prompt_tokens == rendered["count"]
+    assert image_token_count(rendered["tokens"]) == 2 * per_image
     # Swapping the images changes the prompt's image content, so the engine must not treat
     # it as the same prompt: both succeed and the usage is the same.
     swapped = user(text("Compare these."), image(data_url(images.images["/gray.png"])),
@@ -318,6 +330,13 @@ def assert_error(resp: httpx.Response, status: int, code: str | None, words: str
     assert words.lower() in err["message"].lower(), err
 
 
+# A DDS header whose pixel format flags name no format: Pillow raises NotImplementedError.
+DDS_UNKNOWN_PIXEL_FORMAT = (
+    b"DDS " + struct.pack("<7I", 124, 0x1007, 4, 4, 0, 0, 0) + bytes(44)
+    + struct.pack("<2I", 32, 0x1) + bytes(44) + bytes(64)
+)
+
+
 @pytest.mark.parametrize(
     "make_url, code, words",
     [
@@ -334,6 +353,13 @@ def assert_error(resp: httpx.Response, status: int, code: str | None, words: str
         (lambda s: "file:///etc/hostname", "local_media_not_allowed", "outside"),
         (lambda s: s.url("/redirect-to?url=file:///etc/passwd"), "unsupported_url_scheme",
          "redirect"),
+        # URLs and files the libraries underneath fail on with other exceptions.
+        (lambda s: "http://[::1/x.png", "invalid_image_url", "invalid image url"),
+        (lambda s: "http://127.0.0.1:99999/x.png", "invalid_image_url", "port"),
+        (lambda s: s.url("/redirect-to?url=http://127.0.0.1:99999/x.png"), "invalid_image_url",
+         "port"),
+        (lambda s: data_url(DDS_UNKNOWN_PIXEL_FORMAT, "image/dds"), "invalid_image",
+         "NotImplementedError"),
     ],
 )
 def test_image_errors_are_400(http, images, make_url, code, words):
@@ -383,6 +409,35 @@ def test_request_validation_errors(http, images):
     assert_error(bad_json, 400, None, "json")
     assert_error(http.post("/v1/completions", json={"model": MODEL, "prompt": [10**9]}),
                  400, None, "out of range")
+
+
+def test_parameters_we_do_not_implement_or_trust_are_refused(http):
+    ok = user(text("hi"))
+    cases = [
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"stop_token_ids": [2**40]}, "vocabulary size"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": 2**64 - 1, "n": 2}, "seed"),
+        ({"repetition_penalty": 1e999}, "finite"),
+        # A request's own template is code the server would run: refused by default.
+        ({"chat_template": "{{ 1 / 0 }}"}, "--trust-request-chat-template"),
+    ]
+    for extra, words in cases:
+        # json.dumps writes the infinity as `Infinity`, as JavaScript clients may send it.
+        body = json.dumps({"model": MODEL, "messages": ok, **extra})
+        resp = http.post("/v1/chat/completions", content=body,
+                         headers={"Content-Type": "application/json"})
+        assert_error(resp, 400, None, words)
+    # Asking for nothing unsupported is fine.
+    fine = {"response_format": {"type": "text"}, "tool_choice": "none", "logit_bias": {}}
+    r = http.post("/v1/chat/completions",
+                  json={"model": MODEL, "messages": ok, "max_tokens": 1, **fine})
+    assert r.status_code == 200, r.text
+    resp = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "logprobs": True})
+    assert_error(resp, 400, "invalid_parameter", "logprobs")
 
 
 def test_oversized_bodies_and_unknown_routes(http):

@@ -127,6 +127,13 @@ def test_templates_are_sandboxed():
         t.render([{"role": "user", "content": "x"}])
 
 
+def test_template_failures_are_the_messages_fault():
+    # Runtime errors of a template on these messages are 400s (ChatInputError), not 500s.
+    for source in ("{{ 1 / 0 }}", "{{ messages + 1 }}"):
+        with pytest.raises(ChatInputError, match="chat template failed"):
+            ChatTemplate(source).render([{"role": "user", "content": "x"}])
+
+
 def test_limit_mm_per_prompt_parsing():
     assert parse_limit_mm_per_prompt(["image=4"]) == {"image": 4}
     assert parse_limit_mm_per_prompt(None) == {}
@@ -143,6 +150,9 @@ def test_arg_parser_defaults_and_flags():
     assert args.enable_prefix_caching is False
     assert args.allowed_media_domains == ["a.org", "b.org"]
     assert args.allowed_local_media_path is None
+    assert args.trust_request_chat_template is False
+    trusting = make_arg_parser().parse_args(["m", "--trust-request-chat-template"])
+    assert trusting.trust_request_chat_template is True
 
 
 @pytest.mark.parametrize("cmd", [

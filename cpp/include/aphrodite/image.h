@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -52,6 +53,14 @@ bool pil_vertical_pass_first(std::int64_t in_h, std::int64_t in_w, std::int64_t 
 std::pair<std::int64_t, std::int64_t> shortest_edge_resize_size(std::int64_t height,
                                                                 std::int64_t width,
                                                                 std::int64_t shortest_edge);
+
+// Throws ValueError (naming the image `name`) unless an image of height x width can be
+// preprocessed with `params` into a crop of crop_h x crop_w: both sides in [1, 2^29), the resized
+// image too (a 1 x 20,000,000 strip resized to shortest edge 336 is not), and, without the center
+// crop, the (resized) image exactly crop-sized. preprocess_images checks each image this way; a
+// server checks an image when a request brings it, before it reaches a batch.
+void check_image_size(std::int64_t height, std::int64_t width, const ImagePreprocessParams& params,
+                      std::int64_t crop_h, std::int64_t crop_w, const std::string& name = "image");
 
 // Preprocesses `images` (each uint8 [H, W, 3], contiguous, on the CPU) into `out`
 // (float32/float16/bfloat16 [N, 3, crop_h, crop_w], contiguous, on the CPU or a CUDA device; the

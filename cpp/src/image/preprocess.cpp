@@ -162,7 +162,6 @@ PreprocessPlan plan_preprocess(const std::vector<TensorView>& images, const Tens
       throw ValueError("pass_order: unknown value " +
                        std::to_string(static_cast<int>(params.pass_order)));
   }
-  constexpr std::int64_t kMaxSide = std::numeric_limits<std::int32_t>::max() / 4;
   PreprocessPlan plan;
   plan.crop_h = out.size(2);
   plan.crop_w = out.size(3);
@@ -177,24 +176,10 @@ PreprocessPlan plan_preprocess(const std::vector<TensorView>& images, const Tens
     check_device(img, name.c_str(), Device::cpu());
     const std::int64_t h = img.size(0);
     const std::int64_t w = img.size(1);
-    if (h <= 0 || w <= 0 || h > kMaxSide || w > kMaxSide) {
-      throw ValueError(name + ": height and width must be in [1, " + std::to_string(kMaxSide) +
-                       "], got " + img.describe());
-    }
+    check_image_size(h, w, params, plan.crop_h, plan.crop_w, name);
     std::int64_t rh = h;
     std::int64_t rw = w;
     if (params.do_resize) std::tie(rh, rw) = shortest_edge_resize_size(h, w, params.shortest_edge);
-    if (rh > kMaxSide || rw > kMaxSide) {
-      throw ValueError(name + ": resizing " + std::to_string(h) + "x" + std::to_string(w) +
-                       " to shortest edge " + std::to_string(params.shortest_edge) + " gives " +
-                       std::to_string(rh) + "x" + std::to_string(rw) + ", too large");
-    }
-    if (!params.do_center_crop && (rh != plan.crop_h || rw != plan.crop_w)) {
-      throw ValueError(
-          name + ": without center crop the " + std::string(params.do_resize ? "resized " : "") +
-          "image must be " + std::to_string(plan.crop_h) + "x" + std::to_string(plan.crop_w) +
-          " (out's last dimensions), got " + std::to_string(rh) + "x" + std::to_string(rw));
-    }
     const AxisPlan ax = plan_axis(w, rw, plan.crop_w, plan.tables);
     const AxisPlan ay = plan_axis(h, rh, plan.crop_h, plan.tables);
     ImagePlan ip{};
@@ -250,6 +235,38 @@ PreprocessPlan plan_preprocess(const std::vector<TensorView>& images, const Tens
 }
 
 }  // namespace detail
+
+void check_image_size(std::int64_t height, std::int64_t width, const ImagePreprocessParams& params,
+                      std::int64_t crop_h, std::int64_t crop_w, const std::string& name) {
+  // Sides below 2^29: the kernels' 32-bit offsets and coefficient tables stay in range.
+  constexpr std::int64_t kMaxSide = std::numeric_limits<std::int32_t>::max() / 4;
+  if (height <= 0 || width <= 0 || height > kMaxSide || width > kMaxSide) {
+    throw ValueError(name + ": height and width must be in [1, " + std::to_string(kMaxSide) +
+                     "], got " + std::to_string(height) + "x" + std::to_string(width));
+  }
+  std::int64_t rh = height;
+  std::int64_t rw = width;
+  if (params.do_resize) {
+    if (params.shortest_edge <= 0) {
+      throw ValueError("shortest_edge must be positive, got " +
+                       std::to_string(params.shortest_edge));
+    }
+    std::tie(rh, rw) = shortest_edge_resize_size(height, width, params.shortest_edge);
+  }
+  if (rh > kMaxSide || rw > kMaxSide) {
+    throw ValueError(name + ": resizing " + std::to_string(height) + "x" + std::to_string(width) +
+                     " to shortest edge " + std::to_string(params.shortest_edge) + " gives " +
+                     std::to_string(rh) + "x" + std::to_string(rw) +
+                     ", too large (the aspect ratio is too extreme)");
+  }
+  if (!params.do_center_crop && (rh != crop_h || rw != crop_w)) {
+    throw ValueError(name + ": without center crop the " +
+                     std::string(params.do_resize ? "resized " : "") + "image must be " +
+                     std::to_string(crop_h) + "x" + std::to_string(crop_w) +
+                     " (out's last dimensions), got " + std::to_string(rh) + "x" +
+                     std::to_string(rw));
+  }
+}
 
 void preprocess_images(const std::vector<TensorView>& images, const TensorView& out,
                        const ImagePreprocessParams& params, StreamHandle stream) {

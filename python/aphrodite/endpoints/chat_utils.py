@@ -167,6 +167,12 @@ class ChatTemplate:
             # raise_exception() in templates reports bad conversations (e.g. roles that do not
             # alternate): the client's fault.
             raise ChatInputError(f"chat template rejected the messages: {e}") from None
+        except Exception as e:
+            # A template that fails on these messages (a division by zero, a message field of
+            # an unexpected type, ...).
+            raise ChatInputError(
+                f"chat template failed on the messages: {type(e).__name__}: {e}"
+            ) from None
         if continue_final_message:
             final = conversation[-1]["content"]
             if not isinstance(final, str):

@@ -1,11 +1,14 @@
 """AsyncLLMEngine: the synchronous LLMEngine stepped in a background thread for asyncio servers.
 
-Ownership: only the engine thread touches the LLMEngine (and so the C++ core, the model and
-the KV cache). Coroutines hand it work through two queues (requests to add, requests to abort)
-and wake it with an event; it hands back results through per-request asyncio queues with
-``loop.call_soon_threadsafe``. Between steps the thread drains both queues, so a new request
-waits at most one step to be admitted, and an abort frees the request's KV blocks before the
-next step (``LLMEngine.abort_request`` frees them in the core at once).
+Ownership: only the engine thread steps the LLMEngine (and so touches the C++ core, the model
+and the KV cache). Prompts are tokenized and their images converted on a separate preprocessing
+thread (``LLMEngine.process_prompt`` keeps no state), so a huge prompt delays neither the event
+loop nor the other requests' steps. Coroutines hand the engine thread work through two queues
+(requests to add, requests to abort) and wake it with an event; it hands back results through
+per-request asyncio queues with ``loop.call_soon_threadsafe``. Between steps the thread drains
+both queues, so a new request waits at most one step to be admitted, and an abort frees the
+request's KV blocks before the next step (``LLMEngine.abort_request`` frees them in the core
+at once).
 
 After every step and every abort the thread refreshes a stats snapshot (running and waiting
 requests, KV-cache usage, prefix-cache counters) that /metrics reads without locking the engine.
@@ -18,6 +21,7 @@ closes the generator) as well as errors.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -39,9 +43,8 @@ class EngineDeadError(RuntimeError):
 @dataclass
 class _Pending:
     request_id: str
-    prompt: Any
+    processed: Any  # the LLMEngine's ProcessedPrompt
     params: SamplingParams
-    add_special_tokens: bool
     stream: RequestStream
     accepted: asyncio.Future
     arrival: float = field(default_factory=time.perf_counter)
@@ -111,13 +114,14 @@ class AsyncLLMEngine:
     Args:
         engine: the synchronous engine (``add_request``, ``process_prompt``, ``step``,
             ``abort_request``, ``has_unfinished_requests``, ``stats``); after :meth:`start`
-            only the engine thread uses it.
+            only the engine thread uses it, except ``process_prompt``, which the
+            preprocessing thread calls.
 
     Hooks (set before :meth:`start`; called on the engine thread):
         on_finished(finish_reason, prompt tokens, generated tokens, time to first token or
             None, inter-token gaps, end-to-end seconds) when a request ends;
         on_preprocessed(seconds) after a prompt was tokenized and its images converted,
-            hashed and expanded.
+            hashed and expanded (called on the preprocessing thread).
     """
 
     def __init__(self, engine: Any):
@@ -132,6 +136,11 @@ class AsyncLLMEngine:
         self._streams: dict[str, RequestStream] = {}
         self._timings: dict[str, _RequestTiming] = {}
         self._thread: threading.Thread | None = None
+        # One thread: prompts are processed in arrival order, one at a time (the tokenizer is
+        # shared with the engine thread's detokenizer; both only read it).
+        self._preprocess = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="aphrodite-preprocess"
+        )
         self._dead: BaseException | None = None
         self._stats: dict = {}
         self._refresh_stats()
@@ -151,6 +160,7 @@ class AsyncLLMEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self._preprocess.shutdown(wait=False, cancel_futures=True)
 
     @property
     def is_running(self) -> bool:
@@ -180,11 +190,17 @@ class AsyncLLMEngine:
         if self._dead is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
         loop = asyncio.get_running_loop()
-        stream = RequestStream(request_id, loop, self.abort)
-        pending = _Pending(
-            request_id, prompt, params, add_special_tokens, stream, loop.create_future()
+        arrival = time.perf_counter()
+        # A bad prompt (too long, bad ids, an image the model cannot take) raises here.
+        processed = await loop.run_in_executor(
+            self._preprocess, self._process_prompt, prompt, add_special_tokens
         )
+        stream = RequestStream(request_id, loop, self.abort)
+        pending = _Pending(request_id, processed, params, stream, loop.create_future(), arrival)
         with self._lock:
+            # Checked again under the lock: a dying engine thread drains the queue under it.
+            if self._dead is not None:
+                raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
             self._adds.append(pending)
         self._wakeup.set()
         try:
@@ -263,27 +279,28 @@ class AsyncLLMEngine:
 
         future.get_loop().call_soon_threadsafe(settle)
 
+    def _process_prompt(self, prompt: Any, add_special_tokens: bool) -> Any:
+        start = time.perf_counter()
+        processed = self.engine.process_prompt(prompt, add_special_tokens=add_special_tokens)
+        if self.on_preprocessed is not None:
+            self.on_preprocessed(time.perf_counter() - start)
+        return processed
+
     def _admit(self, p: _Pending) -> None:
         if p.request_id in self._streams:
             self._resolve(p.accepted, ValueError(f"request id {p.request_id!r} is already in use"))
             return
-        start = time.perf_counter()
         try:
-            processed = self.engine.process_prompt(
-                p.prompt, add_special_tokens=p.add_special_tokens
-            )
-            if self.on_preprocessed is not None:
-                self.on_preprocessed(time.perf_counter() - start)
-            self.engine.add_request(p.request_id, processed, p.params)
+            self.engine.add_request(p.request_id, p.processed, p.params)
         except Exception as e:
-            # A bad request (ValueError/TypeError: too long, bad ids, ...) or an unexpected
-            # failure while preparing it: either way only this request fails, the engine and
+            # A bad request (ValueError/TypeError: bad parameters, ...) or an unexpected
+            # failure while queueing it: either way only this request fails, the engine and
             # the other requests carry on.
             self._resolve(p.accepted, e)
             return
         self._streams[p.request_id] = p.stream
         self._timings[p.request_id] = _RequestTiming(
-            arrival=p.arrival, num_prompt_tokens=len(processed.prompt_token_ids)
+            arrival=p.arrival, num_prompt_tokens=len(p.processed.prompt_token_ids)
         )
         self._resolve(p.accepted, None)
 

@@ -134,6 +134,7 @@ class LLMEngine:
             num_image_tokens=config.num_image_tokens,
             hidden_size=config.hidden_size,
             limit_mm_per_prompt=args.limit_mm_per_prompt,
+            check_image_size=config.check_image_size,
         )
 
         if runner is None:
@@ -241,6 +242,12 @@ class LLMEngine:
                 raise ValueError(
                     f"{name}={wanted} is more than max_logprobs={self.args.max_logprobs}"
                 )
+        vocab_size = self.model_config.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise ValueError(
+                f"stop_token_ids must be below the vocabulary size {vocab_size}, got {bad[:5]}"
+            )
         processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
         prompt_len = len(processed.prompt_token_ids)
         room = self.max_model_len - prompt_len

@@ -6,7 +6,7 @@ Every check that can fail runs here, before anything is scheduled."""
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +73,9 @@ class InputPreprocessor:
         num_image_tokens: how many tokens one image occupies in the prompt.
         hidden_size: width of precomputed image embeddings.
         limit_mm_per_prompt: the most items of each modality per prompt ({"image": n}).
+        check_image_size: raises ValueError for an image (height, width) the model's image
+            preprocessing cannot take (an extreme aspect ratio), so that the request fails
+            here instead of in the batch that would encode it.
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class InputPreprocessor:
         num_image_tokens: int,
         hidden_size: int,
         limit_mm_per_prompt: Mapping[str, int],
+        check_image_size: Callable[[int, int], None] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -92,6 +96,7 @@ class InputPreprocessor:
         self.num_image_tokens = num_image_tokens
         self.hidden_size = hidden_size
         self.limit_mm_per_prompt = dict(limit_mm_per_prompt)
+        self.check_image_size = check_image_size
 
     def process(self, prompt: Any, add_special_tokens: bool = True) -> ProcessedPrompt:
         text, token_ids, mm_data = parse_prompt(prompt)
@@ -175,6 +180,8 @@ class InputPreprocessor:
         elif image.width < 1 or image.height < 1:
             raise ValueError(f"the image is empty ({image.width}x{image.height})")
         pixels = to_rgb_array(image)
+        if self.check_image_size is not None:
+            self.check_image_size(pixels.shape[0], pixels.shape[1])
         return hash_rgb_array(pixels), pixels
 
     def _embedding_item(self, embeds: torch.Tensor) -> tuple[bytes, Any]:

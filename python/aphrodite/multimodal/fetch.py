@@ -31,6 +31,7 @@ import base64
 import binascii
 import concurrent.futures
 import io
+import math
 import os
 import time
 import urllib.parse
@@ -71,8 +72,8 @@ def _env_float(name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {raw!r}")
+    if not (0 < value < math.inf):
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {raw!r}")
     return value
 
 
@@ -93,8 +94,8 @@ class MediaFetchPolicy:
     allowed_local_media_path: Path | None = None
 
     def __post_init__(self):
-        if self.timeout_s <= 0:
-            raise ValueError("timeout_s must be positive")
+        if not (0 < self.timeout_s < math.inf):
+            raise ValueError(f"timeout_s must be positive and finite, got {self.timeout_s}")
         if self.max_bytes <= 0 or self.max_pixels <= 0 or self.max_redirects < 0:
             raise ValueError("max_bytes and max_pixels must be positive, max_redirects >= 0")
         if self.allowed_domains is not None:
@@ -114,6 +115,15 @@ class FetchTimings:
 
     fetch_s: list[float] = field(default_factory=list)
     decode_s: list[float] = field(default_factory=list)
+
+
+def _split_url(url: str) -> urllib.parse.SplitResult:
+    try:
+        return urllib.parse.urlsplit(url)
+    except ValueError as e:  # an unclosed IPv6 bracket, ...
+        raise MediaFetchError(
+            f"invalid image URL {_short(url)!r}: {e}", "invalid_image_url"
+        ) from None
 
 
 def _short(url: str, limit: int = 100) -> str:
@@ -180,7 +190,7 @@ class ImageFetcher:
     # ------------------------------------------------------------------ bytes
 
     async def _fetch_bytes(self, url: str) -> bytes:
-        scheme = urllib.parse.urlsplit(url).scheme.lower()
+        scheme = _split_url(url).scheme.lower()
         if scheme == "data":
             return self._data_url_bytes(url)
         if scheme == "file":
@@ -233,14 +243,17 @@ class ImageFetcher:
                 "--allowed-local-media-path DIR to allow files under DIR",
                 "local_media_not_allowed",
             )
-        parts = urllib.parse.urlsplit(url)
+        parts = _split_url(url)
         if parts.netloc not in ("", "localhost"):
             raise MediaFetchError(
                 f"file URL must name a local file, got host {parts.netloc!r}",
                 "local_media_not_allowed",
             )
+        raw_path = urllib.parse.unquote(parts.path)
+        if "\0" in raw_path:
+            raise MediaFetchError("file URL path contains a NUL character", "invalid_image_url")
         # resolve() follows symlinks, so a link inside the folder cannot lead outside it.
-        path = Path(urllib.parse.unquote(parts.path)).resolve()
+        path = Path(raw_path).resolve()
         if not path.is_relative_to(root):
             raise MediaFetchError(
                 f"file {str(path)!r} is outside the allowed local media path",
@@ -260,7 +273,7 @@ class ImageFetcher:
         return data
 
     def _check_http_url(self, url: str) -> None:
-        parts = urllib.parse.urlsplit(url)
+        parts = _split_url(url)
         if parts.scheme.lower() not in ("http", "https"):
             raise MediaFetchError(
                 f"redirect to unsupported scheme {parts.scheme!r} refused", "unsupported_url_scheme"
@@ -268,6 +281,12 @@ class ImageFetcher:
         host = (parts.hostname or "").lower()
         if not host:
             raise MediaFetchError(f"image URL {_short(url)!r} has no host", "invalid_image_url")
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port out of range
+        except ValueError as e:
+            raise MediaFetchError(
+                f"invalid image URL {_short(url)!r}: {e}", "invalid_image_url"
+            ) from None
         allowed = self.policy.allowed_domains
         if allowed is not None and host not in allowed:
             raise MediaFetchError(
@@ -323,9 +342,17 @@ class ImageFetcher:
                     f"fetching image {_short(url)!r} failed: {type(e).__name__}: {e}",
                     "image_fetch_failed",
                 ) from None
-            except httpx.InvalidURL as e:
+            except (httpx.InvalidURL, httpx.UnsupportedProtocol) as e:
                 raise MediaFetchError(
                     f"invalid image URL {_short(url)!r}: {e}", "invalid_image_url"
+                ) from None
+            except MediaFetchError:
+                raise
+            except (ValueError, OverflowError, httpx.HTTPError) as e:
+                # What httpx lets through for URLs it cannot use (a redirect's bad port, ...).
+                raise MediaFetchError(
+                    f"fetching image {_short(url)!r} failed: {type(e).__name__}: {e}",
+                    "image_fetch_failed",
                 ) from None
         raise MediaFetchError(
             f"more than {self.policy.max_redirects} redirects fetching image", "too_many_redirects"
@@ -361,10 +388,13 @@ class ImageFetcher:
             ) from None
         except Image.DecompressionBombError as e:
             raise MediaFetchError(f"image{where} refused: {e}", "image_too_many_pixels") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            # Pillow reports truncated or corrupt data as OSError/SyntaxError while decoding.
+        except Exception as e:
+            # Pillow reports truncated or corrupt data as OSError/SyntaxError while decoding,
+            # and its rarer plugins (DDS, TIFF, ...) with whatever they raise.
             code = "truncated_image" if "truncated" in str(e) else "invalid_image"
-            raise MediaFetchError(f"image{where} is truncated or corrupt: {e}", code) from None
+            raise MediaFetchError(
+                f"image{where} is truncated or corrupt: {type(e).__name__}: {e}", code
+            ) from None
         return image
 
 

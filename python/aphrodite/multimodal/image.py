@@ -38,8 +38,8 @@ def to_rgb_array(image: Any) -> np.ndarray:
     processors apply; how it treats transparency differs between transformers versions), so the
     pixels equal HF's on every version. One exception, a pure copy saved: an RGB PIL image
     without a transparency key, which every version passes through ``convert("RGB")`` unchanged,
-    is read directly. Arrays with one channel, which HF passes through on some versions, are
-    repeated to three."""
+    is read directly. A numpy array converts as the PIL image of its pixels: [H, W, 3] is
+    taken as RGB, [H, W] / [H, W, 1] as gray ("L"), [H, W, 4] as RGBA."""
     if isinstance(image, Image.Image):
         if image.mode == "RGB" and image.info.get("transparency") is None:
             return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
@@ -51,9 +51,13 @@ def to_rgb_array(image: Any) -> np.ndarray:
             image = image[..., None]
         if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
             raise ValueError(f"numpy images must be [H, W] or [H, W, 1|3|4], got {image.shape}")
-        rgb = np.asarray(_convert(image))
-        if rgb.ndim == 3 and rgb.shape[-1] == 1:
-            rgb = np.repeat(rgb, 3, axis=-1)
+        if image.shape[-1] == 3:
+            return np.ascontiguousarray(image)  # already RGB
+        # Gray and RGBA pixels convert as the PIL image of the same pixels does (HF's numpy
+        # path guesses the channel axis and takes a 1 x N x 3 array for channels-first).
+        # Image.fromarray makes an "L" image of [H, W] and an "RGBA" one of [H, W, 4] uint8.
+        pixels = image[..., 0] if image.shape[-1] == 1 else image
+        return to_rgb_array(Image.fromarray(np.ascontiguousarray(pixels)))
     else:
         raise ValueError(f"expected a PIL.Image.Image or a numpy array, got {type(image).__name__}")
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[-1] != 3:

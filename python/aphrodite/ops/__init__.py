@@ -7,6 +7,7 @@ tensors' device and, on CUDA, runs on the caller's current torch stream.
 from aphrodite.ops.attention import paged_attention, reshape_and_cache
 from aphrodite.ops.image import (
     PilPassOrder,
+    check_image_size,
     clip_preprocess,
     pil_pass_order,
     preprocess_images,
@@ -24,6 +25,7 @@ from aphrodite.ops.linear import (
 __all__ = [
     "PackedLinearWeight",
     "PilPassOrder",
+    "check_image_size",
     "clip_preprocess",
     "fused_add_rms_norm",
     "linear",

@@ -72,6 +72,29 @@ def preprocess_images(
     return out
 
 
+def check_image_size(
+    height: int,
+    width: int,
+    shortest_edge: int,
+    crop_size: tuple[int, int],
+    do_resize: bool = True,
+    do_center_crop: bool = True,
+    name: str = "image",
+) -> None:
+    """Raises ValueError unless :func:`preprocess_images` can take an image of
+    ``height x width`` with these settings (the op's own check, for validating an image when a
+    request brings it instead of when its batch runs)."""
+    _C.ops.check_image_size(
+        int(height),
+        int(width),
+        int(shortest_edge),
+        (int(crop_size[0]), int(crop_size[1])),
+        bool(do_resize),
+        bool(do_center_crop),
+        name,
+    )
+
+
 def clip_preprocess(
     images: Sequence[Any],
     image_processor_config: dict[str, Any],

@@ -152,13 +152,23 @@ class _StatusMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         path = scope["path"] if scope["path"] in _KNOWN_PATHS else "other"
+        started = False
 
         async def counting_send(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.metrics.http_requests.labels(path, str(message["status"])).inc()
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            # Unhandled errors become their 500 response outside this middleware (Starlette's
+            # ServerErrorMiddleware runs the Exception handler), so count it here.
+            if not started:
+                self.metrics.http_requests.labels(path, "500").inc()
+            raise
 
 
 class _AbortingStreamingResponse(StreamingResponse):
@@ -190,12 +200,14 @@ def build_app(
     max_model_len: int,
     image_placeholder: str,
     chat_template: ChatTemplate | None,
+    num_image_tokens: int = 1,
     fetch_policy: MediaFetchPolicy,
     max_images: int | None = None,
     max_request_bytes: int | None = None,
     api_keys: list[str] | None = None,
     response_role: str = "assistant",
     log_requests: bool = True,
+    trust_request_chat_template: bool = False,
 ) -> FastAPI:
     metrics = ServerMetrics(served_model_names[0], engine.stats)
     engine.on_finished = metrics.observe_finished
@@ -204,8 +216,10 @@ def build_app(
     ctx = ServingContext(
         engine=engine, tokenizer=tokenizer, served_model_names=served_model_names,
         model_path=model_path, max_model_len=max_model_len,
-        image_placeholder=image_placeholder, max_images=max_images, fetcher=fetcher,
+        image_placeholder=image_placeholder, num_image_tokens=num_image_tokens,
+        max_images=max_images, fetcher=fetcher,
         metrics=metrics, log_requests=log_requests,
+        trust_request_chat_template=trust_request_chat_template,
     )
     chat = OpenAIServingChat(ctx, chat_template, response_role) if chat_template else None
     completion = OpenAIServingCompletion(ctx)
@@ -325,12 +339,16 @@ def build_app(
                 ctx.check_model(req.model)
                 if chat is None:
                     raise APIError("this server has no chat template", code="no_chat_template")
-                text, _ = chat.render_prompt(req)
-                ids = ctx.tokenize(text, add_special_tokens=ctx.chat_needs_bos(text))
+                text, urls = await chat.render_prompt_async(req)
+                ids = await ctx.tokenize_async(text, add_special_tokens=ctx.chat_needs_bos(text))
+                # Each image takes num_image_tokens positions, as in the engine's prompt.
+                ids = ctx.expand_image_tokens(ids) if urls else ids
             else:
                 req = TokenizeCompletionRequest.model_validate(body)
                 ctx.check_model(req.model)
-                ids = ctx.tokenize(req.prompt, add_special_tokens=req.add_special_tokens)
+                ids = await ctx.tokenize_async(
+                    req.prompt, add_special_tokens=req.add_special_tokens
+                )
         except ValidationError as e:
             raise APIError(_validation_message(e.errors()), code="invalid_parameter") from None
         return TokenizeResponse(count=len(ids), max_model_len=max_model_len, tokens=ids)
@@ -424,9 +442,11 @@ def run_server_from_args(args: argparse.Namespace, parser: argparse.ArgumentPars
         tokenizer=tokenizer, model_path=args.model, served_model_names=names,
         max_model_len=engine.max_model_len,
         image_placeholder=tokenizer.convert_ids_to_tokens(config.image_token_id),
+        num_image_tokens=config.num_image_tokens,
         chat_template=chat_template, fetch_policy=policy,
         max_images=engine_args.limit_mm_per_prompt["image"], api_keys=keys,
         response_role=args.response_role, log_requests=not args.disable_log_requests,
+        trust_request_chat_template=args.trust_request_chat_template,
     )
     block_size = engine_args.block_size
     logger.info("model %s on %s (%s), max model length %d", args.model, engine.device,

@@ -63,6 +63,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      help="Jinja chat template for /v1/chat/completions: a file path or the "
                      "template text. Default: the tokenizer's own; startup fails when it has "
                      "none (LLaVA-1.5: examples/llava.jinja).")
+    srv.add_argument("--trust-request-chat-template", action="store_true",
+                     help="Let requests bring their own chat template (the chat_template "
+                     "field). Off by default: a template is code the server runs.")
     srv.add_argument("--response-role", default="assistant",
                      help="Role of the generated chat message (default: assistant).")
     srv.add_argument("--uvicorn-log-level", default="info",

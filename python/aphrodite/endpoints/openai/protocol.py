@@ -84,30 +84,35 @@ class SamplingFields(OpenAIBaseModel):
     """Sampling parameters shared by chat and text completions."""
 
     n: int = Field(1, ge=1, le=128)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     seed: int | None = None
     stop: str | list[str] | None = None
-    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # Extensions (not in OpenAI's API), with vLLM's names.
     top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0.0, allow_inf_nan=False)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # OpenAI parameters that would change the output but are not implemented: a request that
+    # sets them is refused rather than answered as if they had no effect.
+    logit_bias: dict[str, float] | None = None
 
     @model_validator(mode="after")
     def _check_stream_options(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be set when stream is true")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
         return self
 
     def stop_list(self) -> list[str]:
@@ -155,11 +160,30 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # Not implemented (see SamplingFields.logit_bias): refused unless they ask for nothing.
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
 
     @model_validator(mode="after")
     def _check_logprobs(self):
         if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError(
+                f"response_format {self.response_format.get('type')!r} is not supported "
+                "(only 'text')"
+            )
+        if self.tools or self.functions:
+            raise ValueError("tools and functions are not supported")
+        if self.tool_choice not in (None, "none", "auto") or self.function_call not in (
+            None,
+            "none",
+            "auto",
+        ):
+            raise ValueError("tool_choice and function_call are not supported")
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError(
                 "continue_final_message and add_generation_prompt cannot both be true"
@@ -238,7 +262,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=20, strict=True)
     suffix: str | None = None
     best_of: int | None = None
     add_special_tokens: bool = True
@@ -320,6 +344,14 @@ class TokenizeChatRequest(OpenAIBaseModel):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_flags(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError(
+                "continue_final_message and add_generation_prompt cannot both be true"
+            )
+        return self
 
 
 class TokenizeResponse(OpenAIBaseModel):

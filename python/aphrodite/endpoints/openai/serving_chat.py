@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -46,6 +47,12 @@ class OpenAIServingChat:
         """The prompt text and the image URLs in placeholder order."""
         template = self.chat_template
         if request.chat_template:
+            if not self.ctx.trust_request_chat_template:
+                raise APIError(
+                    "this server does not take chat templates from requests; start it with "
+                    "--trust-request-chat-template to allow them",
+                    param="chat_template",
+                )
             try:
                 template = ChatTemplate(request.chat_template)
             except ChatTemplateError as e:
@@ -62,10 +69,14 @@ class OpenAIServingChat:
             extra=request.chat_template_kwargs,
         )
 
+    async def render_prompt_async(self, request: Any) -> tuple[str, list[str]]:
+        """:meth:`render_prompt` on a worker thread (long conversations, heavy templates)."""
+        return await asyncio.to_thread(self.render_prompt, request)
+
     async def create(self, request: ChatCompletionRequest, raw: Request):
         ctx = self.ctx
         ctx.check_model(request.model)
-        text, urls = self.render_prompt(request)
+        text, urls = await self.render_prompt_async(request)
         images = await ctx.fetcher.fetch_images(urls) if urls else []
         prompt = ctx.engine_prompt(text, images)
         top = request.top_logprobs or 0

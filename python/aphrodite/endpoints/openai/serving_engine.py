@@ -66,6 +66,10 @@ class ServingContext:
     fetcher: Any  # ImageFetcher
     metrics: Any  # ServerMetrics
     log_requests: bool = True
+    num_image_tokens: int = 1  # prompt positions per image
+    # Whether requests may bring their own chat template (--trust-request-chat-template): a
+    # template is code the server runs, with no time limit.
+    trust_request_chat_template: bool = False
 
     @property
     def model_name(self) -> str:
@@ -89,6 +93,22 @@ class ServingContext:
 
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def expand_image_tokens(self, ids: list[int]) -> list[int]:
+        """Token ids with each image placeholder repeated num_image_tokens times (the prompt
+        the engine runs)."""
+        image_id = self.tokenizer.convert_tokens_to_ids(self.image_placeholder)
+        out: list[int] = []
+        for t in ids:
+            if t == image_id:
+                out.extend([t] * self.num_image_tokens)
+            else:
+                out.append(t)
+        return out
+
+    async def tokenize_async(self, text: str, add_special_tokens: bool) -> list[int]:
+        """:meth:`tokenize` on a worker thread: a long text does not hold up the event loop."""
+        return await asyncio.to_thread(self.tokenize, text, add_special_tokens)
 
     def engine_prompt(self, text: str, images: list) -> Any:
         """The engine input for a rendered prompt and its decoded images."""
@@ -141,7 +161,7 @@ def sampling_params_from(
             spaces_between_special_tokens=request.spaces_between_special_tokens,
         )
     except ValueError as e:
-        raise APIError(str(e)) from None
+        raise APIError(str(e), code="invalid_parameter") from None
 
 
 def _token_text(tokenizer: Any, token_id: int, lp: Logprob) -> str:
