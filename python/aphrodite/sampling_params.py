@@ -66,6 +66,9 @@ class SamplingParams:
         detokenize: produce text (otherwise only token ids; stop strings need it).
         skip_special_tokens: leave special tokens out of the text.
         spaces_between_special_tokens: join special tokens with spaces when they are kept.
+        logit_bias: {token id: bias} added to the logits before sampling (and before greedy
+            argmax); the reported log-probabilities are the model's, without it.
+        allowed_token_ids: only these tokens may be sampled.
     """
 
     n: int = 1
@@ -88,6 +91,8 @@ class SamplingParams:
     detokenize: bool = True
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
     # Filled in by the engine (end-of-sequence and the stop ids of the model), not by users.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -101,6 +106,10 @@ class SamplingParams:
         self.stop_token_ids = (
             [] if self.stop_token_ids is None else [_as_int(t) for t in self.stop_token_ids]
         )
+        if self.logit_bias is not None:
+            self.logit_bias = {_as_int(t): b for t, b in dict(self.logit_bias).items()}
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = [_as_int(t) for t in self.allowed_token_ids]
         for name in (
             "n",
             "top_k",
@@ -190,6 +199,23 @@ class SamplingParams:
         check(
             all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
             f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}",
+        )
+        check(
+            self.logit_bias is None
+            or all(
+                _is_int(t) and t >= 0 and isinstance(b, (int, float)) and math.isfinite(b)
+                for t, b in self.logit_bias.items()
+            ),
+            f"logit_bias must map token ids (ints >= 0) to finite numbers, got {self.logit_bias!r}",
+        )
+        check(
+            self.allowed_token_ids is None
+            or (
+                len(self.allowed_token_ids) > 0
+                and all(_is_int(t) and t >= 0 for t in self.allowed_token_ids)
+            ),
+            "allowed_token_ids must be a non-empty list of token ids (ints >= 0), got "
+            f"{self.allowed_token_ids!r}",
         )
         check(
             self.detokenize or not self.stop,

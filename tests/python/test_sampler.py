@@ -226,3 +226,33 @@ def test_sampling_params_validation():
         with pytest.raises(ValueError, match="seed"):
             SamplingParams(seed=seed, n=n)
     assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
+
+
+def test_logit_bias_and_allowed_token_ids():
+    vocab = 50
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0))
+    rows = [
+        SamplingRow(SamplingParams(temperature=0.0, logit_bias={7: 100.0}), [1], []),
+        SamplingRow(SamplingParams(temperature=0.0, allowed_token_ids=[3, 9]), [1], []),
+        SamplingRow(
+            SamplingParams(temperature=0.0, logit_bias={int(logits[2].argmax()): -1e4}), [1], []
+        ),
+    ]
+    meta = SamplingMetadata.build(rows, vocab, torch.device("cpu"))
+    out = Sampler()(logits, meta)
+    expected_1 = 3 if logits[1, 3] > logits[1, 9] else 9
+    assert out.sampled_token_ids.tolist()[:2] == [7, expected_1]
+    assert out.sampled_token_ids[2].item() == logits[2].topk(2).indices[1].item()
+    # Reported log-probabilities are the model's (raw logits), not the biased ones.
+    raw = torch.log_softmax(logits.double(), dim=-1)
+    assert torch.allclose(out.sampled_logprobs.double(), raw[[0, 1, 2], out.sampled_token_ids])
+    # Random sampling never leaves the allowed set.
+    rows = [SamplingRow(SamplingParams(temperature=1.0, allowed_token_ids=[4, 11, 12]), [1], [])]
+    meta = SamplingMetadata.build(rows * 64, vocab, torch.device("cpu"))
+    sampler = Sampler(torch.Generator().manual_seed(1))
+    seen = set(sampler(logits[:1].repeat(64, 1), meta).sampled_token_ids.tolist())
+    assert seen <= {4, 11, 12} and len(seen) > 1
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={1: float("nan")})
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=[])

@@ -411,10 +411,35 @@ def test_request_validation_errors(http, images):
                  400, None, "out of range")
 
 
+def test_logit_bias_and_allowed_token_ids_steer_the_tokens(http):
+    token = 42
+    expected = http.post("/v1/detokenize", json={"model": MODEL, "tokens": [token] * 4}).json()
+    for extra in ({"logit_bias": {str(token): 100}}, {"allowed_token_ids": [token]}):
+        body = {"model": MODEL, "prompt": "USER: hi ASSISTANT:", "max_tokens": 4,
+                "temperature": 0, "ignore_eos": True, **extra}
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == expected["prompt"], extra
+    # Between two allowed tokens greedy takes one; a strong negative bias on it gives the other.
+    texts = {t: http.post("/v1/detokenize", json={"model": MODEL, "tokens": [t]}).json()["prompt"]
+             for t in (42, 43)}
+    assert texts[42] != texts[43]
+    body = {"model": MODEL, "prompt": "USER: hi ASSISTANT:", "max_tokens": 1, "temperature": 0,
+            "allowed_token_ids": [42, 43]}
+    first = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    chosen = 42 if first == texts[42] else 43
+    assert first == texts[chosen]
+    banned = http.post("/v1/completions", json={**body, "logit_bias": {str(chosen): -100}})
+    assert banned.json()["choices"][0]["text"] == texts[85 - chosen]
+
+
 def test_parameters_we_do_not_implement_or_trust_are_refused(http):
     ok = user(text("hi"))
     cases = [
-        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"logit_bias": {"x": 10}}, "token ids"),
+        ({"logit_bias": {"5": 500}}, "[-100, 100]"),
+        ({"logit_bias": {"999999": 5}}, "vocabulary size"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),

@@ -243,11 +243,17 @@ class LLMEngine:
                     f"{name}={wanted} is more than max_logprobs={self.args.max_logprobs}"
                 )
         vocab_size = self.model_config.vocab_size
-        bad = [t for t in params.stop_token_ids if t >= vocab_size]
-        if bad:
-            raise ValueError(
-                f"stop_token_ids must be below the vocabulary size {vocab_size}, got {bad[:5]}"
-            )
+        for name, ids in (
+            ("stop_token_ids", params.stop_token_ids),
+            ("logit_bias", list(params.logit_bias or ())),
+            ("allowed_token_ids", params.allowed_token_ids or ()),
+        ):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise ValueError(
+                    f"{name}: token ids must be below the vocabulary size {vocab_size}, "
+                    f"got {bad[:5]}"
+                )
         processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
         prompt_len = len(processed.prompt_token_ids)
         room = self.max_model_len - prompt_len

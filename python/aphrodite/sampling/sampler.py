@@ -1,9 +1,10 @@
 """The sampler: one vectorised torch pass over the logits of every sequence that samples in a
 step.
 
-Order (vLLM's): raw log-probabilities for reporting -> penalties -> min_tokens masking ->
-greedy argmax | temperature -> min_p -> top_k/top_p (one sort) -> a draw per row. A draw is
-the exponential race argmax(p / E) with E ~ Exp(1), which samples token i with probability p_i.
+Order (vLLM's): raw log-probabilities for reporting -> allowed_token_ids -> logit_bias ->
+penalties -> min_tokens masking -> greedy argmax | temperature -> min_p -> top_k/top_p (one
+sort) -> a draw per row. A draw is the exponential race argmax(p / E) with E ~ Exp(1), which
+samples token i with probability p_i.
 Rows with a seed draw E from their own torch.Generator, so their tokens do not depend on which
 other requests share the batch; the other rows draw from the engine's generator.
 """
@@ -59,6 +60,14 @@ class SamplingMetadata:
     stop_mask_rows: torch.Tensor | None
     stop_mask_tokens: torch.Tensor | None
     max_num_logprobs: int | None
+    # logit_bias: (row, token, bias) triples
+    bias_rows: torch.Tensor | None = None
+    bias_tokens: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
+    # allowed_token_ids: the rows that restrict their tokens and, per such row, which tokens
+    # are not allowed ([len(rows), vocab] bool)
+    allowed_rows: torch.Tensor | None = None
+    disallowed: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -111,6 +120,29 @@ class SamplingMetadata:
             stop_rows = torch.tensor(mask_rows, dtype=torch.int64).to(device)
             stop_tokens = torch.tensor(mask_tokens, dtype=torch.int64).to(device)
 
+        bias_rows: list[int] = []
+        bias_tokens: list[int] = []
+        bias_values: list[float] = []
+        allowed_rows: list[int] = []
+        disallowed = None
+        for i, p in enumerate(params):
+            for token, bias in (p.logit_bias or {}).items():
+                if 0 <= token < vocab_size:
+                    bias_rows.append(i)
+                    bias_tokens.append(token)
+                    bias_values.append(float(bias))
+            if p.allowed_token_ids is not None:
+                allowed_rows.append(i)
+        if allowed_rows:
+            disallowed = torch.ones(len(allowed_rows), vocab_size, dtype=torch.bool)
+            for k, i in enumerate(allowed_rows):
+                ids = [t for t in params[i].allowed_token_ids if 0 <= t < vocab_size]
+                disallowed[k, torch.tensor(ids, dtype=torch.int64)] = False
+            disallowed = disallowed.to(device)
+
+        def longs(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64).to(device)
+
         wanted = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
             temperature=temperature,
@@ -127,6 +159,11 @@ class SamplingMetadata:
             stop_mask_rows=stop_rows,
             stop_mask_tokens=stop_tokens,
             max_num_logprobs=max(wanted) if wanted else None,
+            bias_rows=longs(bias_rows) if bias_rows else None,
+            bias_tokens=longs(bias_tokens) if bias_rows else None,
+            bias_values=floats(bias_values) if bias_rows else None,
+            allowed_rows=longs(allowed_rows) if allowed_rows else None,
+            disallowed=disallowed,
         )
 
 
@@ -192,6 +229,12 @@ class Sampler:
         logits = logits.to(torch.float32)
         raw = logits
         logits = logits.clone()
+        if meta.allowed_rows is not None:
+            restricted = logits.index_select(0, meta.allowed_rows)
+            restricted.masked_fill_(meta.disallowed, float("-inf"))
+            logits.index_copy_(0, meta.allowed_rows, restricted)
+        if meta.bias_rows is not None:
+            logits.index_put_((meta.bias_rows, meta.bias_tokens), meta.bias_values, accumulate=True)
         if meta.repetition_penalties is not None:
             apply_penalties(
                 logits,

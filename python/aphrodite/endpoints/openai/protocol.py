@@ -103,17 +103,25 @@ class SamplingFields(OpenAIBaseModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    # OpenAI parameters that would change the output but are not implemented: a request that
-    # sets them is refused rather than answered as if they had no effect.
+    # OpenAI's: token id (as a string) -> bias in [-100, 100] added to its logit.
     logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None  # vLLM extension
 
     @model_validator(mode="after")
     def _check_stream_options(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be set when stream is true")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+        for token, bias in (self.logit_bias or {}).items():
+            if not token.strip().isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         return self
+
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        return {int(token): float(bias) for token, bias in self.logit_bias.items()}
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -160,7 +168,8 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    # Not implemented (see SamplingFields.logit_bias): refused unless they ask for nothing.
+    # OpenAI parameters that would change the output but are not implemented: a request that
+    # sets them is refused rather than answered as if they had no effect.
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -185,9 +194,7 @@ class ChatCompletionRequest(SamplingFields):
         ):
             raise ValueError("tool_choice and function_call are not supported")
         if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError(
-                "continue_final_message and add_generation_prompt cannot both be true"
-            )
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         return self
 
     def requested_max_tokens(self) -> int | None:
@@ -348,9 +355,7 @@ class TokenizeChatRequest(OpenAIBaseModel):
     @model_validator(mode="after")
     def _check_flags(self):
         if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError(
-                "continue_final_message and add_generation_prompt cannot both be true"
-            )
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         return self
 
 

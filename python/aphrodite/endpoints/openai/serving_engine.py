@@ -159,6 +159,8 @@ def sampling_params_from(
             logprobs=logprobs,
             skip_special_tokens=request.skip_special_tokens,
             spaces_between_special_tokens=request.spaces_between_special_tokens,
+            logit_bias=request.logit_bias_ids(),
+            allowed_token_ids=request.allowed_token_ids,
         )
     except ValueError as e:
         raise APIError(str(e), code="invalid_parameter") from None
@@ -332,4 +334,3 @@ async def merge_async_iterators(
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
