@@ -276,3 +276,20 @@ def test_eos_listed_in_stop_token_ids_has_no_stop_reason(llm, monkeypatch):
     params = SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[first], ignore_eos=True)
     out = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
     assert out.token_ids == [first] and out.finish_reason == "stop" and out.stop_reason == first
+
+
+def test_batch_errors_name_the_prompt_and_use_tqdm_takes_a_factory(llm):
+    good = {"prompt": QUESTION, "multi_modal_data": {"image": _image(50)}}
+    with pytest.raises(ValueError, match="placeholder") as info:
+        llm.generate([good, good, "USER: <image> no image ASSISTANT:"], GREEDY)
+    assert "(prompt 2 of the 3 given)" in getattr(info.value, "__notes__", [])
+    bars = []
+
+    def factory(**kwargs):
+        from tqdm import tqdm
+
+        bars.append(kwargs["total"])
+        return tqdm(**kwargs)
+
+    out = llm.generate([good, good], GREEDY, use_tqdm=factory)
+    assert len(out) == 2 and bars == [2]

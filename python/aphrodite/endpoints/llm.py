@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -13,6 +14,18 @@ from aphrodite.inputs import PromptInputs
 from aphrodite.multimodal import load_images
 from aphrodite.outputs import RequestOutput
 from aphrodite.sampling_params import SamplingParams
+
+
+@contextlib.contextmanager
+def _naming_prompt(index: int, count: int) -> Iterator[None]:
+    """Notes which prompt of a batch an error is about (in the traceback)."""
+    try:
+        yield
+    except Exception as e:
+        if count > 1:
+            e.add_note(f"(prompt {index} of the {count} given)")
+        raise
+
 
 ChatMessages = Sequence[Mapping[str, Any]]
 
@@ -76,7 +89,7 @@ class LLM:
         self,
         prompts: PromptInputs | Sequence[PromptInputs],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: bool | Callable[..., Any] = True,
     ) -> list[RequestOutput]:
         """Completes one prompt or a list of them; returns one RequestOutput per prompt, in the
         order of the prompts. Every prompt is validated before any is scheduled."""
@@ -88,7 +101,7 @@ class LLM:
         self,
         messages: ChatMessages | Sequence[ChatMessages],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: bool | Callable[..., Any] = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
@@ -137,7 +150,7 @@ class LLM:
         self,
         prompts: list[PromptInputs],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
-        use_tqdm: bool,
+        use_tqdm: bool | Callable[..., Any],
         add_special_tokens: bool,
     ) -> list[RequestOutput]:
         if sampling_params is None:
@@ -152,22 +165,30 @@ class LLM:
                 )
         engine = self.llm_engine
         # Validate everything before anything is scheduled.
-        processed = [engine.process_prompt(p, add_special_tokens) for p in prompts]
+        processed = []
+        for i, p in enumerate(prompts):
+            with _naming_prompt(i, len(prompts)):
+                processed.append(engine.process_prompt(p, add_special_tokens))
         order: dict[str, int] = {}
         try:
             for i, (prompt, params) in enumerate(zip(processed, params_list)):
                 request_id = engine.next_request_id()
-                engine.add_request(request_id, prompt, params)
+                with _naming_prompt(i, len(prompts)):
+                    engine.add_request(request_id, prompt, params)
                 order[request_id] = i
             return self._run_engine(order, use_tqdm)
         except BaseException:
             engine.abort_request(list(order))
             raise
 
-    def _run_engine(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
+    def _run_engine(
+        self, order: dict[str, int], use_tqdm: bool | Callable[..., Any]
+    ) -> list[RequestOutput]:
         engine = self.llm_engine
         results: list[RequestOutput | None] = [None] * len(order)
-        bar = tqdm(
+        # use_tqdm may be a tqdm-like factory, as vLLM accepts.
+        make_bar = use_tqdm if callable(use_tqdm) else tqdm
+        bar = make_bar(
             total=len(order), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm
         )
         prompt_tokens = output_tokens = 0
