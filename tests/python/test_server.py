@@ -304,9 +304,22 @@ def test_completions_and_tokenizer_endpoints(client, http):
         model=MODEL, prompt="USER: hello ASSISTANT:", max_tokens=5, temperature=0,
         stream=True) if c.choices)
     assert streamed == r.choices[0].text
+    # The tokens of the logprobs add up to the text, their offsets point into it (a token's
+    # word-initial space is its own, not lost by decoding it alone).
+    for choice in r.choices:
+        lp = choice.logprobs
+        assert "".join(lp.tokens) == choice.text
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
     echo = client.completions.create(model=MODEL, prompt="USER: hi", max_tokens=2, echo=True,
-                                     temperature=0)
-    assert echo.choices[0].text.startswith("USER: hi")
+                                     temperature=0, logprobs=1, extra_body={"ignore_eos": True})
+    choice = echo.choices[0]
+    assert choice.text.startswith("USER: hi")
+    # With echo the prompt's tokens come first: the first (BOS) without a logprob.
+    prompt_len = echo.usage.prompt_tokens
+    assert len(choice.logprobs.tokens) == prompt_len + 2
+    assert choice.logprobs.token_logprobs[0] is None
+    assert all(v is not None for v in choice.logprobs.token_logprobs[1:])
+    assert "".join(choice.logprobs.tokens) == choice.text
     # Token-id prompts, and several prompts in one request.
     ids = http.post("/v1/tokenize", json={"model": MODEL, "prompt": "USER: hello ASSISTANT:"}
                     ).json()["tokens"]

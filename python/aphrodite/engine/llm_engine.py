@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,9 @@ from aphrodite.sampling_params import SamplingParams
 from aphrodite.transformers_utils.detokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
+
+# Tokens before a position that its log-probability entries are decoded after.
+_TOKEN_TEXT_CONTEXT = 4
 
 
 @dataclass
@@ -163,7 +166,7 @@ class LLMEngine:
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(args.seed))
         self._requests: dict[str, _Request] = {}
         self._seqs: dict[str, _Sequence] = {}
-        self._token_text: dict[int, str] = {}
+        self._token_text: dict[tuple[int, bool], str] = {}
         self._request_counter = itertools.count()
 
     @classmethod
@@ -459,8 +462,17 @@ class LLMEngine:
             for i, seq in enumerate(sampled_seqs):
                 entries = None
                 if tops is not None and seq.params.logprobs is not None:
+                    context = seq.output_token_ids[-_TOKEN_TEXT_CONTEXT:]
+                    if len(context) < _TOKEN_TEXT_CONTEXT:
+                        prompt = seq.parent.processed.prompt_token_ids
+                        context = prompt[len(context) - _TOKEN_TEXT_CONTEXT :] + context
                     entries = self._logprob_entries(
-                        tops[0][i], tops[1][i], tops[2][i], seq.params.logprobs
+                        tops[0][i],
+                        tops[1][i],
+                        tops[2][i],
+                        seq.params.logprobs,
+                        context,
+                        seq.params.skip_special_tokens,
                     )
                 per_seq[seq.engine_id] = (chosen[i], entries)
         if prompt_rows:
@@ -502,27 +514,69 @@ class LLMEngine:
         row = 0
         for _, request, positions in found:
             wanted = request.params.prompt_logprobs
+            prompt_ids = request.processed.prompt_token_ids
             for p in positions:
+                context = prompt_ids[max(0, p + 1 - _TOKEN_TEXT_CONTEXT) : p + 1]
                 request.prompt_logprobs[p + 1] = self._logprob_entries(
-                    ids[row], values[row], ranks[row], wanted
+                    ids[row],
+                    values[row],
+                    ranks[row],
+                    wanted,
+                    context,
+                    request.params.skip_special_tokens,
                 )
                 row += 1
 
     def _logprob_entries(
-        self, ids: list[int], values: list[float], rank: int, k: int
+        self,
+        ids: list[int],
+        values: list[float],
+        rank: int,
+        k: int,
+        context: Sequence[int],
+        skip_special_tokens: bool,
     ) -> dict[int, Logprob]:
-        """{chosen token: its logprob and rank, then the top-k tokens with ranks 1..k}."""
-        entries = {ids[0]: Logprob(values[0], rank, self._decode_token(ids[0]))}
-        for r, (t, v) in enumerate(zip(ids[1 : 1 + k], values[1 : 1 + k]), start=1):
+        """{chosen token: its logprob and rank, then the top-k tokens with ranks 1..k}; each
+        with the text it adds after `context`, the tokens before its position (special tokens
+        add nothing when the sequence skips them in its text)."""
+        chosen = ids[0]
+        top = [(t, v, r) for r, (t, v) in enumerate(zip(ids[1 : 1 + k], values[1 : 1 + k]), 1)]
+        texts = self._token_texts(context, [chosen] + [t for t, _, _ in top], skip_special_tokens)
+        entries = {chosen: Logprob(values[0], rank, texts[chosen])}
+        for t, v, r in top:
             if t not in entries:
-                entries[t] = Logprob(v, r, self._decode_token(t))
+                entries[t] = Logprob(v, r, texts[t])
         return entries
 
-    def _decode_token(self, token_id: int) -> str:
-        text = self._token_text.get(token_id)
+    def _token_texts(
+        self, context: Sequence[int], token_ids: list[int], skip_special_tokens: bool
+    ) -> dict[int, str]:
+        """The text each token adds when it follows `context`, as vLLM reports it: decoded
+        alone, a SentencePiece token loses its word-initial space ("▁scene" -> "scene"), so
+        the tokens would not add up to the text."""
+        context = list(context)
+        out: dict[int, str] = {}
+
+        def decode(ids: list[int]) -> str:
+            return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+        base = decode(context) if context else ""
+        for t in token_ids:
+            if t in out:
+                continue
+            full = decode(context + [t]) if context else None
+            if full is not None and full.startswith(base):
+                out[t] = full[len(base) :]
+            else:
+                out[t] = self._decode_token(t, skip_special_tokens)
+        return out
+
+    def _decode_token(self, token_id: int, skip_special_tokens: bool) -> str:
+        key = (token_id, skip_special_tokens)
+        text = self._token_text.get(key)
         if text is None:
-            text = self.tokenizer.decode([token_id])
-            self._token_text[token_id] = text
+            text = self.tokenizer.decode([token_id], skip_special_tokens=skip_special_tokens)
+            self._token_text[key] = text
         return text
 
     def _process_event(

@@ -10,6 +10,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from fastapi import Request
 
 from aphrodite.endpoints.openai.protocol import (
+    CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
     CompletionResponseChoice,
@@ -56,6 +57,8 @@ class OpenAIServingCompletion:
         if request.echo and request.stream:
             raise APIError("echo is not supported with stream", param="echo")
         params = sampling_params_from(request, request.max_tokens, request.logprobs)
+        if request.echo and request.logprobs is not None:
+            params.prompt_logprobs = request.logprobs  # the echoed prompt gets logprobs too
         request_id = random_id("cmpl")
         created = int(time.time())
         streams: list[AsyncGenerator[RequestOutput, None]] = []
@@ -76,11 +79,31 @@ class OpenAIServingCompletion:
         finals = await unless_disconnected(_collect(streams), raw)
         return self._full_response(request, request_id, created, finals)
 
-    def _choice_logprobs(self, request: CompletionRequest, c, text_offset: int = 0):
+    def _choice_logprobs(
+        self,
+        request: CompletionRequest,
+        c,
+        text_offset: int = 0,
+        prompt: RequestOutput | None = None,
+    ):
         if request.logprobs is None:
             return None
-        return completion_logprobs(
+        generated = completion_logprobs(
             self.ctx.tokenizer, c.token_ids, c.logprobs or [], request.logprobs, text_offset
+        )
+        if prompt is None:
+            return generated
+        # echo: the prompt's tokens first (the first one has no logprob), as OpenAI does.
+        echoed = completion_logprobs(
+            self.ctx.tokenizer, prompt.prompt_token_ids,
+            prompt.prompt_logprobs or [None] * len(prompt.prompt_token_ids),
+            request.logprobs, 0,
+        )
+        return CompletionLogProbs(
+            text_offset=echoed.text_offset + generated.text_offset,
+            token_logprobs=echoed.token_logprobs + generated.token_logprobs,
+            tokens=echoed.tokens + generated.tokens,
+            top_logprobs=echoed.top_logprobs + generated.top_logprobs,
         )
 
     def _full_response(self, request, request_id, created, finals) -> CompletionResponse:
@@ -98,7 +121,9 @@ class OpenAIServingCompletion:
                     CompletionResponseChoice(
                         index=p * request.n + c.index,
                         text=prefix + c.text,
-                        logprobs=self._choice_logprobs(request, c, len(prefix)),
+                        logprobs=self._choice_logprobs(
+                            request, c, len(prefix), out if request.echo else None
+                        ),
                         finish_reason=c.finish_reason,
                         stop_reason=c.stop_reason,
                     )

@@ -214,7 +214,12 @@ def completion_logprobs(
     offset = text_offset
     for token_id, position in zip(token_ids, positions):
         lp = position.get(token_id) if position else None
-        text = _token_text(tokenizer, token_id, lp) if lp else tokenizer.decode([token_id])
+        # No entry: an echoed prompt's first token (BOS, which the text leaves out).
+        text = (
+            _token_text(tokenizer, token_id, lp)
+            if lp
+            else tokenizer.decode([token_id], skip_special_tokens=True)
+        )
         result.tokens.append(text)
         result.token_logprobs.append(max(lp.logprob, -9999.0) if lp else None)
         result.top_logprobs.append(
