@@ -24,6 +24,17 @@ def _as_int(value: object) -> object:
     return value
 
 
+def _as_float(value: object) -> object:
+    """Real numbers of any kind (numpy's included) as float; the rest unchanged."""
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)):
+        return float(value)
+    return value
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -107,9 +118,19 @@ class SamplingParams:
             [] if self.stop_token_ids is None else [_as_int(t) for t in self.stop_token_ids]
         )
         if self.logit_bias is not None:
-            self.logit_bias = {_as_int(t): b for t, b in dict(self.logit_bias).items()}
+            self.logit_bias = {_as_int(t): _as_float(b) for t, b in dict(self.logit_bias).items()}
         if self.allowed_token_ids is not None:
-            self.allowed_token_ids = [_as_int(t) for t in self.allowed_token_ids]
+            # Each id once, in order: a long list with repeats costs every step otherwise.
+            self.allowed_token_ids = list(dict.fromkeys(_as_int(t) for t in self.allowed_token_ids))
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        ):
+            setattr(self, name, _as_float(getattr(self, name)))
         for name in (
             "n",
             "top_k",
@@ -146,7 +167,7 @@ class SamplingParams:
         ):
             value = getattr(self, name)
             check(
-                isinstance(value, (int, float)) and math.isfinite(value),
+                _is_real(value) and math.isfinite(value),
                 f"{name} must be a finite number, got {value!r}",
             )
         check(_is_int(self.n) and self.n >= 1, f"n must be an int >= 1, got {self.n!r}")
@@ -203,7 +224,7 @@ class SamplingParams:
         check(
             self.logit_bias is None
             or all(
-                _is_int(t) and t >= 0 and isinstance(b, (int, float)) and math.isfinite(b)
+                _is_int(t) and t >= 0 and _is_real(b) and math.isfinite(b)
                 for t, b in self.logit_bias.items()
             ),
             f"logit_bias must map token ids (ints >= 0) to finite numbers, got {self.logit_bias!r}",

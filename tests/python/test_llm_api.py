@@ -293,3 +293,59 @@ def test_batch_errors_name_the_prompt_and_use_tqdm_takes_a_factory(llm):
 
     out = llm.generate([good, good], GREEDY, use_tqdm=factory)
     assert len(out) == 2 and bars == [2]
+
+
+def test_an_interrupted_recovery_is_finished_by_the_next_step(llm, monkeypatch):
+    """Ctrl-C twice: once in the step (here while it notes the plan) and again while the step
+    abandons its plan. The next call finishes the recovery and runs normally."""
+    engine = llm.llm_engine
+    prompt = {"prompt": QUESTION, "multi_modal_data": {"image": _image(60)}}
+    expected = llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    monkeypatch.setattr(engine, "_note_scheduled", _raise(KeyboardInterrupt()))
+    abort = engine.abort_request
+    calls = []
+
+    def abort_once_interrupted(ids):
+        calls.append(ids)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return abort(ids)
+
+    monkeypatch.setattr(engine, "abort_request", abort_once_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompt, GREEDY, use_tqdm=False)
+    monkeypatch.undo()
+    again = llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    assert again == expected
+    assert not engine.has_unfinished_requests()
+    engine.core.check_consistency()
+
+
+def _raise(error: BaseException):
+    def fail(*args, **kwargs):
+        raise error
+
+    return fail
+
+
+def test_numpy_pixels_are_copied_when_the_request_is_added(llm):
+    """The caller may reuse its buffer (a video frame) before the image is encoded."""
+    engine = llm.llm_engine
+    pixels = np.asarray(_image(70).convert("RGB")).copy()
+    expected = (
+        llm.generate(
+            {"prompt": QUESTION, "multi_modal_data": {"image": pixels.copy()}},
+            GREEDY,
+            use_tqdm=False,
+        )[0]
+        .outputs[0]
+        .token_ids
+    )
+    engine.add_request(
+        "reused", {"prompt": QUESTION, "multi_modal_data": {"image": pixels}}, GREEDY
+    )
+    pixels[:] = 0
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert outputs[-1].outputs[0].token_ids == expected

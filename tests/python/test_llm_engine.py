@@ -83,8 +83,7 @@ class ContextHashRunner:
         values = plan.input_ids.astype(np.int64).copy()
         for flat, request_id, index, start, length in plan.mm_embeds:
             values[flat : flat + length] = self.encoded[(request_id, index)][start : start + length]
-        for key in plan.freed_encoder_outputs:
-            self.encoded.pop(tuple(key), None)
+        self.free_encoder_outputs(plan.freed_encoder_outputs)
         slots = plan.slot_mapping
         self.cache[slots[slots >= 0]] = values[slots >= 0]
         rows = np.empty(plan.num_tokens, dtype=np.int64)
@@ -102,6 +101,10 @@ class ContextHashRunner:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return LOGIT_TABLE[hidden.view(-1)].clone()
+
+    def free_encoder_outputs(self, freed) -> None:
+        for key in freed:
+            self.encoded.pop(tuple(key), None)
 
     def drop_request(self, request_id: str) -> None:
         self.dropped.append(request_id)
@@ -355,6 +358,19 @@ def test_add_request_errors_leave_nothing_behind():
         engine.add_request("a", {"prompt_token_ids": list(range(3, 40))}, GREEDY)
     with pytest.raises(ValueError, match="max_logprobs"):
         engine.add_request("b", "hi", SamplingParams(logprobs=21))
+    for bad, words in [
+        (SamplingParams(stop_token_ids=[VOCAB]), "stop_token_ids: token ids must be below"),
+        (SamplingParams(logit_bias={VOCAB + 5: 1.0}), "logit_bias: token ids must be below"),
+        (SamplingParams(allowed_token_ids=[3, VOCAB]), "allowed_token_ids: token ids"),
+        # Only stop tokens allowed, and min_tokens forbids them: nothing could be sampled.
+        (SamplingParams(allowed_token_ids=[5], stop_token_ids=[5], min_tokens=2), "only stop"),
+        (
+            SamplingParams(allowed_token_ids=[TOKENIZER.eos_token_id], min_tokens=1),
+            "only stop",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            engine.add_request("b", "hi", bad)
     assert not engine.has_unfinished_requests() and not engine.core.has_unfinished_requests()
     engine.add_request("c", "hi", GREEDY)
     with pytest.raises(ValueError, match="already in use"):
@@ -362,3 +378,33 @@ def test_add_request_errors_leave_nothing_behind():
     engine.abort_request("c")
     assert not engine.has_unfinished_requests()
     assert engine.step() == []
+    # With ignore_eos the EOS token is an ordinary token.
+    engine.add_request(
+        "e",
+        "hi",
+        SamplingParams(
+            allowed_token_ids=[TOKENIZER.eos_token_id], min_tokens=1, ignore_eos=True, max_tokens=2
+        ),
+    )
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert outputs[-1].outputs[0].token_ids == [TOKENIZER.eos_token_id] * 2
+
+
+def test_async_engine_refuses_requests_once_shut_down():
+    import asyncio
+
+    from aphrodite.engine.async_llm_engine import AsyncLLMEngine, EngineDeadError
+
+    async def main():
+        engine = AsyncLLMEngine(_engine())
+        engine.start()
+        stream = await engine.add_request("a", "hi", GREEDY)
+        outputs = [o async for o in stream]
+        assert outputs[-1].finished
+        await asyncio.to_thread(engine.shutdown)
+        with pytest.raises(EngineDeadError, match="shutting down"):
+            await engine.add_request("b", "hi", GREEDY)
+
+    asyncio.run(main())

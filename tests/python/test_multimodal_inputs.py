@@ -205,3 +205,35 @@ def test_images_the_preprocessing_cannot_take_fail_at_admission():
     with pytest.raises(ValueError, match="without center crop"):
         ops.check_image_size(300, 400, 336, (336, 336), do_center_crop=False)
     ops.check_image_size(336, 336, 336, (336, 336), do_resize=False, do_center_crop=False)
+
+
+def test_a_text_far_too_long_is_refused_after_tokenizing_its_beginning():
+    class CountingTokenizer(_CharTokenizer):
+        lengths: list[int] = []
+
+        def get_vocab(self):  # one character per token: a text of n chars is n tokens
+            return {chr(c): c for c in range(32, 127)}
+
+        def encode(self, text, add_special_tokens=True):
+            self.lengths.append(len(text))
+            return super().encode(text, add_special_tokens)
+
+    tokenizer = CountingTokenizer()
+    pre = InputPreprocessor(
+        tokenizer,
+        vocab_size=100,
+        max_model_len=64,
+        image_token_id=IMAGE_TOKEN,
+        num_image_tokens=NUM_IMAGE_TOKENS,
+        hidden_size=HIDDEN,
+        limit_mm_per_prompt={"image": 1},
+    )
+    with pytest.raises(ValueError, match="longer than max_model_len=64 tokens"):
+        pre.process("x" * 1_000_000)
+    assert tokenizer.lengths == [(64 + 16) * 1]  # only the beginning was tokenized
+    # Near the limit the whole text is tokenized and the exact length check decides.
+    tokenizer.lengths.clear()
+    with pytest.raises(ValueError, match="the prompt is 76 tokens long"):
+        pre.process("x" * 75)
+    assert tokenizer.lengths == [75]
+    assert len(pre.process("x" * 60).prompt_token_ids) == 61

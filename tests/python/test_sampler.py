@@ -256,3 +256,15 @@ def test_logit_bias_and_allowed_token_ids():
         SamplingParams(logit_bias={1: float("nan")})
     with pytest.raises(ValueError, match="allowed_token_ids"):
         SamplingParams(allowed_token_ids=[])
+
+
+def test_sampling_params_normalise_numbers_and_allowed_ids():
+    params = SamplingParams(
+        temperature=np.float32(0.5),
+        top_p=np.float64(0.9),
+        logit_bias={np.int64(3): np.float32(2.5)},
+        allowed_token_ids=[5, 5, 3, np.int64(5)],
+    )
+    assert type(params.temperature) is float and params.temperature == 0.5
+    assert params.logit_bias == {3: 2.5} and type(params.logit_bias[3]) is float
+    assert params.allowed_token_ids == [5, 3]  # each id once, in order

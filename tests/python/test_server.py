@@ -450,6 +450,7 @@ def test_parameters_we_do_not_implement_or_trust_are_refused(http):
     ok = user(text("hi"))
     cases = [
         ({"logit_bias": {"x": 10}}, "token ids"),
+        ({"logit_bias": {"\u0665": 10}}, "token ids"),  # an Arabic-Indic digit five
         ({"logit_bias": {"5": 500}}, "[-100, 100]"),
         ({"logit_bias": {"999999": 5}}, "vocabulary size"),
         ({"allowed_token_ids": []}, "allowed_token_ids"),
@@ -476,6 +477,10 @@ def test_parameters_we_do_not_implement_or_trust_are_refused(http):
     assert r.status_code == 200, r.text
     resp = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "logprobs": True})
     assert_error(resp, 400, "invalid_parameter", "logprobs")
+    deep = '{"prompt": ' + "[" * 5000 + "]" * 5000 + "}"
+    for path in ("/v1/tokenize", "/v1/chat/completions", "/v1/completions"):
+        resp = http.post(path, content=deep, headers={"Content-Type": "application/json"})
+        assert resp.status_code == 400, (path, resp.text)
 
 
 def test_oversized_bodies_and_unknown_routes(http):

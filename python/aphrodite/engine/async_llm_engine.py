@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -136,10 +137,11 @@ class AsyncLLMEngine:
         self._streams: dict[str, RequestStream] = {}
         self._timings: dict[str, _RequestTiming] = {}
         self._thread: threading.Thread | None = None
-        # One thread: prompts are processed in arrival order, one at a time (the tokenizer is
-        # shared with the engine thread's detokenizer; both only read it).
+        # A few threads, so that a long prompt does not hold up the short ones behind it (the
+        # tokenizer is shared with the engine thread's detokenizer; all of them only read it,
+        # and the tokenizers library releases the GIL while it works).
         self._preprocess = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="aphrodite-preprocess"
+            max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="aphrodite-preprocess"
         )
         self._dead: BaseException | None = None
         self._stats: dict = {}
@@ -187,20 +189,25 @@ class AsyncLLMEngine:
         engine's ValueError when the request can never run (e.g. the prompt is too long).
         ``add_special_tokens=False`` for prompts rendered by a chat template, which already
         carry the BOS token."""
-        if self._dead is not None:
-            raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
+        with self._lock:
+            self._check_accepting()
         loop = asyncio.get_running_loop()
         arrival = time.perf_counter()
         # A bad prompt (too long, bad ids, an image the model cannot take) raises here.
-        processed = await loop.run_in_executor(
-            self._preprocess, self._process_prompt, prompt, add_special_tokens
-        )
+        try:
+            processed = await loop.run_in_executor(
+                self._preprocess, self._process_prompt, prompt, add_special_tokens
+            )
+        except RuntimeError:
+            with self._lock:
+                self._check_accepting()  # the executor refused: shut down meanwhile
+            raise
         stream = RequestStream(request_id, loop, self.abort)
         pending = _Pending(request_id, processed, params, stream, loop.create_future(), arrival)
         with self._lock:
-            # Checked again under the lock: a dying engine thread drains the queue under it.
-            if self._dead is not None:
-                raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
+            # Checked again under the lock: the engine thread drains the queue under it when it
+            # stops or dies.
+            self._check_accepting()
             self._adds.append(pending)
         self._wakeup.set()
         try:
@@ -210,6 +217,13 @@ class AsyncLLMEngine:
             self.abort(request_id)
             raise
         return stream
+
+    def _check_accepting(self) -> None:
+        """Raises EngineDeadError once the engine died or is shutting down (under _lock)."""
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped after an error: {self._dead}")
+        if self._stop:
+            raise EngineDeadError("the engine is shutting down")
 
     def abort(self, request_id: str) -> None:
         """Aborts a request (no-op when it already finished); its KV blocks are freed before
@@ -240,6 +254,11 @@ class AsyncLLMEngine:
                 self._wakeup.clear()
                 with self._lock:
                     if self._stop:
+                        # Requests queued meanwhile will not run (add_request queues no more).
+                        stopping = EngineDeadError("the engine is shutting down")
+                        for pending in self._adds:
+                            self._resolve(pending.accepted, stopping)
+                        self._adds.clear()
                         break
                     adds = list(self._adds)
                     self._adds.clear()
@@ -257,9 +276,9 @@ class AsyncLLMEngine:
                     self._wakeup.wait()
         except BaseException as e:  # noqa: B036 - the thread must report any failure
             logger.exception("engine loop failed")
-            self._dead = e
             error = EngineDeadError(f"the engine stopped after an error: {e!r}")
             with self._lock:
+                self._dead = e
                 adds = list(self._adds)
                 self._adds.clear()
             for pending in adds:
@@ -277,7 +296,10 @@ class AsyncLLMEngine:
             else:
                 future.set_exception(error)
 
-        future.get_loop().call_soon_threadsafe(settle)
+        try:
+            future.get_loop().call_soon_threadsafe(settle)
+        except RuntimeError:  # the caller's event loop is closed: nobody waits any more
+            pass
 
     def _process_prompt(self, prompt: Any, add_special_tokens: bool) -> Any:
         start = time.perf_counter()

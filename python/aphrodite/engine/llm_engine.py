@@ -167,6 +167,7 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._seqs: dict[str, _Sequence] = {}
         self._token_text: dict[tuple[int, bool], str] = {}
+        self._open_plan: Any = None  # a scheduled plan whose update() has not run yet
         self._request_counter = itertools.count()
 
     @classmethod
@@ -256,6 +257,15 @@ class LLMEngine:
                 raise ValueError(
                     f"{name}: token ids must be below the vocabulary size {vocab_size}, "
                     f"got {bad[:5]}"
+                )
+        if params.allowed_token_ids is not None and params.min_tokens > 0:
+            stops = set(params.stop_token_ids)
+            if self.eos_token_id is not None and not params.ignore_eos:
+                stops.add(self.eos_token_id)
+            if set(params.allowed_token_ids) <= stops:
+                raise ValueError(
+                    "allowed_token_ids holds only stop tokens, which min_tokens="
+                    f"{params.min_tokens} forbids at first: no token could be sampled"
                 )
         processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
         prompt_len = len(processed.prompt_token_ids)
@@ -371,18 +381,23 @@ class LLMEngine:
         ``finished_only``: return only the requests that finished in this step, for callers
         that do not stream (building every running request's output each step copies its
         prompt and output ids: work that grows with the sequences' lengths)."""
+        if self._open_plan is not None:
+            # The last step was interrupted while it abandoned its plan (a second Ctrl-C).
+            self._abandon_plan(self._open_plan)
         plan = self.core.schedule()
-        now = time.time()
-        sampled = np.empty(0, dtype=np.int32)
-        per_seq: dict[str, tuple[float, dict[int, Logprob] | None]] = {}
-        if plan.num_tokens > 0:
-            self._note_scheduled(plan, now)
-            try:
+        try:
+            self._open_plan = plan
+            now = time.time()
+            sampled = np.empty(0, dtype=np.int32)
+            per_seq: dict[str, tuple[float, dict[int, Logprob] | None]] = {}
+            if plan.num_tokens > 0:
+                self._note_scheduled(plan, now)
                 sampled, per_seq = self._execute(plan)
-            except BaseException:
-                self._abandon_plan(plan)
-                raise
+        except BaseException:
+            self._abandon_plan(plan)
+            raise
         events = self.core.update(sampled)
+        self._open_plan = None
         touched: dict[str, _Request] = {}
         now = time.time()
         for engine_id, new_token_ids, finish_reason, stop_token in events:
@@ -404,15 +419,19 @@ class LLMEngine:
     def _abandon_plan(self, plan: Any) -> None:
         """After a step failed between schedule() and update() (an error in the model or the
         sampler, Ctrl-C): aborts the plan's requests, whose KV cache for the step is in an
-        unknown state, and closes the plan so that the engine goes on with the others."""
+        unknown state, and closes the plan so that the engine goes on with the others. Safe
+        to repeat (an interrupted abandon is finished by the next step)."""
         engine_ids = list(plan.request_ids)
         num_sampled = len(plan.logits_indices)
         failed = {seq.parent.request_id for e in engine_ids if (seq := self._seqs.get(e))}
         self.abort_request(failed)
         if failed:
             logger.warning("step failed; aborted its %d request(s)", len(failed))
+        # Encoder outputs the plan freed (of requests that go on) would otherwise stay.
+        self.runner.free_encoder_outputs(plan.freed_encoder_outputs)
         # The aborted requests' tokens are ignored; the update only closes the plan.
         self.core.update(np.zeros(num_sampled, dtype=np.int32))
+        self._open_plan = None
 
     def _note_scheduled(self, plan: Any, now: float) -> None:
         computed = plan.num_computed_tokens

@@ -62,6 +62,10 @@ def parse_prompt(prompt: Any) -> tuple[str | None, list[int] | None, Mapping]:
     return None, ids, mm_data
 
 
+# Tokens a cut through a text may merge or split at the cut (see InputPreprocessor._encode).
+_CUT_MARGIN_TOKENS = 16
+
+
 class InputPreprocessor:
     """Tokenizes prompts, validates and hashes their images, expands image placeholders.
 
@@ -97,11 +101,12 @@ class InputPreprocessor:
         self.hidden_size = hidden_size
         self.limit_mm_per_prompt = dict(limit_mm_per_prompt)
         self.check_image_size = check_image_size
+        self._prompt_chars_limit: int | None = None
 
     def process(self, prompt: Any, add_special_tokens: bool = True) -> ProcessedPrompt:
         text, token_ids, mm_data = parse_prompt(prompt)
         if token_ids is None:
-            token_ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            token_ids = self._encode(text, add_special_tokens)
         if not token_ids:
             raise ValueError("the prompt is empty")
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
@@ -126,6 +131,32 @@ class InputPreprocessor:
             for o, (h, d) in zip(offsets, images)
         ]
         return ProcessedPrompt(prompt=text, prompt_token_ids=token_ids, mm_items=items)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Tokenizes `text`; a text far longer than any prompt that fits is refused after
+        tokenizing only its beginning (a 10 MB prompt would otherwise take seconds of CPU
+        before the length check refused it)."""
+        limit = self._max_prompt_chars()
+        if limit is not None and len(text) > limit:
+            head = self.tokenizer.encode(text[:limit], add_special_tokens=add_special_tokens)
+            # The margin covers tokens merging across the cut.
+            if len(head) >= self.max_model_len + _CUT_MARGIN_TOKENS:
+                raise ValueError(
+                    f"the prompt is longer than max_model_len={self.max_model_len} tokens: its "
+                    f"first {limit} of {len(text)} characters are already {len(head)} tokens"
+                )
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def _max_prompt_chars(self) -> int | None:
+        """Characters beyond which a text cannot fit in max_model_len tokens when no token
+        covers more characters than its vocabulary entry has (None: unknown vocabulary)."""
+        if self._prompt_chars_limit is None:
+            get_vocab = getattr(self.tokenizer, "get_vocab", None)
+            if get_vocab is None:
+                return None
+            longest = max((len(t) for t in get_vocab()), default=1)
+            self._prompt_chars_limit = (self.max_model_len + _CUT_MARGIN_TOKENS) * max(longest, 1)
+        return self._prompt_chars_limit
 
     def _image_items(self, image: Any) -> list[tuple[bytes, Any]]:
         """(hash, data) per image, in placeholder order."""

@@ -336,15 +336,16 @@ class ImageFetcher:
                                 "image_too_large",
                             )
                     return bytes(buf)
+            except (httpx.InvalidURL, httpx.UnsupportedProtocol) as e:
+                # (UnsupportedProtocol is a TransportError: caught before the next clause.)
+                raise MediaFetchError(
+                    f"invalid image URL {_short(url)!r}: {e}", "invalid_image_url"
+                ) from None
             except httpx.TransportError as e:
                 # Includes a body cut short (RemoteProtocolError) and refused connections.
                 raise MediaFetchError(
                     f"fetching image {_short(url)!r} failed: {type(e).__name__}: {e}",
                     "image_fetch_failed",
-                ) from None
-            except (httpx.InvalidURL, httpx.UnsupportedProtocol) as e:
-                raise MediaFetchError(
-                    f"invalid image URL {_short(url)!r}: {e}", "invalid_image_url"
                 ) from None
             except MediaFetchError:
                 raise

@@ -52,7 +52,8 @@ def to_rgb_array(image: Any) -> np.ndarray:
         if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
             raise ValueError(f"numpy images must be [H, W] or [H, W, 1|3|4], got {image.shape}")
         if image.shape[-1] == 3:
-            return np.ascontiguousarray(image)  # already RGB
+            # Already RGB. A copy: the caller may reuse its buffer before the image is encoded.
+            return np.array(image, order="C", copy=True)
         # Gray and RGBA pixels convert as the PIL image of the same pixels does (HF's numpy
         # path guesses the channel axis and takes a 1 x N x 3 array for channels-first).
         # Image.fromarray makes an "L" image of [H, W] and an "RGBA" one of [H, W, 4] uint8.

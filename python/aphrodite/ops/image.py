@@ -102,7 +102,9 @@ def clip_preprocess(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """HF CLIPImageProcessorPil on ``images`` (PIL images or numpy arrays), configured by a
-    preprocessor_config.json dict: returns pixel values ``[N, 3, crop_h, crop_w]``."""
+    preprocessor_config.json dict: returns pixel values ``[N, 3, crop_h, crop_w]``. Numpy
+    arrays are channels-last uint8 (``[H, W, 3]``, ``[H, W]``, ``[H, W, 4]``), converted as
+    the PIL image of the same pixels (HF guesses the channel axis of arrays instead)."""
     cfg = image_processor_config
     size = cfg.get("size", {"shortest_edge": 224})
     shortest_edge = size["shortest_edge"] if isinstance(size, dict) else int(size)

@@ -107,12 +107,12 @@ class ModelRunner:
         num_tokens = int(plan.num_tokens)
         hidden_size = self.model_config.hidden_size
         if num_tokens == 0:
-            self._free(plan.freed_encoder_outputs)
+            self.free_encoder_outputs(plan.freed_encoder_outputs)
             return torch.empty(0, hidden_size, dtype=self.dtype, device=self.device)
 
         if self.graphs is not None and self.graphs.can_run(plan):
             hidden = self.graphs.run(plan)
-            self._free(plan.freed_encoder_outputs)
+            self.free_encoder_outputs(plan.freed_encoder_outputs)
             return hidden
 
         input_ids = self._to_device(plan.input_ids, torch.int64)
@@ -132,7 +132,7 @@ class ModelRunner:
                 raise RuntimeError(f"image {key} is scheduled but was never encoded")
             embeds[start : start + length] = cached[offset : offset + length]
         hidden = self.model(embeds, positions, self.kv_caches, meta)
-        self._free(plan.freed_encoder_outputs)
+        self.free_encoder_outputs(plan.freed_encoder_outputs)
         return hidden
 
     @torch.inference_mode()
@@ -145,7 +145,8 @@ class ModelRunner:
         for key in [k for k in self.encoder_cache if k[0] == request_id]:
             del self.encoder_cache[key]
 
-    def _free(self, freed: Any) -> None:
+    def free_encoder_outputs(self, freed: Any) -> None:
+        """Drops the encoder outputs of (request_id, mm_index) pairs (absent ones are skipped)."""
         for request_id, mm_index in freed:
             self.encoder_cache.pop((request_id, int(mm_index)), None)
 

@@ -326,6 +326,8 @@ def build_app(
             body = json.loads(await raw.body())
         except ValueError as e:
             raise APIError(f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise APIError("request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise APIError("request body must be a JSON object")
         return body
@@ -351,6 +353,8 @@ def build_app(
                 )
         except ValidationError as e:
             raise APIError(_validation_message(e.errors()), code="invalid_parameter") from None
+        except RecursionError:
+            raise APIError("request body is nested too deeply") from None
         return TokenizeResponse(count=len(ids), max_model_len=max_model_len, tokens=ids)
 
     @app.post("/v1/detokenize")

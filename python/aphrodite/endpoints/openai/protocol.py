@@ -112,7 +112,7 @@ class SamplingFields(OpenAIBaseModel):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options can only be set when stream is true")
         for token, bias in (self.logit_bias or {}).items():
-            if not token.strip().isdigit():
+            if not (token.isascii() and token.isdigit()):
                 raise ValueError(f"logit_bias keys must be token ids, got {token!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
