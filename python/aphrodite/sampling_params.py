@@ -16,6 +16,18 @@ _GREEDY_TEMPERATURE = 1e-5
 _SEED_MIN, _SEED_END = -(2**63), 2**64
 
 
+# Numeric fields, normalised to float / int (numpy scalars included) before they are checked.
+_FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+_INT_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs")
+
+
 def _as_int(value: object) -> object:
     """Integers of any kind (numpy's included) as int; bools and everything else unchanged, for
     the checks to reject."""
@@ -122,24 +134,9 @@ class SamplingParams:
         if self.allowed_token_ids is not None:
             # Each id once, in order: a long list with repeats costs every step otherwise.
             self.allowed_token_ids = list(dict.fromkeys(_as_int(t) for t in self.allowed_token_ids))
-        for name in (
-            "temperature",
-            "top_p",
-            "min_p",
-            "presence_penalty",
-            "frequency_penalty",
-            "repetition_penalty",
-        ):
+        for name in _FLOAT_FIELDS:
             setattr(self, name, _as_float(getattr(self, name)))
-        for name in (
-            "n",
-            "top_k",
-            "seed",
-            "max_tokens",
-            "min_tokens",
-            "logprobs",
-            "prompt_logprobs",
-        ):
+        for name in _INT_FIELDS:
             setattr(self, name, _as_int(getattr(self, name)))
         if self.top_k == -1:
             self.top_k = 0
@@ -157,14 +154,7 @@ class SamplingParams:
             if not cond:
                 raise ValueError(message)
 
-        for name in (
-            "temperature",
-            "top_p",
-            "min_p",
-            "presence_penalty",
-            "frequency_penalty",
-            "repetition_penalty",
-        ):
+        for name in _FLOAT_FIELDS:
             value = getattr(self, name)
             check(
                 _is_real(value) and math.isfinite(value),

@@ -112,15 +112,16 @@ class _CharTokenizer:
         return ([1] if add_special_tokens else []) + ids
 
 
-def _preprocessor(max_model_len=64, limit=2):
+def _preprocessor(max_model_len=64, limit=2, tokenizer=None, check_image_size=None):
     return InputPreprocessor(
-        _CharTokenizer(),
+        tokenizer or _CharTokenizer(),
         vocab_size=100,
         max_model_len=max_model_len,
         image_token_id=IMAGE_TOKEN,
         num_image_tokens=NUM_IMAGE_TOKENS,
         hidden_size=HIDDEN,
         limit_mm_per_prompt={"image": limit},
+        check_image_size=check_image_size,
     )
 
 
@@ -182,16 +183,7 @@ def test_images_the_preprocessing_cannot_take_fail_at_admission():
     def check(height: int, width: int) -> None:
         ops.check_image_size(height, width, 336, (336, 336))
 
-    pre = InputPreprocessor(
-        _CharTokenizer(),
-        vocab_size=100,
-        max_model_len=64,
-        image_token_id=IMAGE_TOKEN,
-        num_image_tokens=NUM_IMAGE_TOKENS,
-        hidden_size=HIDDEN,
-        limit_mm_per_prompt={"image": 1},
-        check_image_size=check,
-    )
+    pre = _preprocessor(limit=1, check_image_size=check)
     strip = np.zeros((1, 2_000_000, 3), dtype=np.uint8)  # 336 x 672,000,000 once resized
     with pytest.raises(ValueError, match="aspect ratio is too extreme"):
         pre.process({"prompt": "#", "multi_modal_data": {"image": strip}})
@@ -219,15 +211,7 @@ def test_a_text_far_too_long_is_refused_after_tokenizing_its_beginning():
             return super().encode(text, add_special_tokens)
 
     tokenizer = CountingTokenizer()
-    pre = InputPreprocessor(
-        tokenizer,
-        vocab_size=100,
-        max_model_len=64,
-        image_token_id=IMAGE_TOKEN,
-        num_image_tokens=NUM_IMAGE_TOKENS,
-        hidden_size=HIDDEN,
-        limit_mm_per_prompt={"image": 1},
-    )
+    pre = _preprocessor(limit=1, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="longer than max_model_len=64 tokens"):
         pre.process("x" * 1_000_000)
     assert tokenizer.lengths == [(64 + 16) * 1]  # only the beginning was tokenized
