@@ -167,3 +167,37 @@ def test_help_lists_every_flag(cmd):
                  "--allowed-media-domains", "--allowed-local-media-path",
                  "APHRODITE_IMAGE_FETCH_TIMEOUT", "APHRODITE_API_KEY"):
         assert flag in out, flag
+
+
+def test_unhandled_errors_are_counted_as_500s():
+    """Starlette turns an unhandled exception into its 500 outside every user middleware; the
+    status metrics middleware counts it anyway."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from aphrodite.endpoints.openai.api_server import _StatusMetricsMiddleware
+    from aphrodite.endpoints.openai.metrics import ServerMetrics
+
+    metrics = ServerMetrics("m")
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def broken():
+        raise ZeroDivisionError("boom")
+
+    @app.get("/health")
+    async def health():
+        return {}
+
+    app.add_middleware(_StatusMetricsMiddleware, metrics=metrics)
+    client = TestClient(app, raise_server_exceptions=False)
+    assert client.post("/v1/completions").status_code == 500
+    assert client.get("/health").status_code == 200
+
+    def count(path: str, status: str) -> float:
+        return metrics.registry.get_sample_value(
+            "aphrodite:http_requests_total", {"endpoint": path, "status": status}
+        )
+
+    assert count("/v1/completions", "500") == 1.0
+    assert count("/health", "200") == 1.0
