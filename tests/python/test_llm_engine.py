@@ -408,3 +408,53 @@ def test_async_engine_refuses_requests_once_shut_down():
             await engine.add_request("b", "hi", GREEDY)
 
     asyncio.run(main())
+
+
+def test_async_engine_survives_a_failed_step_but_not_a_broken_device():
+    import asyncio
+
+    from aphrodite.engine.async_llm_engine import (
+        MAX_CONSECUTIVE_STEP_FAILURES,
+        AsyncLLMEngine,
+        EngineDeadError,
+        RequestFailedError,
+    )
+
+    sync_engine = _engine()
+    runner = sync_engine.runner
+    execute = runner.execute_model
+    failing = {"steps": 0}
+
+    def flaky(plan, mm_inputs):
+        if failing["steps"] > 0:
+            failing["steps"] -= 1
+            raise RuntimeError("out of memory")
+        return execute(plan, mm_inputs)
+
+    runner.execute_model = flaky
+
+    async def collect(engine, request_id):
+        return [o async for o in await engine.add_request(request_id, "hi", GREEDY)]
+
+    async def main():
+        engine = AsyncLLMEngine(sync_engine)
+        engine.start()
+        reference = await collect(engine, "ref")
+        # One failed step: its request fails, the next one runs as before.
+        failing["steps"] = 1
+        with pytest.raises(RequestFailedError, match="out of memory"):
+            await collect(engine, "a")
+        again = await collect(engine, "b")
+        assert again[-1].outputs[0].token_ids == reference[-1].outputs[0].token_ids
+        assert engine.is_running
+        # Every step failing (a broken device): the engine stops after a few.
+        failing["steps"] = 10**6
+        for i in range(MAX_CONSECUTIVE_STEP_FAILURES):
+            with pytest.raises((RequestFailedError, EngineDeadError)):
+                await collect(engine, f"c{i}")
+        assert not engine.is_running
+        with pytest.raises(EngineDeadError):
+            await collect(engine, "d")
+        engine.shutdown()
+
+    asyncio.run(main())

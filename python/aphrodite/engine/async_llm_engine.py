@@ -10,6 +10,11 @@ both queues, so a new request waits at most one step to be admitted, and an abor
 request's KV blocks before the next step (``LLMEngine.abort_request`` frees them in the core
 at once).
 
+A step that raises aborts the requests it ran (the LLMEngine closes its plan; their streams
+end with RequestFailedError) and the engine goes on with the others; only after
+MAX_CONSECUTIVE_STEP_FAILURES failed steps in a row (a broken device) does the thread stop, and
+every request then gets EngineDeadError.
+
 After every step and every abort the thread refreshes a stats snapshot (running and waiting
 requests, KV-cache usage, prefix-cache counters) that /metrics reads without locking the engine.
 
@@ -39,6 +44,17 @@ logger = logging.getLogger("aphrodite.engine")
 
 class EngineDeadError(RuntimeError):
     """The engine thread stopped after an unexpected error; the server must be restarted."""
+
+
+class RequestFailedError(RuntimeError):
+    """An engine step that ran the request failed; the request was aborted and the engine went
+    on with the others."""
+
+
+# Steps in a row that may fail (each aborting only its own requests) before the engine is
+# declared dead: a one-off failure (an input nothing caught earlier, an out-of-memory step)
+# costs only the requests it ran, a broken device stops the server.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 @dataclass
@@ -249,6 +265,7 @@ class AsyncLLMEngine:
         self._stats = dict(self.engine.stats())
 
     def _run(self) -> None:
+        failures = 0  # consecutive failed steps
         try:
             while True:
                 self._wakeup.clear()
@@ -269,7 +286,15 @@ class AsyncLLMEngine:
                 if aborts:
                     self._abort_now(aborts)
                 if self.engine.has_unfinished_requests():
-                    outputs = self.engine.step()
+                    try:
+                        outputs = self.engine.step()
+                    except Exception as e:
+                        failures += 1
+                        if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                            raise
+                        self._fail_step(e)
+                        continue
+                    failures = 0
                     self._dispatch(outputs)
                     self._refresh_stats()
                 elif not adds and not aborts:
@@ -286,6 +311,21 @@ class AsyncLLMEngine:
             for stream in self._streams.values():
                 stream.finish_threadsafe(error)
             self._streams.clear()
+
+    def _fail_step(self, error: Exception) -> None:
+        """A step failed and the LLMEngine aborted the requests it ran: their streams end with
+        the error; the others go on."""
+        logger.exception("engine step failed; its requests are aborted")
+        failed = list(self.engine.failed_request_ids)
+        self.engine.failed_request_ids.clear()
+        for request_id in failed:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.finish_threadsafe(
+                    RequestFailedError(f"the engine step running this request failed: {error!r}")
+                )
+                self._finish_timing(request_id, "abort")
+        self._refresh_stats()
 
     def _resolve(self, future: asyncio.Future, error: BaseException | None) -> None:
         def settle():

@@ -168,6 +168,8 @@ class LLMEngine:
         self._seqs: dict[str, _Sequence] = {}
         self._token_text: dict[tuple[int, bool], str] = {}
         self._open_plan: Any = None  # a scheduled plan whose update() has not run yet
+        # Requests aborted because a step failed (for callers that report them; they clear it).
+        self.failed_request_ids: list[str] = []
         self._request_counter = itertools.count()
 
     @classmethod
@@ -424,6 +426,7 @@ class LLMEngine:
         engine_ids = list(plan.request_ids)
         num_sampled = len(plan.logits_indices)
         failed = {seq.parent.request_id for e in engine_ids if (seq := self._seqs.get(e))}
+        self.failed_request_ids.extend(sorted(failed))
         self.abort_request(failed)
         if failed:
             logger.warning("step failed; aborted its %d request(s)", len(failed))
