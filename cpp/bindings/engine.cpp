@@ -10,6 +10,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <limits>
 #include <mutex>
 #include <string>
 
@@ -42,9 +43,17 @@ struct PySchedulerOutput {
   py::list encoder_inputs, mm_embeds, freed_encoder_outputs, preempted_request_ids;
 };
 
+// Plan arrays are views of the core's step buffers, which later plans build on: read-only, so
+// that a write through them cannot change the core's state.
+py::array read_only(py::array a) {
+  py::detail::array_proxy(a.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  return a;
+}
+
 template <typename T>
 py::array view_1d(const T* data, std::int64_t n, py::handle owner) {
-  return py::array(py::dtype::of<T>(), {n}, {static_cast<std::int64_t>(sizeof(T))}, data, owner);
+  return read_only(
+      py::array(py::dtype::of<T>(), {n}, {static_cast<std::int64_t>(sizeof(T))}, data, owner));
 }
 
 py::str to_str(std::string_view s) { return py::str(s.data(), s.size()); }
@@ -57,11 +66,31 @@ FinishReason parse_reason(const std::string& reason) {
                    "'");
 }
 
+// Token ids from a sequence of ints or an integer array; anything else (floats, bools, strings)
+// and ids outside [0, 2^31) are refused rather than converted.
 std::vector<std::int32_t> to_token_vector(py::handle obj, const char* name) {
-  auto arr = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>::ensure(obj);
+  py::array arr = py::array::ensure(obj);
   if (!arr) throw TypeError(std::string(name) + " must be a sequence of ints or an int array");
   if (arr.ndim() != 1) throw ValueError(std::string(name) + " must be one-dimensional");
-  return std::vector<std::int32_t>(arr.data(), arr.data() + arr.size());
+  if (arr.size() == 0) return {};  // (an empty list converts to a float64 array)
+  const char kind = arr.dtype().kind();
+  if (kind != 'i' && kind != 'u') {
+    throw TypeError(std::string(name) + " must hold integers, got dtype " +
+                    std::string(py::str(arr.dtype())));
+  }
+  auto ids = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
+  std::vector<std::int32_t> out(static_cast<std::size_t>(ids.size()));
+  const std::int64_t* data = ids.data();
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    const std::int64_t v = data[i];
+    // (uint64 ids above 2^63 wrapped to negative values in the cast.)
+    if (v < 0 || v > std::numeric_limits<std::int32_t>::max()) {
+      throw ValueError(std::string(name) + ": token id " + std::to_string(v) +
+                       " is out of range [0, 2^31)");
+    }
+    out[i] = static_cast<std::int32_t>(v);
+  }
+  return out;
 }
 
 PySchedulerOutput make_output(const SchedulerOutput& o, py::handle owner) {
@@ -72,11 +101,11 @@ PySchedulerOutput make_output(const SchedulerOutput& o, py::handle owner) {
   p.input_ids = view_1d(o.input_ids, o.num_tokens, owner);
   p.positions = view_1d(o.positions, o.num_tokens, owner);
   p.slot_mapping = view_1d(o.slot_mapping, o.num_tokens, owner);
-  p.block_tables = py::array(
+  p.block_tables = read_only(py::array(
       py::dtype::of<std::int32_t>(),
       {static_cast<std::int64_t>(o.num_seqs), static_cast<std::int64_t>(o.max_blocks_per_seq)},
       {static_cast<std::int64_t>(o.max_blocks_per_seq) * 4, std::int64_t{4}}, o.block_tables,
-      owner);
+      owner));
   p.seq_lens = view_1d(o.seq_lens, o.num_seqs, owner);
   p.query_start_loc = view_1d(o.query_start_loc, o.num_seqs + 1, owner);
   p.num_computed_tokens = view_1d(o.num_computed_tokens, o.num_seqs, owner);

@@ -1,6 +1,8 @@
 #include "aphrodite/tensor.h"
 
+#include <cstdint>
 #include <sstream>
+#include <string>
 
 namespace aphrodite {
 
@@ -86,6 +88,9 @@ std::int64_t TensorView::numel() const {
 }
 
 bool TensorView::is_contiguous() const {
+  for (int i = 0; i < ndim_; ++i) {
+    if (shape_[i] == 0) return true;  // no elements: any strides describe it (as torch says)
+  }
   std::int64_t expected = 1;
   for (int i = ndim_ - 1; i >= 0; --i) {
     if (shape_[i] != 1 && strides_[i] != expected) return false;
@@ -206,6 +211,84 @@ void check_token_major(const TensorView& t, const char* name) {
     throw ValueError(std::string(name) + " rows overlap: token stride " +
                      std::to_string(t.stride(0)) + " is below heads * head_size in " +
                      t.describe());
+  }
+}
+
+namespace {
+
+struct ByteRange {
+  std::uintptr_t begin = 0, end = 0;  // [begin, end); empty when begin == end
+};
+
+ByteRange byte_range(const TensorView& t) {
+  const auto base = reinterpret_cast<std::uintptr_t>(t.data());
+  std::int64_t lo = 0, hi = 0;  // element offsets of the lowest and highest element
+  for (int i = 0; i < t.dim(); ++i) {
+    if (t.size(i) == 0) return {base, base};
+    const std::int64_t extent = (t.size(i) - 1) * t.stride(i);
+    (extent < 0 ? lo : hi) += extent;
+  }
+  const auto item = static_cast<std::int64_t>(dtype_size(t.dtype()));
+  return {base + static_cast<std::uintptr_t>(lo * item),
+          base + static_cast<std::uintptr_t>((hi + 1) * item)};
+}
+
+bool same_view(const TensorView& a, const TensorView& b) {
+  if (a.data() != b.data() || a.dtype() != b.dtype() || a.dim() != b.dim()) return false;
+  for (int i = 0; i < a.dim(); ++i) {
+    if (a.size(i) != b.size(i) || (a.size(i) > 1 && a.stride(i) != b.stride(i))) return false;
+  }
+  return true;
+}
+
+// A view whose dim 0 steps by `stride` bytes over rows of `width` dense bytes (width <= stride):
+// the token-major slices of one fused buffer (query, key and value of a QKV projection).
+struct RowPattern {
+  std::int64_t stride = 0, width = 0;
+};
+
+bool row_pattern(const TensorView& t, RowPattern* out) {
+  if (t.dim() < 2 || t.stride(0) <= 0) return false;
+  std::int64_t expected = 1;  // the dims after 0 must be dense, row-major
+  for (int i = t.dim() - 1; i >= 1; --i) {
+    if (t.size(i) != 1 && t.stride(i) != expected) return false;
+    expected *= t.size(i);
+  }
+  const auto item = static_cast<std::int64_t>(dtype_size(t.dtype()));
+  out->stride = t.stride(0) * item;
+  out->width = expected * item;
+  return out->width <= out->stride;
+}
+
+}  // namespace
+
+bool memory_overlaps(const TensorView& a, const TensorView& b) {
+  if (a.device() != b.device()) return false;
+  const ByteRange x = byte_range(a), y = byte_range(b);
+  if (x.begin == x.end || y.begin == y.end) return false;
+  if (!(x.begin < y.end && y.begin < x.end)) return false;
+  // Interleaved rows with the same stride: disjoint when their columns are, on the circle of one
+  // row stride (b's rows start r bytes into a's and end before a's next row begins).
+  RowPattern pa, pb;
+  if (row_pattern(a, &pa) && row_pattern(b, &pb) && pa.stride == pb.stride) {
+    const auto base_a = reinterpret_cast<std::uintptr_t>(a.data());
+    const auto base_b = reinterpret_cast<std::uintptr_t>(b.data());
+    const std::int64_t s = pa.stride;
+    const std::int64_t d = base_b >= base_a ? static_cast<std::int64_t>(base_b - base_a)
+                                            : -static_cast<std::int64_t>(base_a - base_b);
+    const std::int64_t r = ((d % s) + s) % s;
+    if (r >= pa.width && r + pb.width <= s) return false;
+  }
+  return true;
+}
+
+void check_no_overlap(const TensorView& a, const char* a_name, const TensorView& b,
+                      const char* b_name, bool same_ok) {
+  if (same_ok && same_view(a, b)) return;
+  if (memory_overlaps(a, b)) {
+    throw ValueError(std::string(a_name) + " and " + b_name + " must not overlap in memory" +
+                     (same_ok ? std::string(" (unless they are the same tensor)") : std::string()) +
+                     ": " + a.describe() + " and " + b.describe());
   }
 }
 

@@ -345,7 +345,7 @@ def test_engine_core_loop_matches_hf(checkpoints):
         assert steps < 500
         plan = core.schedule()
         hidden = runner.execute_model(plan, lambda rid, idx: arrays[rid])
-        logits = runner.compute_logits(hidden[torch.from_numpy(plan.logits_indices).long()])
+        logits = runner.compute_logits(hidden[torch.tensor(plan.logits_indices).long()])
         for seq, row in zip(plan.sampled_seq_indices.tolist(), logits):
             logprobs[plan.request_ids[seq]].append(torch.log_softmax(row, -1))
         sampled = logits.argmax(-1).to(torch.int32).numpy()

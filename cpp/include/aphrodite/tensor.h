@@ -106,5 +106,12 @@ void check_same_dtype(const TensorView& t, const char* name, const TensorView& r
 // [tokens, heads, head_size], dense in [heads, head_size], any token stride >= heads * head_size
 // (slices of a fused QKV projection's output).
 void check_token_major(const TensorView& t, const char* name);
+// Whether the byte ranges two views span intersect (conservative for strided views: the range
+// from their lowest to their highest element). Empty views overlap nothing.
+bool memory_overlaps(const TensorView& a, const TensorView& b);
+// ValueError naming both unless a and b are disjoint in memory; with `same_ok`, a and b may also
+// be exactly the same view (an op that works in place).
+void check_no_overlap(const TensorView& a, const char* a_name, const TensorView& b,
+                      const char* b_name, bool same_ok = false);
 
 }  // namespace aphrodite

@@ -29,6 +29,10 @@ void check_cache(const TensorView& t, const char* name) {
   if (t.size(3) % 8 != 0) {
     fail(std::string(name) + " head_size (dim 3) must be a multiple of 8, got " + t.describe());
   }
+  if (t.size(2) < 1 || t.size(3) < 1) {
+    fail(std::string(name) + " must have at least one kv head and a positive head_size, got " +
+         t.describe());
+  }
 }
 
 #ifdef APHRODITE_WITH_CUDA
@@ -75,6 +79,13 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
   check_shape(value, "value", {num_tokens, key_cache.size(2), key_cache.size(3)});
   check_shape(slot_mapping, "slot_mapping", {num_tokens});
   check_contiguous(slot_mapping, "slot_mapping");
+  check_no_overlap(key_cache, "key_cache", value_cache, "value_cache");
+  for (const TensorView* cache : {&key_cache, &value_cache}) {
+    const char* name = cache == &key_cache ? "key_cache" : "value_cache";
+    check_no_overlap(*cache, name, key, "key");
+    check_no_overlap(*cache, name, value, "value");
+    check_no_overlap(*cache, name, slot_mapping, "slot_mapping");
+  }
 
   detail::ReshapeAndCacheParams p;
   p.key = key.data();
@@ -121,6 +132,7 @@ AttentionShapes check_attention_shapes(const TensorView& query, const TensorView
   const std::int64_t num_kv_heads = key_cache.size(2);
   const std::int64_t head_size = key_cache.size(3);
   check_shape(query, "query", {-1, -1, head_size});
+  if (query.size(1) < 1) fail("query must have at least one head, got " + query.describe());
   if (query.size(1) % num_kv_heads != 0) {
     fail("query heads (" + std::to_string(query.size(1)) +
          ") must be a multiple of the cache's kv heads (" + std::to_string(num_kv_heads) + ")");
@@ -174,6 +186,9 @@ void paged_attention(const TensorView& out, const TensorView& query, const Tenso
               {key_cache.size(0), key_cache.size(1), key_cache.size(2), key_cache.size(3)});
   check_token_major(out, "out");
   check_shape(out, "out", {query.size(0), query.size(1), query.size(2)});
+  check_no_overlap(out, "out", query, "query", /*same_ok=*/true);
+  check_no_overlap(out, "out", key_cache, "key_cache");
+  check_no_overlap(out, "out", value_cache, "value_cache");
   check_dtype(seq_lens, "seq_lens", {DType::kInt32});
   check_dtype(query_start_loc, "query_start_loc", {DType::kInt32});
   check_shape(seq_lens, "seq_lens", {s.num_seqs});

@@ -36,9 +36,15 @@ void EngineConfig::validate() const {
   };
   require(num_blocks >= 2,
           "num_blocks must be >= 2 (block 0 is the null block), got " + std::to_string(num_blocks));
-  require(block_size >= 1, "block_size must be >= 1");
+  // Upper bounds keep token and slot arithmetic (positions + a block, blocks * block_size) far
+  // from int32 overflow.
+  require(block_size >= 1 && block_size <= kMaxBlockSize,
+          "block_size must be in [1, " + std::to_string(kMaxBlockSize) + "], got " +
+              std::to_string(block_size));
   require(max_num_seqs >= 1, "max_num_seqs must be >= 1");
-  require(max_model_len >= 1, "max_model_len must be >= 1");
+  require(max_model_len >= 1 && max_model_len <= kMaxModelLen,
+          "max_model_len must be in [1, " + std::to_string(kMaxModelLen) + "], got " +
+              std::to_string(max_model_len));
   require(max_num_batched_tokens >= max_num_seqs,
           "max_num_batched_tokens must be >= max_num_seqs (every running sequence decodes one "
           "token per step)");

@@ -115,6 +115,11 @@ std::pair<std::int64_t, std::int64_t> shortest_edge_resize_size(std::int64_t hei
   const bool portrait = width <= height;
   const std::int64_t short_side = portrait ? width : height;
   const std::int64_t long_side = portrait ? height : width;
+  if (shortest_edge > std::numeric_limits<std::int64_t>::max() / long_side) {
+    throw ValueError("shortest_edge_resize_size: resizing " + std::to_string(height) + "x" +
+                     std::to_string(width) + " to shortest edge " + std::to_string(shortest_edge) +
+                     " overflows");
+  }
   // Python's int(size * long / short): an exact product, a correctly rounded true division, a
   // truncation.
   const double ratio =
@@ -240,6 +245,10 @@ void check_image_size(std::int64_t height, std::int64_t width, const ImagePrepro
                       std::int64_t crop_h, std::int64_t crop_w, const std::string& name) {
   // Sides below 2^29: the kernels' 32-bit offsets and coefficient tables stay in range.
   constexpr std::int64_t kMaxSide = std::numeric_limits<std::int32_t>::max() / 4;
+  if (crop_h < 1 || crop_w < 1) {
+    throw ValueError("the crop size must be positive, got " + std::to_string(crop_h) + "x" +
+                     std::to_string(crop_w));
+  }
   if (height <= 0 || width <= 0 || height > kMaxSide || width > kMaxSide) {
     throw ValueError(name + ": height and width must be in [1, " + std::to_string(kMaxSide) +
                      "], got " + std::to_string(height) + "x" + std::to_string(width));
@@ -260,11 +269,10 @@ void check_image_size(std::int64_t height, std::int64_t width, const ImagePrepro
                      ", too large (the aspect ratio is too extreme)");
   }
   if (!params.do_center_crop && (rh != crop_h || rw != crop_w)) {
-    throw ValueError(name + ": without center crop the " +
-                     std::string(params.do_resize ? "resized " : "") + "image must be " +
-                     std::to_string(crop_h) + "x" + std::to_string(crop_w) +
-                     " (out's last dimensions), got " + std::to_string(rh) + "x" +
-                     std::to_string(rw));
+    throw ValueError(
+        name + ": without center crop the " + std::string(params.do_resize ? "resized " : "") +
+        "image must be " + std::to_string(crop_h) + "x" + std::to_string(crop_w) +
+        " (out's last dimensions), got " + std::to_string(rh) + "x" + std::to_string(rw));
   }
 }
 

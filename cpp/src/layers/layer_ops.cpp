@@ -81,6 +81,8 @@ void rms_norm(const TensorView& out, const TensorView& x, const TensorView& weig
   check_rows(out, "out");
   check_shape(out, "out", {x.size(0), x.size(1)});
   check_eps(eps);
+  check_no_overlap(out, "out", x, "x", /*same_ok=*/true);  // in place, or apart
+  check_no_overlap(out, "out", weight, "weight");
   run_rms_norm(out, x, nullptr, weight, eps, stream);
 }
 
@@ -95,6 +97,9 @@ void fused_add_rms_norm(const TensorView& x, const TensorView& residual, const T
   if (x.data() == residual.data() && x.numel() > 0) {
     throw ValueError("fused_add_rms_norm: x and residual must be different tensors");
   }
+  check_no_overlap(x, "x", residual, "residual");
+  check_no_overlap(x, "x", weight, "weight");
+  check_no_overlap(residual, "residual", weight, "weight");
   run_rms_norm(x, x, &residual, weight, eps, stream);
 }
 
@@ -124,6 +129,14 @@ void rotary_embedding(const TensorView& positions, const TensorView& query, cons
   check_contiguous(sin, "sin");
   if (head_size % 2 != 0) {
     throw ValueError("rotary_embedding needs an even head_size, got " + query.describe());
+  }
+  // Rotated in place: query and key may be slices of one QKV buffer, but not share elements.
+  check_no_overlap(query, "query", key, "key");
+  for (const TensorView* t : {&query, &key}) {
+    const char* name = t == &query ? "query" : "key";
+    check_no_overlap(*t, name, positions, "positions");
+    check_no_overlap(*t, name, cos, "cos");
+    check_no_overlap(*t, name, sin, "sin");
   }
   detail::RotaryParams p;
   p.positions = positions.data();
@@ -165,6 +178,7 @@ void silu_and_mul(const TensorView& out, const TensorView& x, StreamHandle strea
                      x.describe());
   }
   check_shape(out, "out", {x.size(0), x.size(1) / 2});
+  check_no_overlap(out, "out", x, "x");
   detail::SiluAndMulParams p;
   p.out = out.data();
   p.out_stride = out.stride(0);

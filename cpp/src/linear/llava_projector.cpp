@@ -47,6 +47,10 @@ void llava_projector(const TensorView& out, const TensorView& x, const TensorVie
     check_shape(*workspace, "workspace", {tokens, hidden});
     check_dtype(*workspace, "workspace", {x.dtype()});
     check_same_device(*workspace, "workspace", x, "x");
+    // Written by the first GEMM before the second reads these.
+    check_no_overlap(*workspace, "workspace", w2, "w2");
+    check_no_overlap(*workspace, "workspace", b2, "b2");
+    check_no_overlap(*workspace, "workspace", out, "out");
     intermediate = *workspace;
   } else {
     owned = OwnedTensor::empty({tokens, hidden}, x.dtype(), x.device());

@@ -321,10 +321,10 @@ class AsyncLLMEngine:
         for request_id in failed:
             stream = self._streams.pop(request_id, None)
             if stream is not None:
+                self._finish_timing(request_id, "abort")
                 stream.finish_threadsafe(
                     RequestFailedError(f"the engine step running this request failed: {error!r}")
                 )
-                self._finish_timing(request_id, "abort")
         self._refresh_stats()
 
     def _resolve(self, future: asyncio.Future, error: BaseException | None) -> None:
@@ -372,8 +372,9 @@ class AsyncLLMEngine:
             return
         self.engine.abort_request(live)
         for request_id in live:
-            self._streams.pop(request_id).finish_threadsafe()
+            stream = self._streams.pop(request_id)
             self._finish_timing(request_id, "abort")
+            stream.finish_threadsafe()
         self._refresh_stats()
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
@@ -392,11 +393,13 @@ class AsyncLLMEngine:
                     timing.inter_token.append(now - timing.last_token)
                 timing.last_token = now
                 timing.num_generated = generated
-            stream.put_threadsafe(out)
             if out.finished:
+                # Metrics first: a client that reads /metrics right after its response must
+                # find its request counted.
                 del self._streams[out.request_id]
                 reasons = [c.finish_reason for c in out.outputs if c.finish_reason]
                 self._finish_timing(out.request_id, reasons[0] if reasons else "stop")
+            stream.put_threadsafe(out)
 
     def _finish_timing(self, request_id: str, reason: str) -> None:
         timing = self._timings.pop(request_id, None)

@@ -8,9 +8,10 @@ import torch
 from torch.utils.dlpack import to_dlpack
 
 
-def stream_of(t: torch.Tensor) -> int:
-    """The current torch stream of ``t``'s device as an integer handle (0 for CPU tensors)."""
-    if t.is_cuda:
+def stream_of(t: Any) -> int:
+    """The current torch stream of ``t``'s device as an integer handle (0 for CPU tensors and
+    for anything that is not a torch tensor, e.g. numpy arrays)."""
+    if isinstance(t, torch.Tensor) and t.is_cuda:
         return int(torch.cuda.current_stream(t.device).cuda_stream)
     return 0
 

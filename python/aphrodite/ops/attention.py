@@ -61,7 +61,7 @@ def paged_attention(
     safe to capture in a CUDA graph (the workspace size depends on shapes only).
     """
     workspace = None
-    if key_cache.is_cuda:
+    if isinstance(key_cache, torch.Tensor) and key_cache.is_cuda:
         nbytes = _C.ops.paged_attention_workspace_bytes(
             capsule(query), capsule(key_cache), capsule(block_tables)
         )

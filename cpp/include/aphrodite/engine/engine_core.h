@@ -63,8 +63,15 @@ struct EngineConfig {
   bool enable_chunked_prefill = true;
 
   // Throws ValueError naming the first bad field.
+  // Largest accepted block_size and max_model_len (validate()).
+  static constexpr std::int32_t kMaxBlockSize = 1 << 16;
+  static constexpr std::int32_t kMaxModelLen = 1 << 30;
+
   void validate() const;
-  std::int32_t max_blocks_per_seq() const { return (max_model_len + block_size - 1) / block_size; }
+  std::int32_t max_blocks_per_seq() const {
+    return static_cast<std::int32_t>((static_cast<std::int64_t>(max_model_len) + block_size - 1) /
+                                     block_size);
+  }
 };
 
 // An image in a prompt: its tokens are prompt[offset, offset + length); `hash` is the SHA-256 of
