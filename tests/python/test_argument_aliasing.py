@@ -146,3 +146,12 @@ def test_image_size_checks_refuse_what_the_op_cannot_take() -> None:
         ops.check_image_size(10, 10, 8, (0, 0))
     with pytest.raises(ValueError, match="overflows"):
         _C.ops.shortest_edge_resize_size(2**62, 3, 7)
+
+
+def test_layer_op_wrappers_name_shape_errors() -> None:
+    with pytest.raises(ValueError, match="at least one dimension"):
+        ops.rms_norm(torch.tensor(1.0), torch.randn(1), 1e-6)
+    with pytest.raises(ValueError, match="even last dimension"):
+        ops.silu_and_mul(torch.randn(5, 1))
+    assert ops.rms_norm(torch.randn(5, 0), torch.randn(0), 1e-6).shape == (5, 0)
+    assert ops.silu_and_mul(torch.randn(3, 0)).shape == (3, 0)

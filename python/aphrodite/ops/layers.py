@@ -15,10 +15,22 @@ from aphrodite import _C
 from aphrodite.ops._stream import capsule, stream_of
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """An input ``[..., n]`` as ``[rows, n]`` (a copy where no view exists; outputs use
-    ``view``, which fails instead of writing into a copy)."""
+def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
+    """An input ``[..., n]`` as ``[rows, n]`` (a copy where no view exists)."""
+    _check_has_rows(t, name)
     return t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def _row_view(t: torch.Tensor, name: str) -> torch.Tensor:
+    """An output (or in-place argument) ``[..., n]`` as a ``[rows, n]`` view: ``view`` fails
+    instead of writing into a copy. Explicit sizes, so that n = 0 works too."""
+    _check_has_rows(t, name)
+    return t.view(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def _check_has_rows(t: torch.Tensor, name: str) -> None:
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension, got a 0-d tensor")
 
 
 def rms_norm(
@@ -29,8 +41,8 @@ def rms_norm(
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _C.ops.rms_norm(
-        capsule(out.view(-1, out.shape[-1])),
-        capsule(_rows(x)),
+        capsule(_row_view(out, "out")),
+        capsule(_rows(x, "x")),
         capsule(weight),
         float(eps),
         stream=stream_of(x),
@@ -44,8 +56,8 @@ def fused_add_rms_norm(
     """In place: ``residual += x`` (rounded to the dtype), then ``x = rms_norm(residual)``;
     returns ``(x, residual)``. Both ``[..., hidden]`` with views as ``[rows, hidden]``."""
     _C.ops.fused_add_rms_norm(
-        capsule(x.view(-1, x.shape[-1])),
-        capsule(residual.view(-1, residual.shape[-1])),
+        capsule(_row_view(x, "x")),
+        capsule(_row_view(residual, "residual")),
         capsule(weight),
         float(eps),
         stream=stream_of(x),
@@ -76,8 +88,14 @@ def rotary_embedding(
 
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``silu(x[..., :n]) * x[..., n:]`` for ``x`` ``[..., 2n]``; returns ``[..., n]``."""
+    _check_has_rows(x, "x")
+    if x.shape[-1] % 2:
+        raise ValueError(
+            f"silu_and_mul needs x with an even last dimension (gate and up halves), got "
+            f"{tuple(x.shape)}"
+        )
     n = x.shape[-1] // 2
     if out is None:
         out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    _C.ops.silu_and_mul(capsule(out.view(-1, n)), capsule(_rows(x)), stream=stream_of(x))
+    _C.ops.silu_and_mul(capsule(_row_view(out, "out")), capsule(_rows(x, "x")), stream=stream_of(x))
     return out
