@@ -155,3 +155,32 @@ def test_layer_op_wrappers_name_shape_errors() -> None:
         ops.silu_and_mul(torch.randn(5, 1))
     assert ops.rms_norm(torch.randn(5, 0), torch.randn(0), 1e-6).shape == (5, 0)
     assert ops.silu_and_mul(torch.randn(3, 0)).shape == (3, 0)
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+@pytest.mark.parametrize("q_len", [1, 12])  # decode rows and transposed prefill rows
+def test_nan_in_the_cache_reaches_the_output_as_in_torch(isa: str, q_len: int) -> None:
+    previous = ops.linear_cpu_isa()
+    try:
+        ops.set_linear_cpu_isa(isa)
+    except ValueError:
+        pytest.skip(f"{isa} kernels do not run on this CPU")
+    try:
+        torch.manual_seed(0)
+        kc, vc = torch.randn(4, 16, 2, 64), torch.randn(4, 16, 2, 64)
+        kc[1, 3, 0, 5] = float("nan")  # sequence 0's key 3, kv head 0
+        seq_lens = torch.tensor([20, 20], dtype=torch.int32)
+        qsl = torch.tensor([0, q_len, 2 * q_len], dtype=torch.int32)
+        tables = torch.tensor([[1, 2], [3, 0]], dtype=torch.int32)
+        q = torch.randn(2 * q_len, 4, 64)
+        out = torch.full((2 * q_len, 4, 64), 7.0)
+        ops.paged_attention(out, q, kc, vc, tables, seq_lens, qsl, 0.125)
+        # Sequence 0's heads of kv head 0 (heads 0, 1) see the NaN key: NaN like SDPA's output.
+        assert torch.isnan(out[:q_len, :2]).all()
+        assert torch.isfinite(out[:q_len, 2:]).all() and torch.isfinite(out[q_len:]).all()
+        # A NaN through a fused GELU epilogue stays NaN (column 0's bias), the rest is finite.
+        bias = torch.tensor([float("nan"), 0.0, 0.0, 0.0])
+        y = ops.linear(torch.randn(3, 4), torch.eye(4), bias, activation="gelu")
+        assert torch.isnan(y[:, 0]).all() and torch.isfinite(y[:, 1:]).all()
+    finally:
+        ops.set_linear_cpu_isa(previous)

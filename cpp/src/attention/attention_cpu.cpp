@@ -15,6 +15,7 @@
 #include "aphrodite/error.h"
 #include "aphrodite/parallel.h"
 #include "attention/attention_cpu_kernels.h"
+#include "attention/attention_cpu_layout.h"
 #include "internal/attention_kernels.h"
 #include "internal/cpu_features.h"
 #include "internal/float16.h"
@@ -77,9 +78,9 @@ void attend_block_scalar(const float* q, int rows, int head_size, const KeyBlock
       float dot = 0.0f;
       for (int d = 0; d < head_size; ++d) dot += qr[d] * kr[d];
       s[j] = dot;
-      block_max = std::max(block_max, dot);
+      block_max = max_nan(block_max, dot);
     }
-    const float m_new = std::max(m[r], block_max);
+    const float m_new = max_nan(m[r], block_max);
     const float alpha = std::isinf(m[r]) ? 0.0f : std::exp(m[r] - m_new);
     float* ar = acc + static_cast<std::int64_t>(r) * head_size;
     for (int d = 0; d < head_size; ++d) ar[d] *= alpha;

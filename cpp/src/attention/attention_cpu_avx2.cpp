@@ -223,6 +223,7 @@ void attend_block_transposed(const float* qt, int rows, int head_size, const Key
     const __m256i kbv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kb + rv * 8));
     const __m256i kev = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ke + rv * 8));
     __m256 mx = vneg;
+    __m256 nan_rows = _mm256_setzero_ps();
     for (int j = 0; j < num_keys; ++j) {
       float* sj = st + static_cast<std::int64_t>(j) * rp + rv * 8;
       const __m256i jv = _mm256_set1_epi32(j);
@@ -232,8 +233,10 @@ void attend_block_transposed(const float* qt, int rows, int head_size, const Key
       const __m256 x = _mm256_blendv_ps(vneg, _mm256_loadu_ps(sj), _mm256_castsi256_ps(valid));
       _mm256_storeu_ps(sj, x);
       mx = _mm256_max_ps(mx, x);
+      nan_rows = _mm256_or_ps(nan_rows, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
     }
-    const __m256 m_new = _mm256_max_ps(m_old, mx);
+    // A NaN score makes its row's maximum NaN (all bits set), hence its output NaN.
+    const __m256 m_new = _mm256_or_ps(_mm256_max_ps(m_old, mx), nan_rows);
     // A row with no key yet (m_old = -inf) has nothing to rescale.
     const __m256 had_keys = _mm256_cmp_ps(m_old, vneg, _CMP_GT_OQ);
     const __m256 a = _mm256_and_ps(exp_ps(_mm256_sub_ps(m_old, m_new)), had_keys);
@@ -241,7 +244,7 @@ void attend_block_transposed(const float* qt, int rows, int head_size, const Key
     for (int j = 0; j < num_keys; ++j) {
       float* sj = st + static_cast<std::int64_t>(j) * rp + rv * 8;
       const __m256 x = _mm256_loadu_ps(sj);
-      const __m256 valid = _mm256_cmp_ps(x, vneg, _CMP_GT_OQ);
+      const __m256 valid = _mm256_cmp_ps(x, vneg, _CMP_NEQ_UQ);  // masked keys only (NaN stays)
       const __m256 pj = _mm256_and_ps(exp_ps(_mm256_sub_ps(x, m_new)), valid);
       _mm256_storeu_ps(sj, pj);
       sum = _mm256_add_ps(sum, pj);
@@ -301,7 +304,7 @@ void attend_block_rows(const float* q, int rows, int head_size, const KeyBlocks&
     __m256 sum = _mm256_setzero_ps();
     for (int j = 0; j < np; j += 8) {
       const __m256 x = _mm256_loadu_ps(sr + j);
-      const __m256 valid = _mm256_cmp_ps(x, vneg, _CMP_GT_OQ);
+      const __m256 valid = _mm256_cmp_ps(x, vneg, _CMP_NEQ_UQ);  // masked keys only (NaN stays)
       const __m256 pj = _mm256_and_ps(exp_ps(_mm256_sub_ps(x, vmax)), valid);
       _mm256_storeu_ps(sr + j, pj);
       sum = _mm256_add_ps(sum, pj);

@@ -195,6 +195,7 @@ void attend_block_transposed(const float* qt, int rows, int head_size, const Key
     const __m512i kbv = _mm512_loadu_si512(kb + rv * kVec);
     const __m512i kev = _mm512_loadu_si512(ke + rv * kVec);
     __m512 mx = vneg;
+    __mmask16 nan_rows = 0;
     for (int j = 0; j < num_keys; ++j) {
       float* sj = st + static_cast<std::int64_t>(j) * rp + rv * kVec;
       const __m512i jv = _mm512_set1_epi32(j);
@@ -203,8 +204,11 @@ void attend_block_transposed(const float* qt, int rows, int head_size, const Key
       const __m512 x = _mm512_mask_loadu_ps(vneg, valid, sj);
       _mm512_storeu_ps(sj, x);
       mx = _mm512_max_ps(mx, x);
+      nan_rows |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     }
-    const __m512 m_new = _mm512_max_ps(m_old, mx);
+    // A NaN score makes its row's maximum NaN, hence its output NaN.
+    const __m512 m_new =
+        _mm512_mask_mov_ps(_mm512_max_ps(m_old, mx), nan_rows, _mm512_set1_ps(NAN));
     // A row with no key yet (m_old = -inf) has nothing to rescale.
     const __mmask16 had_keys = _mm512_cmp_ps_mask(m_old, vneg, _CMP_GT_OQ);
     const __m512 a = _mm512_maskz_mov_ps(had_keys, exp_ps(_mm512_sub_ps(m_old, m_new)));
@@ -212,7 +216,7 @@ void attend_block_transposed(const float* qt, int rows, int head_size, const Key
     for (int j = 0; j < num_keys; ++j) {
       float* sj = st + static_cast<std::int64_t>(j) * rp + rv * kVec;
       const __m512 x = _mm512_loadu_ps(sj);
-      const __mmask16 valid = _mm512_cmp_ps_mask(x, vneg, _CMP_GT_OQ);
+      const __mmask16 valid = _mm512_cmp_ps_mask(x, vneg, _CMP_NEQ_UQ);  // masked keys only
       const __m512 pj = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_sub_ps(x, m_new)));
       _mm512_storeu_ps(sj, pj);
       sum = _mm512_add_ps(sum, pj);
@@ -274,7 +278,7 @@ void attend_block_rows(const float* q, int rows, int head_size, const KeyBlocks&
     __m512 sum = _mm512_setzero_ps();
     for (int j = 0; j < np; j += kVec) {
       const __m512 x = _mm512_loadu_ps(sr + j);
-      const __mmask16 valid = _mm512_cmp_ps_mask(x, vneg, _CMP_GT_OQ);
+      const __mmask16 valid = _mm512_cmp_ps_mask(x, vneg, _CMP_NEQ_UQ);  // masked keys only
       const __m512 pj = _mm512_maskz_mov_ps(valid, exp_ps(_mm512_sub_ps(x, vmax)));
       _mm512_storeu_ps(sr + j, pj);
       sum = _mm512_add_ps(sum, pj);

@@ -49,6 +49,12 @@ inline void for_each_key(const KeyBlocks& kv, int jb, int je, Score&& score) {
   }
 }
 
+// max(a, b), NaN when either is NaN (a NaN score makes its row NaN, as in torch's softmax).
+inline float max_nan(float a, float b) {
+  if (a != a || b != b) return a + b;
+  return a > b ? a : b;
+}
+
 // The scalar start of an online-softmax step over one row of scores sr[0, np) whose keys are
 // [jb, je), jb < je: the scores outside them become -inf. Returns the row's new running max (of
 // m and its scores) and sets *alpha to exp(m - new max), the factor for what was accumulated
@@ -59,11 +65,11 @@ inline float mask_scores_and_max(float* sr, int np, int jb, int je, float m, flo
   for (int j = 0; j < np; ++j) {
     if (j < jb || j >= je) {
       sr[j] = neg_inf;
-    } else if (sr[j] > block_max) {
-      block_max = sr[j];
+    } else {
+      block_max = max_nan(block_max, sr[j]);
     }
   }
-  const float m_new = m > block_max ? m : block_max;
+  const float m_new = max_nan(m, block_max);
   *alpha = m == neg_inf ? 0.0f : expf(m - m_new);
   return m_new;
 }
