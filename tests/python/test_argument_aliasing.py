@@ -184,3 +184,22 @@ def test_nan_in_the_cache_reaches_the_output_as_in_torch(isa: str, q_len: int) -
         assert torch.isnan(y[:, 0]).all() and torch.isfinite(y[:, 1:]).all()
     finally:
         ops.set_linear_cpu_isa(previous)
+
+
+def test_out_of_range_ints_are_named() -> None:
+    args = dict(
+        block_tables=torch.tensor([[1]], dtype=torch.int32),
+        seq_lens=torch.tensor([1], dtype=torch.int32),
+        query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+        scale=0.125,
+    )
+    cache = torch.zeros(4, 16, 2, 64)
+    with pytest.raises(ValueError, match="max_query_len must fit in int32"):
+        ops.paged_attention(
+            torch.empty(1, 4, 64),
+            torch.randn(1, 4, 64),
+            cache,
+            cache.clone(),
+            **args,
+            max_query_len=2**40,
+        )

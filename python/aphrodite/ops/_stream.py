@@ -16,6 +16,15 @@ def stream_of(t: Any) -> int:
     return 0
 
 
+def int32_arg(value: Any, name: str) -> int:
+    """``value`` as an int the core's int32 parameters take; a clear ValueError otherwise (the
+    bindings' own error would list every argument, tensors included)."""
+    as_int = int(value)
+    if not -(2**31) <= as_int < 2**31:
+        raise ValueError(f"{name} must fit in int32, got {as_int}")
+    return as_int
+
+
 def capsule(t: Any) -> Any:
     """A torch tensor as a DLPack capsule made in C (about 0.3 us) instead of through
     ``Tensor.__dlpack__`` (2-3 us on the CPU; on CUDA it also builds stream objects to compare

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from aphrodite import _C
-from aphrodite.ops._stream import capsule, optional_capsule, stream_of
+from aphrodite.ops._stream import capsule, int32_arg, optional_capsule, stream_of
 
 
 def reshape_and_cache(
@@ -76,8 +76,8 @@ def paged_attention(
         capsule(seq_lens),
         capsule(query_start_loc),
         float(scale),
-        int(sliding_window),
+        int32_arg(sliding_window, "sliding_window"),
         workspace=optional_capsule(workspace),
         stream=stream_of(key_cache),
-        max_query_len=int(max_query_len),
+        max_query_len=int32_arg(max_query_len, "max_query_len"),
     )
