@@ -349,3 +349,26 @@ def test_numpy_pixels_are_copied_when_the_request_is_added(llm):
     while engine.has_unfinished_requests():
         outputs += engine.step()
     assert outputs[-1].outputs[0].token_ids == expected
+
+
+def test_the_completions_of_one_prompt_encode_its_image_once(checkpoint, monkeypatch):
+    # The default token budget schedules the three completions in the same step.
+    llm = LLM(
+        model=checkpoint, device="cpu", dtype="float32", max_model_len=256, kv_cache_memory_gb=0.01
+    )
+    runner = llm.llm_engine.runner
+    encode = runner.model.encode_images
+    batches = []
+
+    def counting(pixel_values):
+        batches.append(pixel_values.shape[0])
+        return encode(pixel_values)
+
+    monkeypatch.setattr(runner.model, "encode_images", counting)
+    prompt = {"prompt": QUESTION, "multi_modal_data": {"image": _image(80)}}
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, n=3)
+    out = llm.generate(prompt, params, use_tqdm=False)[0]
+    assert batches == [1]  # one image through the vision tower, not three
+    llm.llm_engine.reset_prefix_cache()
+    single = llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    assert [c.token_ids for c in out.outputs] == [single] * 3

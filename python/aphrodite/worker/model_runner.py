@@ -175,9 +175,13 @@ class ModelRunner:
     def _encode(
         self, items: list[tuple[str, int]], mm_inputs: Callable[[str, int], MMInput]
     ) -> None:
-        """Encodes the images scheduled this step in one batch and caches their embeddings."""
+        """Encodes the images scheduled this step in one batch and caches their embeddings. An
+        image object listed for several keys (the completions of an n > 1 request share their
+        prompt's images) is encoded once."""
         c = self.model_config
-        image_keys, images = [], []
+        image_keys: list[list[tuple[str, int]]] = []  # per image to encode, the keys it serves
+        images: list[np.ndarray] = []
+        seen: dict[int, int] = {}  # id(item) -> index in images
         for request_id, mm_index in items:
             key = (request_id, int(mm_index))
             item = mm_inputs(request_id, key[1])
@@ -189,19 +193,23 @@ class ModelRunner:
                         f"expected {expected}"
                     )
                 self.encoder_cache[key] = item.to(device=self.device, dtype=self.dtype)
+            elif id(item) in seen:
+                image_keys[seen[id(item)]].append(key)
             else:
                 image = np.asarray(item)
                 if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                     raise ValueError(
                         f"image {key} must be RGB uint8 [H, W, 3], got {image.dtype} {image.shape}"
                     )
-                image_keys.append(key)
+                seen[id(item)] = len(images)
+                image_keys.append([key])
                 images.append(image)
         if not images:
             return
         embeddings = self.model.encode_images(self.preprocess(images))
-        for key, embedding in zip(image_keys, embeddings):
-            self.encoder_cache[key] = embedding
+        for keys, embedding in zip(image_keys, embeddings):
+            for key in keys:
+                self.encoder_cache[key] = embedding
 
     # Memory profiling -------------------------------------------------------------------------
 
