@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import CUDA_USABLE
 from PIL import Image
 
 from aphrodite import LLM, SamplingParams
@@ -51,25 +52,12 @@ def test_capture_needs_cuda(tmp_path) -> None:
         runner.capture_cuda_graphs(4)
 
 
-def test_graph_decode_matches_eager_on_cuda(tmp_path) -> None:
+@pytest.mark.skipif(not CUDA_USABLE, reason="no usable CUDA device")
+def test_graph_decode_matches_eager_on_cuda(tiny64) -> None:
     """Greedy bf16 generation with graphs (4 requests, then 2, then 1 as they finish: batches
     equal to the buckets, so the eager GEMMs see the same row counts) gives exactly the eager
     engine's tokens: same kernels, and contexts short enough that no context split differs."""
-    from conftest import CUDA_USABLE
-
-    if not CUDA_USABLE:
-        pytest.skip("no usable CUDA device")
-    checkpoint = build_tiny_llava(
-        tmp_path / "tiny64",
-        hidden_size=128,
-        intermediate_size=256,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vision_hidden_size=64,
-        vision_intermediate_size=128,
-        vision_num_attention_heads=1,
-        seed=7,
-    )
+    checkpoint = tiny64
     image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 52, 3), dtype=np.uint8))
     prompts = [
         {"prompt": "USER: <image>\nWhat is this? ASSISTANT:", "multi_modal_data": {"image": image}},

@@ -235,22 +235,6 @@ def test_cpu_kv_cache_sizing(tiny, monkeypatch):
         determine_num_kv_blocks(runner, 16, cpu_kvcache_space_gib=1e-9)
 
 
-@pytest.fixture(scope="module")
-def tiny64(tmp_path_factory):
-    # head_dim 64: a size the CUDA attention kernels take.
-    return build_tiny_llava(
-        tmp_path_factory.mktemp("tiny64") / "ckpt",
-        hidden_size=128,
-        intermediate_size=256,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vision_hidden_size=64,
-        vision_intermediate_size=128,
-        vision_num_attention_heads=1,
-        seed=7,
-    )
-
-
 def test_bfloat16_matches_hf_on_device(tiny64, device):
     """bf16 on each device against HF in bf16 on the same device, teacher-forced on HF's greedy
     tokens (so that one bf16 near-tie cannot derail the rest): logprobs within bf16 tolerance."""

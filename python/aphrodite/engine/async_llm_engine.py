@@ -316,9 +316,7 @@ class AsyncLLMEngine:
         """A step failed and the LLMEngine aborted the requests it ran: their streams end with
         the error; the others go on."""
         logger.exception("engine step failed; its requests are aborted")
-        failed = list(self.engine.failed_request_ids)
-        self.engine.failed_request_ids.clear()
-        for request_id in failed:
+        for request_id in self.engine.failed_request_ids:
             stream = self._streams.pop(request_id, None)
             if stream is not None:
                 self._finish_timing(request_id, "abort")

@@ -168,7 +168,7 @@ class LLMEngine:
         self._seqs: dict[str, _Sequence] = {}
         self._token_text: dict[tuple[int, bool], str] = {}
         self._open_plan: Any = None  # a scheduled plan whose update() has not run yet
-        # Requests aborted because a step failed (for callers that report them; they clear it).
+        # Requests aborted because the last step failed (for callers that report them).
         self.failed_request_ids: list[str] = []
         self._request_counter = itertools.count()
 
@@ -383,6 +383,7 @@ class LLMEngine:
         ``finished_only``: return only the requests that finished in this step, for callers
         that do not stream (building every running request's output each step copies its
         prompt and output ids: work that grows with the sequences' lengths)."""
+        self.failed_request_ids.clear()  # the last step's, read by its caller already
         if self._open_plan is not None:
             # The last step was interrupted while it abandoned its plan (a second Ctrl-C).
             self._abandon_plan(self._open_plan)

@@ -117,7 +117,7 @@ class InputPreprocessor:
         if unknown:
             raise ValueError(f"unsupported multimodal data {sorted(unknown)}: only 'image'")
         images = self._image_items(mm_data["image"]) if "image" in mm_data else []
-        token_ids, offsets = self._expand_placeholders(token_ids, len(images))
+        token_ids, offsets = self.expand_placeholders(token_ids, len(images))
         if len(token_ids) >= self.max_model_len:
             expanded = (
                 f" (images expanded to {self.num_image_tokens} tokens each)" if images else ""
@@ -226,7 +226,7 @@ class InputPreprocessor:
             raise ValueError(f"image embeddings must be floating point, got {embeds.dtype}")
         return hash_embeddings(embeds), embeds
 
-    def _expand_placeholders(self, token_ids: list[int], num_images: int):
+    def expand_placeholders(self, token_ids: list[int], num_images: int):
         """Expands each image token to num_image_tokens copies; returns (ids, offsets). A
         prompt whose image tokens are already expanded (num_images runs of num_image_tokens)
         is kept as is."""

@@ -200,7 +200,6 @@ def build_app(
     max_model_len: int,
     image_placeholder: str,
     chat_template: ChatTemplate | None,
-    num_image_tokens: int = 1,
     fetch_policy: MediaFetchPolicy,
     max_images: int | None = None,
     max_request_bytes: int | None = None,
@@ -216,8 +215,7 @@ def build_app(
     ctx = ServingContext(
         engine=engine, tokenizer=tokenizer, served_model_names=served_model_names,
         model_path=model_path, max_model_len=max_model_len,
-        image_placeholder=image_placeholder, num_image_tokens=num_image_tokens,
-        max_images=max_images, fetcher=fetcher,
+        image_placeholder=image_placeholder, max_images=max_images, fetcher=fetcher,
         metrics=metrics, log_requests=log_requests,
         trust_request_chat_template=trust_request_chat_template,
     )
@@ -344,7 +342,7 @@ def build_app(
                 text, urls = await chat.render_prompt_async(req)
                 ids = await ctx.tokenize_async(text, add_special_tokens=ctx.chat_needs_bos(text))
                 # Each image takes num_image_tokens positions, as in the engine's prompt.
-                ids = ctx.expand_image_tokens(ids) if urls else ids
+                ids = ctx.expand_image_tokens(ids, len(urls)) if urls else ids
             else:
                 req = TokenizeCompletionRequest.model_validate(body)
                 ctx.check_model(req.model)
@@ -446,7 +444,6 @@ def run_server_from_args(args: argparse.Namespace, parser: argparse.ArgumentPars
         tokenizer=tokenizer, model_path=args.model, served_model_names=names,
         max_model_len=engine.max_model_len,
         image_placeholder=tokenizer.convert_ids_to_tokens(config.image_token_id),
-        num_image_tokens=config.num_image_tokens,
         chat_template=chat_template, fetch_policy=policy,
         max_images=engine_args.limit_mm_per_prompt["image"], api_keys=keys,
         response_role=args.response_role, log_requests=not args.disable_log_requests,

@@ -66,7 +66,6 @@ class ServingContext:
     fetcher: Any  # ImageFetcher
     metrics: Any  # ServerMetrics
     log_requests: bool = True
-    num_image_tokens: int = 1  # prompt positions per image
     # Whether requests may bring their own chat template (--trust-request-chat-template): a
     # template is code the server runs, with no time limit.
     trust_request_chat_template: bool = False
@@ -94,17 +93,10 @@ class ServingContext:
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    def expand_image_tokens(self, ids: list[int]) -> list[int]:
-        """Token ids with each image placeholder repeated num_image_tokens times (the prompt
-        the engine runs)."""
-        image_id = self.tokenizer.convert_tokens_to_ids(self.image_placeholder)
-        out: list[int] = []
-        for t in ids:
-            if t == image_id:
-                out.extend([t] * self.num_image_tokens)
-            else:
-                out.append(t)
-        return out
+    def expand_image_tokens(self, ids: list[int], num_images: int) -> list[int]:
+        """Token ids with each image placeholder expanded as the engine expands it (the
+        prompt it runs)."""
+        return self.engine.engine.preprocessor.expand_placeholders(ids, num_images)[0]
 
     async def tokenize_async(self, text: str, add_special_tokens: bool) -> list[int]:
         """:meth:`tokenize` on a worker thread: a long text does not hold up the event loop."""
