@@ -23,6 +23,8 @@
 
 #include "cuda_check.cuh"
 #include "internal/linear_cuda.h"
+#include "linear_common.cuh"
+#include "linear_sm90.cuh"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "the CUDA linear kernels need sm_80 or newer (mma.sync bf16, cp.async)"
@@ -32,35 +34,8 @@ namespace aphrodite::detail {
 
 namespace {
 
-template <typename T>
-struct TypeTraits;
-
-template <>
-struct TypeTraits<__nv_bfloat16> {
-  using Pair = __nv_bfloat162;
-  static __device__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-  static __device__ Pair pair(float a, float b) { return __floats2bfloat162_rn(a, b); }
-};
-
-template <>
-struct TypeTraits<__half> {
-  using Pair = __half2;
-  static __device__ float to_float(__half v) { return __half2float(v); }
-  static __device__ __half from_float(float v) { return __float2half_rn(v); }
-  static __device__ Pair pair(float a, float b) { return __floats2half2_rn(a, b); }
-};
-
-__device__ __forceinline__ float activate(float v, int act) {
-  if (act == static_cast<int>(Activation::kGeluErf)) {
-    return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-  }
-  if (act == static_cast<int>(Activation::kGeluTanh)) {
-    const float y = 0.7978845608028654f * (v + 0.044715f * v * v * v);
-    return 0.5f * v * (1.0f + tanhf(y));
-  }
-  return v;
-}
+using linear_kernels::activate;
+using linear_kernels::TypeTraits;
 
 __device__ __forceinline__ std::uint32_t smem_address(const void* p) {
   return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
@@ -291,15 +266,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm)
       for (int half = 0; half < 2; ++half) {
         const long long row = m0 + warp_m * Cfg::kWarpM + i * 16 + lane / 4 + half * 8;
         if (row >= args.m) continue;
-        const float v0 = activate(acc[i][j][2 * half] + bias0, args.act);
-        const float v1 = activate(acc[i][j][2 * half + 1] + bias1, args.act);
-        T* dst = out + row * args.ldo + col;
-        if (second && args.pair_stores) {
-          *reinterpret_cast<typename Traits::Pair*>(dst) = Traits::pair(v0, v1);
-        } else {
-          dst[0] = Traits::from_float(v0);
-          if (second) dst[1] = Traits::from_float(v1);
-        }
+        linear_kernels::store_pair(out + row * args.ldo + col, acc[i][j][2 * half],
+                                   acc[i][j][2 * half + 1], bias0, bias1, args.act, second,
+                                   args.pair_stores != 0);
       }
     }
   }
@@ -418,7 +387,9 @@ void launch(const LinearCudaArgs& a) {
     throw ValueError("linear on CUDA supports at most " + std::to_string(max_rows) +
                      " rows for these inputs, got " + std::to_string(a.m));
   }
-  if (tiled) {
+  if (use_wgmma_linear(a, tiled)) {
+    linear_wgmma(a);
+  } else if (tiled) {
     switch (choose_tiling(a.m, a.n, a.device)) {
       case TilingChoice::kLarge:
         launch_tiled<T, TilingLarge>(k, a.device, stream);

@@ -83,6 +83,17 @@ row "  CUDA cases" "" "$(cat "$out/pytest-cuda.txt")"
 rm -f "$out/pytest.xml" "$out/pytest-cuda.txt"
 grep -E "^(FAILED|ERROR)" "$out/pytest.log" | head -n 30
 
+# 2b. The wgmma GEMM (sm_90a; opt-in through APHRODITE_CUDA_GEMM until it has passed here): the
+#     CUDA cases of the linear, projector and model tests again, in their own process (a kernel
+#     that traps takes its CUDA context down with it).
+APHRODITE_CUDA_GEMM=wgmma "$py" -m pytest tests/python/test_linear.py \
+  tests/python/test_projector.py tests/python/test_llava_model.py -q -k cuda --timeout=120 \
+  -p no:cacheprovider -rfEs >"$out/pytest-wgmma.log" 2>&1
+rc=$?
+row "pytest wgmma GEMM (cuda)" "$([ $rc = 0 ] && echo PASS || echo FAIL)" \
+  "$(tail -n 1 "$out/pytest-wgmma.log")"
+grep -E "^(FAILED|ERROR)" "$out/pytest-wgmma.log" | head -n 10
+
 # 3. Benchmarks: the C++ binaries, then ours against torch / HF on the GPU in the same process.
 bench() {  # name, time limit, command...
   local name=$1 limit=$2
@@ -101,6 +112,8 @@ if [ $quick = 0 ]; then
   done
   bench bench_attention_cuda 180 "$py" benchmarks/bench_attention.py --device cuda
   bench bench_projector_cuda 120 "$py" benchmarks/bench_projector.py --device cuda
+  bench bench_projector_cuda_wgmma 120 env APHRODITE_CUDA_GEMM=wgmma \
+    "$py" benchmarks/bench_projector.py --device cuda
   bench bench_vision_cpu 120 "$py" benchmarks/bench_vision.py --images 16 --repeats 1
   if [ -f benchmarks/offline_throughput.py ]; then
     bench offline_throughput_cuda 300 "$py" benchmarks/offline_throughput.py --device cuda \

@@ -1,0 +1,58 @@
+// Pieces shared by the CUDA linear kernels (linear.cu: mma.sync; linear_sm90.cu: wgmma): the
+// 16-bit types' conversions and the epilogue's activation.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "aphrodite/linear.h"
+
+namespace aphrodite::detail::linear_kernels {
+
+template <typename T>
+struct TypeTraits;
+
+template <>
+struct TypeTraits<__nv_bfloat16> {
+  using Pair = __nv_bfloat162;
+  static __device__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  static __device__ Pair pair(float a, float b) { return __floats2bfloat162_rn(a, b); }
+};
+
+template <>
+struct TypeTraits<__half> {
+  using Pair = __half2;
+  static __device__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __half from_float(float v) { return __float2half_rn(v); }
+  static __device__ Pair pair(float a, float b) { return __floats2half2_rn(a, b); }
+};
+
+__device__ __forceinline__ float activate(float v, int act) {
+  if (act == static_cast<int>(Activation::kGeluErf)) {
+    return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+  }
+  if (act == static_cast<int>(Activation::kGeluTanh)) {
+    const float y = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+    return 0.5f * v * (1.0f + tanhf(y));
+  }
+  return v;
+}
+
+// Applies bias and activation to two accumulators of one output row at columns col, col + 1
+// (the second only when second_valid) and stores them, as one 4-byte pair when allowed.
+template <typename T>
+__device__ __forceinline__ void store_pair(T* dst, float v0, float v1, float bias0, float bias1,
+                                           int act, bool second_valid, bool pair_store) {
+  using Traits = TypeTraits<T>;
+  v0 = activate(v0 + bias0, act);
+  v1 = activate(v1 + bias1, act);
+  if (second_valid && pair_store) {
+    *reinterpret_cast<typename Traits::Pair*>(dst) = Traits::pair(v0, v1);
+  } else {
+    dst[0] = Traits::from_float(v0);
+    if (second_valid) dst[1] = Traits::from_float(v1);
+  }
+}
+
+}  // namespace aphrodite::detail::linear_kernels

@@ -1,0 +1,600 @@
+// CUDA linear on Hopper (sm_90a): out = act(x @ w^T + bias), as linear.cu computes it, with the
+// warpgroup tensor-core instructions (wgmma) fed by the bulk tensor copy engine (TMA).
+//
+// One block computes a BM x BN tile of out, BM = 64 x Consumers. Warpgroups 0 .. Consumers-1
+// (four warps each) are the consumers: each owns 64 rows of the tile and issues m64nBNk16 wgmma
+// instructions whose operands the tensor cores read straight from shared memory, accumulating in
+// float32 registers. The last warp is the producer: one of its threads issues the TMA copies of
+// x's and w's 64-wide K slices into a ring of Stages shared-memory buffers. Each buffer has two
+// mbarriers: `full` completes when the copies have landed (TMA counts the bytes it wrote) and
+// `empty` when every consumer warpgroup has finished reading it. TMA writes each tile in the
+// 128-byte swizzled layout that the wgmma descriptors name, and fills the parts of a box past the
+// edges of x and w with zeros, so any M, N and K work (K a multiple of 8 and 16-byte aligned rows,
+// as TMA needs; linear.cu checks that before choosing this kernel). The epilogue (bias,
+// activation, one rounding) is the mma.sync kernel's, from the accumulator registers.
+//
+// Both operands are K-major ("TN": x is [M, K] and w is [N, K], row-major), the layout wgmma takes
+// without transposes. Device code exists only in the sm_90a build (wgmma is an sm_90a feature);
+// the host side runs it only on compute capability 9.0 devices of a build that has that code.
+#include <cuda.h>  // CUtensorMap and its enums (the encoder itself comes from the driver)
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "cuda_check.cuh"
+#include "linear_common.cuh"
+#include "linear_sm90.cuh"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define APHRODITE_WGMMA_DEVICE_CODE 1
+#endif
+
+namespace aphrodite::detail {
+
+namespace {
+
+using linear_kernels::TypeTraits;
+
+struct EpilogueArgs {
+  void* out;
+  long long ldo;
+  const void* bias;
+  long long m, n, k;
+  int act;
+  int pair_stores;  // out's rows allow 4-byte stores of column pairs
+};
+
+// A tiling: Consumers warpgroups of 64 rows each, BN columns, K in 64-element slices (one
+// 128-byte swizzle row of 2-byte elements) through Stages buffers.
+template <int Consumers, int BN, int Stages>
+struct WgmmaTiling {
+  static constexpr int kConsumers = Consumers;
+  static constexpr int kBlockM = 64 * kConsumers;
+  static constexpr int kBlockN = BN;
+  static constexpr int kBlockK = 64;
+  static constexpr int kStages = Stages;
+  static constexpr int kThreads = 128 * kConsumers + 32;  // the consumers, then the producer warp
+  static constexpr int kTileXBytes = kBlockM * kBlockK * 2;
+  static constexpr int kTileWBytes = kBlockN * kBlockK * 2;
+  static constexpr int kStageBytes = kTileXBytes + kTileWBytes;
+  // The tiles, the 2 x Stages mbarriers, and room to start the tiles on a 1024-byte boundary
+  // (the swizzle pattern's period, which the descriptors assume).
+  static constexpr int kSmemBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;
+  // Consumers release a buffer one tile late (one wgmma group stays in flight); the producer
+  // refills buffer s only after that, so two buffers are the least that makes progress.
+  static_assert(kStages >= 2, "the release trails the multiplies by one tile");
+  static_assert(kTileXBytes % 1024 == 0 && kTileWBytes % 1024 == 0,
+                "every tile starts on a swizzle period");
+  static_assert(BN % 8 == 0 && BN <= 256 && kBlockM <= 256, "TMA boxes hold at most 256 rows");
+};
+
+// 128 x 256: the most reuse per loaded byte, for large grids.
+using WgmmaWide = WgmmaTiling<2, 256, 4>;
+// 192 x 128: LLaVA's 576 image tokens are exactly 3 row tiles (96 tiles at N = 4096: one round
+// on an H100/H200).
+using WgmmaTall = WgmmaTiling<3, 128, 5>;
+// 128 x 128: more, smaller tiles for small grids.
+using WgmmaSquare = WgmmaTiling<2, 128, 6>;
+
+#ifdef APHRODITE_WGMMA_DEVICE_CODE
+
+__device__ __forceinline__ std::uint32_t smem_u32(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(std::uint32_t bar, std::uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+// One arrival that also announces `bytes` of asynchronous copies the phase must wait for.
+__device__ __forceinline__ void mbar_arrive_expect_tx(std::uint32_t bar, std::uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(std::uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ bool mbar_try_wait(std::uint32_t bar, std::uint32_t parity) {
+  std::uint32_t done = 0;
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n"
+      "}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+__device__ __forceinline__ unsigned long long global_timer_ns() {
+  unsigned long long t = 0;
+  asm volatile("mov.u64 %0, %globaltimer;\n" : "=l"(t));
+  return t;
+}
+
+// Waits until the phase of the given parity has completed (acquire: what the phase's arrivals
+// and copies wrote is visible afterwards). Waiting on the parity before the first phase returns
+// at once, which lets the producer's first pass over the ring skip its waits. A wait that lasts
+// 10 seconds (a copy that never lands) traps: a launch error instead of a hung GPU.
+__device__ __forceinline__ void mbar_wait(std::uint32_t bar, std::uint32_t parity) {
+  if (mbar_try_wait(bar, parity)) return;
+  const unsigned long long start = global_timer_ns();
+  while (!mbar_try_wait(bar, parity)) {
+    if (global_timer_ns() - start > 10'000'000'000ull) __trap();
+  }
+}
+
+// Copies the box of `map` at (column c0, row c1) into shared memory at dst, completing `bar`'s
+// transaction count.
+__device__ __forceinline__ void tma_load_2d(std::uint32_t dst, const CUtensorMap* map,
+                                            std::uint32_t bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<std::uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+
+// A wgmma shared-memory matrix descriptor for a K-major tile stored as 128-byte rows with the
+// 128-byte swizzle: start address, leading byte offset (unused for this layout; 16 by
+// convention), stride byte offset 1024 (from one group of 8 rows to the next), swizzle mode 1.
+__device__ __forceinline__ std::uint64_t smem_descriptor(std::uint32_t address) {
+  std::uint64_t desc = (address & 0x3FFFFu) >> 4;
+  desc |= std::uint64_t{16 >> 4} << 16;
+  desc |= std::uint64_t{1024 >> 4} << 32;
+  desc |= std::uint64_t{1} << 62;
+  return desc;
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void wgmma_wait_one() {
+  asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void wgmma_wait_all() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+
+// d += A (64 x 16, K-major, desc_a) * B (N x 16, K-major, desc_b)^T for one warpgroup; d holds
+// the thread's N / 2 float32 accumulators. scale_d 0 would ignore d's old value.
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], std::uint64_t desc_a,
+                                             std::uint64_t desc_b, int scale_d);
+
+template <>
+__device__ __forceinline__ void wgmma_m64k16<__nv_bfloat16, 128>(float (&d)[64],
+                                                                 std::uint64_t desc_a,
+                                                                 std::uint64_t desc_b,
+                                                                 int scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7,"
+      " %8, %9, %10, %11, %12, %13, %14, %15,"
+      " %16, %17, %18, %19, %20, %21, %22, %23,"
+      " %24, %25, %26, %27, %28, %29, %30, %31,"
+      " %32, %33, %34, %35, %36, %37, %38, %39,"
+      " %40, %41, %42, %43, %44, %45, %46, %47,"
+      " %48, %49, %50, %51, %52, %53, %54, %55,"
+      " %56, %57, %58, %59, %60, %61, %62, %63},"
+      " %64, %65, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d)
+      : "memory");
+}
+
+template <>
+__device__ __forceinline__ void wgmma_m64k16<__half, 128>(float (&d)[64], std::uint64_t desc_a,
+                                                          std::uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7,"
+      " %8, %9, %10, %11, %12, %13, %14, %15,"
+      " %16, %17, %18, %19, %20, %21, %22, %23,"
+      " %24, %25, %26, %27, %28, %29, %30, %31,"
+      " %32, %33, %34, %35, %36, %37, %38, %39,"
+      " %40, %41, %42, %43, %44, %45, %46, %47,"
+      " %48, %49, %50, %51, %52, %53, %54, %55,"
+      " %56, %57, %58, %59, %60, %61, %62, %63},"
+      " %64, %65, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d)
+      : "memory");
+}
+
+template <>
+__device__ __forceinline__ void wgmma_m64k16<__nv_bfloat16, 256>(float (&d)[128],
+                                                                 std::uint64_t desc_a,
+                                                                 std::uint64_t desc_b,
+                                                                 int scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7,"
+      " %8, %9, %10, %11, %12, %13, %14, %15,"
+      " %16, %17, %18, %19, %20, %21, %22, %23,"
+      " %24, %25, %26, %27, %28, %29, %30, %31,"
+      " %32, %33, %34, %35, %36, %37, %38, %39,"
+      " %40, %41, %42, %43, %44, %45, %46, %47,"
+      " %48, %49, %50, %51, %52, %53, %54, %55,"
+      " %56, %57, %58, %59, %60, %61, %62, %63,"
+      " %64, %65, %66, %67, %68, %69, %70, %71,"
+      " %72, %73, %74, %75, %76, %77, %78, %79,"
+      " %80, %81, %82, %83, %84, %85, %86, %87,"
+      " %88, %89, %90, %91, %92, %93, %94, %95,"
+      " %96, %97, %98, %99, %100, %101, %102, %103,"
+      " %104, %105, %106, %107, %108, %109, %110, %111,"
+      " %112, %113, %114, %115, %116, %117, %118, %119,"
+      " %120, %121, %122, %123, %124, %125, %126, %127},"
+      " %128, %129, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]),
+        "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]),
+        "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),
+        "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]),
+        "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]),
+        "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),
+        "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]),
+        "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]),
+        "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d)
+      : "memory");
+}
+
+template <>
+__device__ __forceinline__ void wgmma_m64k16<__half, 256>(float (&d)[128], std::uint64_t desc_a,
+                                                          std::uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7,"
+      " %8, %9, %10, %11, %12, %13, %14, %15,"
+      " %16, %17, %18, %19, %20, %21, %22, %23,"
+      " %24, %25, %26, %27, %28, %29, %30, %31,"
+      " %32, %33, %34, %35, %36, %37, %38, %39,"
+      " %40, %41, %42, %43, %44, %45, %46, %47,"
+      " %48, %49, %50, %51, %52, %53, %54, %55,"
+      " %56, %57, %58, %59, %60, %61, %62, %63,"
+      " %64, %65, %66, %67, %68, %69, %70, %71,"
+      " %72, %73, %74, %75, %76, %77, %78, %79,"
+      " %80, %81, %82, %83, %84, %85, %86, %87,"
+      " %88, %89, %90, %91, %92, %93, %94, %95,"
+      " %96, %97, %98, %99, %100, %101, %102, %103,"
+      " %104, %105, %106, %107, %108, %109, %110, %111,"
+      " %112, %113, %114, %115, %116, %117, %118, %119,"
+      " %120, %121, %122, %123, %124, %125, %126, %127},"
+      " %128, %129, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]),
+        "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]),
+        "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),
+        "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]),
+        "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]),
+        "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),
+        "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]),
+        "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]),
+        "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d)
+      : "memory");
+}
+
+#endif  // APHRODITE_WGMMA_DEVICE_CODE
+
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    linear_wgmma_kernel(const __grid_constant__ CUtensorMap x_map,
+                        const __grid_constant__ CUtensorMap w_map, EpilogueArgs args) {
+#ifdef APHRODITE_WGMMA_DEVICE_CODE
+  constexpr int kStages = Cfg::kStages;
+  constexpr int kBlockN = Cfg::kBlockN;
+  extern __shared__ unsigned char smem_raw[];
+  const std::uint32_t raw = smem_u32(smem_raw);
+  const std::uint32_t tiles = (raw + 1023u) & ~1023u;  // stage s at tiles + s * kStageBytes
+  const std::uint32_t full = tiles + kStages * Cfg::kStageBytes;  // kStages mbarriers
+  const std::uint32_t empty = full + kStages * 8;                 // kStages more
+
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  // Row and column tiles are at most 65535 * 192 and 2^31 / 2 elements in: int coordinates, as
+  // TMA takes them.
+  const int m0 = static_cast<int>(blockIdx.y) * Cfg::kBlockM;
+  const int n0 = static_cast<int>(blockIdx.x) * kBlockN;
+  const int k_tiles = static_cast<int>((args.k + Cfg::kBlockK - 1) / Cfg::kBlockK);
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full + 8 * s, 1);                 // the producer's arrive.expect_tx
+      mbar_init(empty + 8 * s, Cfg::kConsumers);  // one arrival per consumer warpgroup
+    }
+    // Make the initialised barriers visible to the copy engine (the async proxy) too.
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == 4 * Cfg::kConsumers) {
+    // Producer. Use u of buffer s (k tile u * kStages + s) waits for the consumers' release of
+    // use u - 1, the empty barrier's phase u - 1; for u = 0 the wait on parity 1 returns at once.
+    if (lane == 0) {
+      for (int kt = 0; kt < k_tiles; ++kt) {
+        const int s = kt % kStages;
+        const std::uint32_t use = static_cast<std::uint32_t>(kt / kStages);
+        mbar_wait(empty + 8 * s, (use & 1u) ^ 1u);
+        const std::uint32_t stage = tiles + s * Cfg::kStageBytes;
+        mbar_arrive_expect_tx(full + 8 * s, Cfg::kStageBytes);
+        tma_load_2d(stage, &x_map, full + 8 * s, kt * Cfg::kBlockK, m0);
+        tma_load_2d(stage + Cfg::kTileXBytes, &w_map, full + 8 * s, kt * Cfg::kBlockK, n0);
+      }
+    }
+    return;
+  }
+
+  // Consumers: warpgroup wg multiplies rows [wg * 64, wg * 64 + 64) of the tile.
+  const int wg = warp / 4;
+  float acc[kBlockN / 2];
+#pragma unroll
+  for (int i = 0; i < kBlockN / 2; ++i) acc[i] = 0.0f;
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    const int s = kt % kStages;
+    mbar_wait(full + 8 * s, static_cast<std::uint32_t>(kt / kStages) & 1u);
+    const std::uint32_t tile_x = tiles + s * Cfg::kStageBytes + wg * 64 * 128;
+    const std::uint32_t tile_w = tiles + s * Cfg::kStageBytes + Cfg::kTileXBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < Cfg::kBlockK / 16; ++kk) {
+      // 16 elements of K are 32 bytes along the (swizzled) 128-byte rows.
+      wgmma_m64k16<T, kBlockN>(acc, smem_descriptor(tile_x + kk * 32),
+                               smem_descriptor(tile_w + kk * 32), 1);
+    }
+    wgmma_commit();
+    // One group stays in flight, so this tile's multiplies overlap the wait for the next: once
+    // the previous tile's group is complete (its shared-memory reads too), release its buffer.
+    wgmma_wait_one();
+    if (kt > 0 && threadIdx.x % 128 == 0) mbar_arrive(empty + 8 * ((kt - 1) % kStages));
+  }
+  wgmma_wait_all();
+
+  // Epilogue. Accumulators 4j .. 4j+3 of a thread hold the 8-column block j at rows r and r + 8
+  // (r = 16 * warp-in-warpgroup + lane / 4), columns c and c + 1 (c = 8j + 2 * (lane % 4)): the
+  // mma.sync C-fragment layout, repeated along N.
+  T* out = static_cast<T*>(args.out);
+  const T* bias = static_cast<const T*>(args.bias);
+  const long long row0 = m0 + wg * 64 + (warp % 4) * 16 + lane / 4;
+#pragma unroll
+  for (int j = 0; j < kBlockN / 8; ++j) {
+    const long long col = n0 + j * 8 + (lane % 4) * 2;
+    if (col >= args.n) continue;
+    const bool second = col + 1 < args.n;
+    float bias0 = 0.0f, bias1 = 0.0f;
+    if (bias != nullptr) {
+      bias0 = TypeTraits<T>::to_float(bias[col]);
+      if (second) bias1 = TypeTraits<T>::to_float(bias[col + 1]);
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const long long row = row0 + half * 8;
+      if (row >= args.m) continue;
+      linear_kernels::store_pair(out + row * args.ldo + col, acc[4 * j + 2 * half],
+                                 acc[4 * j + 2 * half + 1], bias0, bias1, args.act, second,
+                                 args.pair_stores != 0);
+    }
+  }
+#else
+  // No wgmma in this architecture's code; the host never launches it there.
+  (void)x_map;
+  (void)w_map;
+  (void)args;
+  __trap();
+#endif
+}
+
+// --- host side ---
+
+using EncodeTiledFn = PFN_cuTensorMapEncodeTiled_v12000;
+
+// The driver's tensor-map encoder, looked up once through the runtime (the package links only
+// the static runtime, not libcuda).
+EncodeTiledFn tensor_map_encoder() {
+  static const EncodeTiledFn encoder = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    check_cuda(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
+                                                cudaEnableDefault, &found),
+               "cudaGetDriverEntryPointByVersion(cuTensorMapEncodeTiled)");
+    if (found != cudaDriverEntryPointSuccess || fn == nullptr) {
+      throw DeviceError(
+          "the CUDA driver has no cuTensorMapEncodeTiled (a CUDA 12+ driver is "
+          "needed for the wgmma linear kernel)");
+    }
+    return reinterpret_cast<EncodeTiledFn>(fn);
+  }();
+  return encoder;
+}
+
+// A map of the row-major [rows, k] matrix at base (row stride ld elements) in boxes of 64
+// columns x box_rows rows, swizzled by 128 bytes, zeros past the edges.
+CUtensorMap tile_map(const void* base, long long rows, long long k, long long ld, int box_rows,
+                     DType dtype, const char* name) {
+  // A single row may come with any row stride (it is never used); TMA needs a valid one.
+  if (rows == 1) ld = k;
+  CUtensorMap map;
+  std::memset(&map, 0, sizeof(map));
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t row_stride_bytes[1] = {static_cast<cuuint64_t>(ld) * 2};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult r =
+      tensor_map_encoder()(&map,
+                           dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                     : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                           2, const_cast<void*>(base), dims, row_stride_bytes, box, element_strides,
+                           CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                           CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    throw DeviceError(std::string("cuTensorMapEncodeTiled failed for ") + name + " (CUresult " +
+                      std::to_string(static_cast<int>(r)) + ", " + std::to_string(rows) + " x " +
+                      std::to_string(k) + ", row stride " + std::to_string(ld) + ")");
+  }
+  return map;
+}
+
+template <typename Cfg>
+long long wgmma_tiles(long long m, long long n) {
+  return ((m + Cfg::kBlockM - 1) / Cfg::kBlockM) * ((n + Cfg::kBlockN - 1) / Cfg::kBlockN);
+}
+
+// As linear.cu's tiling_cost: rounds of tiles over the SMs, times the tile's area over its
+// relative rate (an estimate).
+template <typename Cfg>
+double wgmma_cost(long long m, long long n, int sms, double relative_rate) {
+  const long long rounds = (wgmma_tiles<Cfg>(m, n) + sms - 1) / sms;
+  return static_cast<double>(rounds) * Cfg::kBlockM * Cfg::kBlockN / relative_rate;
+}
+
+template <typename T, typename Cfg>
+void launch_wgmma(const LinearCudaArgs& a, const EpilogueArgs& e, cudaStream_t stream) {
+  const auto kernel = linear_wgmma_kernel<T, Cfg>;
+  static std::atomic<std::uint64_t> opted_in{0};
+  const std::uint64_t bit = a.device < 64 ? std::uint64_t{1} << a.device : 0;
+  if (bit == 0 || (opted_in.load(std::memory_order_acquire) & bit) == 0) {
+    check_cuda(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
+        "cudaFuncSetAttribute(linear_wgmma_kernel, maxDynamicSharedMemorySize)");
+    opted_in.fetch_or(bit, std::memory_order_release);
+  }
+  const CUtensorMap x_map = tile_map(a.x, a.m, a.k, a.ldx, Cfg::kBlockM, a.dtype, "x");
+  const CUtensorMap w_map = tile_map(a.w, a.n, a.k, a.ldw, Cfg::kBlockN, a.dtype, "weight");
+  const dim3 grid(static_cast<unsigned>((a.n + Cfg::kBlockN - 1) / Cfg::kBlockN),
+                  static_cast<unsigned>((a.m + Cfg::kBlockM - 1) / Cfg::kBlockM));
+  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(x_map, w_map, e);
+  check_launch("linear_wgmma_kernel");
+}
+
+template <typename T>
+void dispatch(const LinearCudaArgs& a) {
+  EpilogueArgs e{};
+  e.out = a.out;
+  e.ldo = a.ldo;
+  e.bias = a.bias;
+  e.m = a.m;
+  e.n = a.n;
+  e.k = a.k;
+  e.act = static_cast<int>(a.act);
+  e.pair_stores = a.ldo % 2 == 0 && reinterpret_cast<std::uintptr_t>(a.out) % 4 == 0;
+  cudaStream_t stream = to_cuda_stream(a.stream);
+  int sms = 0;
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.device),
+             "cudaDeviceGetAttribute(multiProcessorCount)");
+  const double wide = wgmma_cost<WgmmaWide>(a.m, a.n, sms, 1.0);
+  const double tall = wgmma_cost<WgmmaTall>(a.m, a.n, sms, 0.95);
+  const double square = wgmma_cost<WgmmaSquare>(a.m, a.n, sms, 0.85);
+  if (wide <= tall && wide <= square) {
+    launch_wgmma<T, WgmmaWide>(a, e, stream);
+  } else if (tall <= square) {
+    launch_wgmma<T, WgmmaTall>(a, e, stream);
+  } else {
+    launch_wgmma<T, WgmmaSquare>(a, e, stream);
+  }
+}
+
+bool built_with_sm90a() { return std::strstr(APHRODITE_CUDA_ARCHS_STRING, "90a") != nullptr; }
+
+}  // namespace
+
+bool use_wgmma_linear(const LinearCudaArgs& args, bool tiled) {
+  const char* env = std::getenv("APHRODITE_CUDA_GEMM");
+  const std::string kernel = env == nullptr ? "" : env;
+  if (kernel.empty() || kernel == "mma") return false;
+  if (kernel != "wgmma") {
+    throw ValueError("APHRODITE_CUDA_GEMM must be 'mma' or 'wgmma', got '" + kernel + "'");
+  }
+  int major = 0, minor = 0;
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, args.device),
+             "cudaDeviceGetAttribute(computeCapabilityMajor)");
+  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, args.device),
+             "cudaDeviceGetAttribute(computeCapabilityMinor)");
+  if (major != 9 || minor != 0 || !built_with_sm90a()) {
+    throw DeviceError(
+        "APHRODITE_CUDA_GEMM=wgmma needs a compute capability 9.0 GPU and a build "
+        "with sm_90a code (this build: " APHRODITE_CUDA_ARCHS_STRING "; this device: " +
+        std::to_string(major) + "." + std::to_string(minor) + ")");
+  }
+  // Row tiles map to gridDim.y: the smallest row tile (128) bounds M.
+  return tiled && args.k > 0 && args.m <= 65535LL * 128;
+}
+
+void linear_wgmma(const LinearCudaArgs& args) {
+  if (args.dtype == DType::kBFloat16) {
+    dispatch<__nv_bfloat16>(args);
+  } else {
+    dispatch<__half>(args);
+  }
+}
+
+}  // namespace aphrodite::detail
