@@ -128,12 +128,46 @@ def bench_shape(
         label = ""
 
 
+# Decode-sized linear layers (tokens, in -> out): LLaVA-1.5-7B's attention, MLP up/gate and down
+# projections and the benchmark model's LM head, at one and at 16 tokens. Memory-bound: each call
+# streams its weight once, so the figure is weight bytes per second.
+DECODE_SHAPES = [
+    (1, 4096, 4096),
+    (16, 4096, 4096),
+    (16, 4096, 22016),
+    (16, 11008, 4096),
+    (16, 1024, 32064),
+]
+
+
+def bench_decode_linear(device: str, dtype: torch.dtype, repeats: int) -> None:
+    print(f"\n== {device} ({dtype}) decode-sized linear, best of {repeats}; weight GB/s")
+    print(f"{'shape (T, Din -> D)':<28}{'op':<24}{'ours':>9}{'torch':>9}{'ratio':>8}")
+    gen = torch.Generator().manual_seed(1)
+    for t, d_in, d_out in DECODE_SHAPES:
+        x = torch.randn(t, d_in, generator=gen).to(device=device, dtype=dtype)
+        w = (torch.randn(d_out, d_in, generator=gen) / d_in**0.5).to(device=device, dtype=dtype)
+        out = torch.empty(t, d_out, device=device, dtype=dtype)
+        ours_s, torch_s = timed_pair(
+            lambda x=x, w=w, out=out: ops.linear(x, w, out=out),
+            lambda x=x, w=w: F.linear(x, w),
+            repeats,
+            device,
+        )
+        weight_bytes = w.numel() * w.element_size()
+        ours_gb, torch_gb = weight_bytes / ours_s / 1e9, weight_bytes / torch_s / 1e9
+        label = f"{t}, {d_in} -> {d_out}"
+        print(f"{label:<28}{'linear':<24}{ours_gb:>9.1f}{torch_gb:>9.1f}{ours_gb / torch_gb:>8.2f}")
+
+
 def bench_device(device: str, repeats: int) -> None:
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     print(f"\n== {device} ({dtype}), best of {repeats}, alternating; GFLOP/s; ratio = ours/torch")
     print(f"{'shape (T, Din -> H -> D)':<28}{'op':<24}{'ours':>9}{'torch':>9}{'ratio':>8}")
     for shape in SHAPES:
         bench_shape(device, dtype, shape, repeats)
+    if device == "cuda":
+        bench_decode_linear(device, dtype, repeats)
 
 
 def main() -> None:

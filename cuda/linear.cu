@@ -13,12 +13,16 @@
 // The 16-byte copies need K, the row strides of x and w to be multiples of 8 elements and both
 // base pointers 16-byte aligned; other inputs take a plain one-thread-per-output kernel (correct,
 // not fast).
+//
+// Two more kernels, chosen through APHRODITE_CUDA_GEMM (see choose_gemm): a skinny kernel for
+// decode-sized inputs (M <= 16, below) and, on Hopper, wgmma fed by TMA (linear_sm90.cu).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "cuda_check.cuh"
@@ -274,6 +278,128 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm)
   }
 }
 
+// Decode-sized inputs (M <= 16 rows of x): out^T = w x^T on the tensor cores with the weight as
+// the A operand, so that the features fill the MMA's 16-row side and the few tokens its 8-wide
+// side, instead of a 64-row tile of mostly zeros. A block of 8 warps computes 16 features for
+// every token, its warps taking every 8th 32-element chunk of K (4 chunks in flight per warp), and
+// sums their partial results through shared memory; grids have N / 16 blocks, enough to keep every
+// SM streaming the weight. No shared-memory staging: each lane loads 16 bytes (8 consecutive
+// elements) of feature rows r and r + 8 and of token row r, where r = lane / 4, at K offset
+// 8 * (lane % 4) within the chunk. mma.sync assigns K positions to lanes differently (lane q
+// holds positions 2q, 2q + 1, 2q + 8, 2q + 9 of each 16), but a dot product does not depend on
+// the order of K: elements 0-3 of every lane's load form one m16n8k16 step and elements 4-7 the
+// next, for the weight and the tokens alike, so both operands see the same permutation of K.
+constexpr int kSkinnyWarps = 8;
+constexpr int kSkinnyUnroll = 4;
+constexpr long long kSkinnyMaxRows = 16;
+
+// A 16-byte read-only load; `once` (the weight, read once) keeps it out of L1, where the
+// tokens' rows, read by every block, stay.
+__device__ __forceinline__ uint4 load_16(const void* p, bool once) {
+  uint4 v;
+  if (once) {
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+  } else {
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+  }
+  return v;
+}
+
+// TokenTiles: 8-token groups (1 for M <= 8, 2 for M <= 16).
+template <typename T, int TokenTiles>
+__global__ void __launch_bounds__(32 * kSkinnyWarps) linear_skinny_kernel(KernelArgs args) {
+  using Traits = TypeTraits<T>;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int r = lane / 4;
+  const int q = lane % 4;
+  const long long f0 = static_cast<long long>(blockIdx.x) * 16;
+  const T* w = static_cast<const T*>(args.w);
+  const T* x = static_cast<const T*>(args.x);
+  const int chunks = static_cast<int>((args.k + 31) / 32);
+
+  // Rows past N or M load zeros (their pointers stay at a valid row).
+  const bool lo_valid = f0 + r < args.n;
+  const bool hi_valid = f0 + r + 8 < args.n;
+  const T* w_lo = w + (lo_valid ? (f0 + r) * args.ldw : 0) + 8 * q;
+  const T* w_hi = w + (hi_valid ? (f0 + r + 8) * args.ldw : 0) + 8 * q;
+  bool token_valid[TokenTiles];
+  const T* x_row[TokenTiles];
+#pragma unroll
+  for (int j = 0; j < TokenTiles; ++j) {
+    const long long t = j * 8 + r;
+    token_valid[j] = t < args.m;
+    x_row[j] = x + (token_valid[j] ? t * args.ldx : 0) + 8 * q;
+  }
+
+  float acc[TokenTiles][4];
+#pragma unroll
+  for (int j = 0; j < TokenTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  for (int c0 = warp; c0 < chunks; c0 += kSkinnyWarps * kSkinnyUnroll) {
+    uint4 wl[kSkinnyUnroll], wh[kSkinnyUnroll], xv[kSkinnyUnroll][TokenTiles];
+#pragma unroll
+    for (int u = 0; u < kSkinnyUnroll; ++u) {
+      const int c = c0 + u * kSkinnyWarps;
+      // K is a multiple of 8, so a lane's 8 elements are all inside K or all past it. Every
+      // lane loads (past the end: from chunk 0) and then zeroes what is out of range, so the
+      // loads have no branches around them and all of them can be in flight at once.
+      const bool k_valid = c < chunks && static_cast<long long>(c) * 32 + 8 * q < args.k;
+      const long long off = k_valid ? static_cast<long long>(c) * 32 : 0;
+      const uint4 lo = load_16(w_lo + off, true);
+      const uint4 hi = load_16(w_hi + off, true);
+      wl[u] = k_valid && lo_valid ? lo : zero;
+      wh[u] = k_valid && hi_valid ? hi : zero;
+#pragma unroll
+      for (int j = 0; j < TokenTiles; ++j) {
+        const uint4 t = load_16(x_row[j] + off, false);
+        xv[u][j] = k_valid && token_valid[j] ? t : zero;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kSkinnyUnroll; ++u) {
+      const std::uint32_t a_first[4] = {wl[u].x, wh[u].x, wl[u].y, wh[u].y};
+      const std::uint32_t a_second[4] = {wl[u].z, wh[u].z, wl[u].w, wh[u].w};
+#pragma unroll
+      for (int j = 0; j < TokenTiles; ++j) {
+        mma_16816<T>(acc[j], a_first, xv[u][j].x, xv[u][j].y);
+        mma_16816<T>(acc[j], a_second, xv[u][j].z, xv[u][j].w);
+      }
+    }
+  }
+
+  // Sum the warps' partial tiles: thread i of the block finishes entry i of the (token tile,
+  // accumulator, lane) grid. Accumulator e of a lane is feature r (+8 for e >= 2) and token
+  // 2 * q (+1 for odd e) of its tile.
+  __shared__ float partial[kSkinnyWarps][TokenTiles * 4 * 32];
+#pragma unroll
+  for (int j = 0; j < TokenTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) partial[warp][(j * 4 + e) * 32 + lane] = acc[j][e];
+  __syncthreads();
+  const int i = static_cast<int>(threadIdx.x);
+  if (i >= TokenTiles * 4 * 32) return;
+  float sum = 0.0f;
+#pragma unroll
+  for (int v = 0; v < kSkinnyWarps; ++v) sum += partial[v][i];
+  const int j = i / 128;
+  const int e = (i / 32) % 4;
+  const int l = i % 32;
+  const long long feature = f0 + l / 4 + (e >= 2 ? 8 : 0);
+  const long long token = j * 8 + 2 * (l % 4) + (e & 1);
+  if (feature >= args.n || token >= args.m) return;
+  if (args.bias != nullptr) sum += Traits::to_float(static_cast<const T*>(args.bias)[feature]);
+  static_cast<T*>(args.out)[token * args.ldo + feature] =
+      Traits::from_float(activate(sum, args.act));
+}
+
 // One thread per output element, float32 accumulation: for shapes and layouts the tiled kernel's
 // 16-byte copies cannot take.
 template <typename T>
@@ -362,6 +488,33 @@ void launch_tiled(const KernelArgs& args, int device, cudaStream_t stream) {
   check_launch("linear_mma_kernel");
 }
 
+enum class CudaGemm { kTiled, kSkinny, kWgmma };
+
+// The kernel for args, by APHRODITE_CUDA_GEMM:
+// - "mma" (or unset; the default while the others have not been seen passing on a GPU): the
+//   mma.sync tiled kernel;
+// - "auto": the skinny kernel for M <= 16, the wgmma kernel where it runs (sm_90a code on a
+//   compute capability 9.0 GPU), else the tiled kernel;
+// - "wgmma": the wgmma kernel for every input it takes; where it cannot run, a DeviceError.
+// Inputs the 16-byte loads cannot take (see `tiled`) use the simple kernel whatever is asked.
+CudaGemm choose_gemm(const LinearCudaArgs& a, bool tiled) {
+  const char* env = std::getenv("APHRODITE_CUDA_GEMM");
+  const std::string wanted = env == nullptr ? "" : env;
+  if (wanted.empty() || wanted == "mma") return CudaGemm::kTiled;
+  if (wanted != "auto" && wanted != "wgmma") {
+    throw ValueError("APHRODITE_CUDA_GEMM must be 'mma', 'auto' or 'wgmma', got '" + wanted + "'");
+  }
+  if (!tiled || a.k == 0) return CudaGemm::kTiled;
+  std::string why;
+  const bool wgmma = wgmma_supported(a.device, &why);
+  if (wanted == "wgmma") {
+    if (!wgmma) throw DeviceError("APHRODITE_CUDA_GEMM=wgmma cannot run here (" + why + ")");
+    return CudaGemm::kWgmma;
+  }
+  if (a.m <= kSkinnyMaxRows) return CudaGemm::kSkinny;
+  return wgmma ? CudaGemm::kWgmma : CudaGemm::kTiled;
+}
+
 template <typename T>
 void launch(const LinearCudaArgs& a) {
   KernelArgs k{};
@@ -387,8 +540,17 @@ void launch(const LinearCudaArgs& a) {
     throw ValueError("linear on CUDA supports at most " + std::to_string(max_rows) +
                      " rows for these inputs, got " + std::to_string(a.m));
   }
-  if (use_wgmma_linear(a, tiled)) {
+  const CudaGemm gemm = choose_gemm(a, tiled);
+  if (gemm == CudaGemm::kWgmma) {
     linear_wgmma(a);
+  } else if (gemm == CudaGemm::kSkinny) {
+    const unsigned blocks = static_cast<unsigned>((a.n + 15) / 16);
+    if (a.m <= 8) {
+      linear_skinny_kernel<T, 1><<<blocks, 32 * kSkinnyWarps, 0, stream>>>(k);
+    } else {
+      linear_skinny_kernel<T, 2><<<blocks, 32 * kSkinnyWarps, 0, stream>>>(k);
+    }
+    check_launch("linear_skinny_kernel");
   } else if (tiled) {
     switch (choose_tiling(a.m, a.n, a.device)) {
       case TilingChoice::kLarge:

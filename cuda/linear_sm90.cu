@@ -567,26 +567,18 @@ bool built_with_sm90a() { return std::strstr(APHRODITE_CUDA_ARCHS_STRING, "90a")
 
 }  // namespace
 
-bool use_wgmma_linear(const LinearCudaArgs& args, bool tiled) {
-  const char* env = std::getenv("APHRODITE_CUDA_GEMM");
-  const std::string kernel = env == nullptr ? "" : env;
-  if (kernel.empty() || kernel == "mma") return false;
-  if (kernel != "wgmma") {
-    throw ValueError("APHRODITE_CUDA_GEMM must be 'mma' or 'wgmma', got '" + kernel + "'");
-  }
+bool wgmma_supported(int device, std::string* why) {
   int major = 0, minor = 0;
-  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, args.device),
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
              "cudaDeviceGetAttribute(computeCapabilityMajor)");
-  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, args.device),
+  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device),
              "cudaDeviceGetAttribute(computeCapabilityMinor)");
-  if (major != 9 || minor != 0 || !built_with_sm90a()) {
-    throw DeviceError(
-        "APHRODITE_CUDA_GEMM=wgmma needs a compute capability 9.0 GPU and a build "
-        "with sm_90a code (this build: " APHRODITE_CUDA_ARCHS_STRING "; this device: " +
-        std::to_string(major) + "." + std::to_string(minor) + ")");
+  if (major == 9 && minor == 0 && built_with_sm90a()) return true;
+  if (why != nullptr) {
+    *why = "this build: " APHRODITE_CUDA_ARCHS_STRING "; this device: compute capability " +
+           std::to_string(major) + "." + std::to_string(minor);
   }
-  // Row tiles map to gridDim.y: the smallest row tile (128) bounds M.
-  return tiled && args.k > 0 && args.m <= 65535LL * 128;
+  return false;
 }
 
 void linear_wgmma(const LinearCudaArgs& args) {

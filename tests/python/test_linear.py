@@ -19,7 +19,7 @@ from aphrodite import _C, ops
 
 ACTIVATIONS = ["none", "gelu", "gelu_tanh"]
 # (rows, out_features, in_features): rows 1..300; N and K off the 16-wide panels, the 6-row
-# register tiles, the 256-deep K chunks (CPU) and the 128 x 128 x 32 tiles (CUDA).
+# register tiles, the 256-deep K chunks (CPU) and the tiles of every CUDA kernel.
 SHAPES = [
     (1, 1, 8),
     (1, 4096, 64),
@@ -30,6 +30,10 @@ SHAPES = [
     (64, 129, 72),
     (129, 200, 264),
     (300, 97, 136),
+    # 9-16 rows: two token groups of the CUDA decode-sized kernel (APHRODITE_CUDA_GEMM=auto),
+    # K over many of its 32-element chunks with a partial last one, N off its 16 features.
+    (12, 70, 1000),
+    (16, 4100, 264),
     # K not a multiple of 8: on CUDA these take the kernel without 16-byte copies.
     (4, 21, 13),
     (37, 150, 301),
