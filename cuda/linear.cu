@@ -39,6 +39,7 @@ namespace aphrodite::detail {
 namespace {
 
 using linear_kernels::activate;
+using linear_kernels::KernelArgs;
 using linear_kernels::TypeTraits;
 
 __device__ __forceinline__ std::uint32_t smem_address(const void* p) {
@@ -90,19 +91,6 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const std::uint
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-
-struct KernelArgs {
-  void* out;
-  long long ldo;
-  const void* x;
-  long long ldx;
-  const void* w;
-  long long ldw;
-  const void* bias;
-  long long m, n, k;
-  int act;
-  int pair_stores;  // out's rows allow 4-byte stores of column pairs
-};
 
 // One tiling of the tensor-core kernel: a BM x BN tile of out per block of WarpsM x WarpsN warps
 // (each owning a (BM / WarpsM) x (BN / WarpsN) sub-tile), K in steps of BK through a ring of
@@ -472,16 +460,10 @@ TilingChoice choose_tiling(long long m, long long n, int device) {
 template <typename T, typename Cfg>
 void launch_tiled(const KernelArgs& args, int device, cudaStream_t stream) {
   const auto kernel = linear_mma_kernel<T, Cfg>;
-  // Over 48 KiB of dynamic shared memory needs an opt-in, once per kernel and device (every
-  // time on devices past the mask's 64 bits).
   static std::atomic<std::uint64_t> opted_in{0};
-  const std::uint64_t bit = device < 64 ? std::uint64_t{1} << device : 0;
-  if (bit == 0 || (opted_in.load(std::memory_order_acquire) & bit) == 0) {
-    check_cuda(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes),
-        "cudaFuncSetAttribute(linear_mma_kernel, maxDynamicSharedMemorySize)");
-    opted_in.fetch_or(bit, std::memory_order_release);
-  }
+  linear_kernels::allow_dynamic_smem(
+      kernel, Cfg::kSmemBytes, device, opted_in,
+      "cudaFuncSetAttribute(linear_mma_kernel, maxDynamicSharedMemorySize)");
   const dim3 grid(static_cast<unsigned>((args.n + Cfg::kBlockN - 1) / Cfg::kBlockN),
                   static_cast<unsigned>((args.m + Cfg::kBlockM - 1) / Cfg::kBlockM));
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(args);
@@ -517,19 +499,7 @@ CudaGemm choose_gemm(const LinearCudaArgs& a, bool tiled) {
 
 template <typename T>
 void launch(const LinearCudaArgs& a) {
-  KernelArgs k{};
-  k.out = a.out;
-  k.ldo = a.ldo;
-  k.x = a.x;
-  k.ldx = a.ldx;
-  k.w = a.w;
-  k.ldw = a.ldw;
-  k.bias = a.bias;
-  k.m = a.m;
-  k.n = a.n;
-  k.k = a.k;
-  k.act = static_cast<int>(a.act);
-  k.pair_stores = a.ldo % 2 == 0 && reinterpret_cast<std::uintptr_t>(a.out) % 4 == 0;
+  const KernelArgs k = linear_kernels::kernel_args(a);
   cudaStream_t stream = to_cuda_stream(a.stream);
 
   const bool tiled =

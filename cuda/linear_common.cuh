@@ -1,13 +1,63 @@
 // Pieces shared by the CUDA linear kernels (linear.cu: mma.sync; linear_sm90.cu: wgmma): the
-// 16-bit types' conversions and the epilogue's activation.
+// kernels' arguments, the 16-bit types' conversions, the epilogue, and the shared-memory opt-in.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
 
 #include "aphrodite/linear.h"
+#include "cuda_check.cuh"
+#include "internal/linear_cuda.h"
 
 namespace aphrodite::detail::linear_kernels {
+
+// What every linear kernel takes (by value, as a kernel parameter).
+struct KernelArgs {
+  void* out;
+  long long ldo;
+  const void* x;
+  long long ldx;
+  const void* w;
+  long long ldw;
+  const void* bias;
+  long long m, n, k;
+  int act;
+  int pair_stores;  // out's rows allow 4-byte stores of column pairs
+};
+
+inline KernelArgs kernel_args(const LinearCudaArgs& a) {
+  KernelArgs k{};
+  k.out = a.out;
+  k.ldo = a.ldo;
+  k.x = a.x;
+  k.ldx = a.ldx;
+  k.w = a.w;
+  k.ldw = a.ldw;
+  k.bias = a.bias;
+  k.m = a.m;
+  k.n = a.n;
+  k.k = a.k;
+  k.act = static_cast<int>(a.act);
+  k.pair_stores = a.ldo % 2 == 0 && reinterpret_cast<std::uintptr_t>(a.out) % 4 == 0;
+  return k;
+}
+
+// Over 48 KiB of dynamic shared memory needs an opt-in per kernel and device: done once per
+// device through `done` (a static of the caller's, one per kernel; devices past the mask's 64
+// bits opt in every time).
+template <typename Kernel>
+void allow_dynamic_smem(Kernel kernel, int bytes, int device, std::atomic<std::uint64_t>& done,
+                        const char* what) {
+  const std::uint64_t bit = device < 64 ? std::uint64_t{1} << device : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+             what);
+  done.fetch_or(bit, std::memory_order_release);
+}
 
 template <typename T>
 struct TypeTraits;
