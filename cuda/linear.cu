@@ -408,21 +408,6 @@ __global__ void linear_simple_kernel(KernelArgs args) {
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
-template <typename Cfg>
-long long tile_count(long long m, long long n) {
-  return ((m + Cfg::kBlockM - 1) / Cfg::kBlockM) * ((n + Cfg::kBlockN - 1) / Cfg::kBlockN);
-}
-
-// Estimated run time of a tiling, in arbitrary units: each SM works through ceil(tiles / SMs)
-// tiles, at a rate that grows with how often the warp tile reuses each loaded fragment
-// (`relative_rate`, an estimate). This trades idle SMs and rows padded up to the tile (576
-// rows are 4.5 tiles of 128 but 9 of 64) against the larger tiles' efficiency.
-template <typename Cfg>
-double tiling_cost(long long m, long long n, int sms, double relative_rate) {
-  const long long rounds = (tile_count<Cfg>(m, n) + sms - 1) / sms;
-  return static_cast<double>(rounds) * Cfg::kBlockM * Cfg::kBlockN / relative_rate;
-}
-
 enum class TilingChoice { kLarge, kTall, kMedium, kSmall };
 
 TilingChoice choose_tiling(long long m, long long n, int device) {
@@ -433,17 +418,17 @@ TilingChoice choose_tiling(long long m, long long n, int device) {
   check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
              "cudaDeviceGetAttribute(maxSharedMemoryPerBlockOptin)");
   TilingChoice best = TilingChoice::kMedium;
-  double best_cost = tiling_cost<TilingMedium>(m, n, sms, 0.85);
+  double best_cost = linear_kernels::tiling_cost<TilingMedium>(m, n, sms, 0.85);
   // sm_86 / sm_89 parts allow 99 KiB per block: too little for the large and tall tiles' stages.
   if (smem_optin >= TilingLarge::kSmemBytes) {
-    const double cost = tiling_cost<TilingLarge>(m, n, sms, 1.0);
+    const double cost = linear_kernels::tiling_cost<TilingLarge>(m, n, sms, 1.0);
     if (cost <= best_cost) {
       best = TilingChoice::kLarge;
       best_cost = cost;
     }
   }
   if (smem_optin >= TilingTall::kSmemBytes) {
-    const double cost = tiling_cost<TilingTall>(m, n, sms, 0.95);
+    const double cost = linear_kernels::tiling_cost<TilingTall>(m, n, sms, 0.95);
     if (cost < best_cost) {
       best = TilingChoice::kTall;
       best_cost = cost;
@@ -451,7 +436,7 @@ TilingChoice choose_tiling(long long m, long long n, int device) {
   }
   // Row tiles map to gridDim.y (at most 65535 blocks).
   if ((m + TilingSmall::kBlockM - 1) / TilingSmall::kBlockM <= 65535) {
-    const double cost = tiling_cost<TilingSmall>(m, n, sms, 0.7);
+    const double cost = linear_kernels::tiling_cost<TilingSmall>(m, n, sms, 0.7);
     if (cost < best_cost) best = TilingChoice::kSmall;
   }
   return best;

@@ -46,6 +46,18 @@ inline KernelArgs kernel_args(const LinearCudaArgs& a) {
   return k;
 }
 
+// Estimated run time of a tiling Cfg (kBlockM x kBlockN tiles of out), in arbitrary units: each
+// SM works through ceil(tiles / SMs) tiles, at a rate that grows with how often the tile reuses
+// each loaded fragment (`relative_rate`, an estimate). This trades idle SMs and rows padded up to
+// the tile (576 rows are 4.5 tiles of 128 but 9 of 64) against the larger tiles' efficiency.
+template <typename Cfg>
+double tiling_cost(long long m, long long n, int sms, double relative_rate) {
+  const long long tiles =
+      ((m + Cfg::kBlockM - 1) / Cfg::kBlockM) * ((n + Cfg::kBlockN - 1) / Cfg::kBlockN);
+  const long long rounds = (tiles + sms - 1) / sms;
+  return static_cast<double>(rounds) * Cfg::kBlockM * Cfg::kBlockN / relative_rate;
+}
+
 // Over 48 KiB of dynamic shared memory needs an opt-in per kernel and device: done once per
 // device through `done` (a static of the caller's, one per kernel; devices past the mask's 64
 // bits opt in every time).

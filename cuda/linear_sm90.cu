@@ -439,19 +439,6 @@ CUtensorMap tile_map(const void* base, long long rows, long long k, long long ld
   return map;
 }
 
-template <typename Cfg>
-long long wgmma_tiles(long long m, long long n) {
-  return ((m + Cfg::kBlockM - 1) / Cfg::kBlockM) * ((n + Cfg::kBlockN - 1) / Cfg::kBlockN);
-}
-
-// As linear.cu's tiling_cost: rounds of tiles over the SMs, times the tile's area over its
-// relative rate (an estimate).
-template <typename Cfg>
-double wgmma_cost(long long m, long long n, int sms, double relative_rate) {
-  const long long rounds = (wgmma_tiles<Cfg>(m, n) + sms - 1) / sms;
-  return static_cast<double>(rounds) * Cfg::kBlockM * Cfg::kBlockN / relative_rate;
-}
-
 template <typename T, typename Cfg>
 void launch_wgmma(const LinearCudaArgs& a, cudaStream_t stream) {
   const auto kernel = linear_wgmma_kernel<T, Cfg>;
@@ -474,9 +461,9 @@ void dispatch(const LinearCudaArgs& a) {
   int sms = 0;
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.device),
              "cudaDeviceGetAttribute(multiProcessorCount)");
-  const double wide = wgmma_cost<WgmmaWide>(a.m, a.n, sms, 1.0);
-  const double tall = wgmma_cost<WgmmaTall>(a.m, a.n, sms, 0.95);
-  const double square = wgmma_cost<WgmmaSquare>(a.m, a.n, sms, 0.85);
+  const double wide = linear_kernels::tiling_cost<WgmmaWide>(a.m, a.n, sms, 1.0);
+  const double tall = linear_kernels::tiling_cost<WgmmaTall>(a.m, a.n, sms, 0.95);
+  const double square = linear_kernels::tiling_cost<WgmmaSquare>(a.m, a.n, sms, 0.85);
   if (wide <= tall && wide <= square) {
     launch_wgmma<T, WgmmaWide>(a, stream);
   } else if (tall <= square) {
