@@ -20,7 +20,9 @@
 //   second kernel merges them. The split count depends on shapes only (and the device's SM
 //   count), so replays of a captured CUDA graph see the same launch configuration.
 // - prefill_mma_kernel serves sequences with >= kTensorCoreMinTokens query tokens (head sizes up
-//   to 128) on tensor cores, a block per window of kMmaRows batch tokens and query head; the
+//   to 128, where its shared memory fits the device: not at 128 on sm_86/sm_89, whose blocks
+//   get at most 99 KiB; the CUDA-core kernels then serve them, and decode_kernel the decodes)
+//   on tensor cores, a block per window of kMmaRows batch tokens and query head; the
 //   other kernels skip those sequences. Which kernel owns a
 //   sequence is decided on the device from query_start_loc, so the host needs no batch plan.
 //   The decode kernels share the split count and the workspace layout with
@@ -32,6 +34,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "aphrodite/error.h"
@@ -122,12 +125,12 @@ __device__ __forceinline__ float warp_sum(float x) {
 }
 
 // Sequences with at least this many query tokens (prefill chunks) go to the tensor-core kernel
-// when the head size has one (<= 128: its Q/K/V tiles then fit the default shared memory).
+// when the head size has one (<= 128) and it runs on this device (p.cuda_tensor_cores).
 constexpr int kTensorCoreMinTokens = 64;
 
 template <int D>
-__device__ __forceinline__ bool uses_tensor_core_prefill(int q_len) {
-  return D <= 128 && q_len >= kTensorCoreMinTokens;
+__device__ __forceinline__ bool uses_tensor_core_prefill(const PagedAttentionParams& p, int q_len) {
+  return D <= 128 && p.cuda_tensor_cores != 0 && q_len >= kTensorCoreMinTokens;
 }
 
 // Block-table column of a key and its row within the block. Block sizes are powers of two in
@@ -577,7 +580,7 @@ __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(const PagedAttent
     const int q_end = qsl[seq + 1];
     const int tok0 = max(q_begin, w0);
     const int tok1 = min(q_end, w1);
-    if (tok0 >= tok1 || !uses_tensor_core_prefill<D>(q_end - q_begin)) continue;
+    if (tok0 >= tok1 || !uses_tensor_core_prefill<D>(p, q_end - q_begin)) continue;
     if (!first) __syncthreads();  // every warp is done with the previous rows' shared memory
     first = false;
     prefill_rows<T, D>(p, smem, seq, q_begin, q_end, tok0, tok1 - tok0, head);
@@ -895,7 +898,7 @@ __global__ void __launch_bounds__(kThreads)
   const int tok0 = q_begin + (tile - first_tile) * tq;
   if (tok0 >= q_end) return;
   // decode_kernel and prefill_mma_kernel own these sequences.
-  if (q_end - q_begin == 1 || uses_tensor_core_prefill<D>(q_end - q_begin)) return;
+  if (q_end - q_begin == 1 || uses_tensor_core_prefill<D>(p, q_end - q_begin)) return;
   const int tok1 = min(q_end, tok0 + tq);
   const int hpb = g.heads_per_block;
   const int rows = (tok1 - tok0) * hpb;
@@ -1323,7 +1326,7 @@ __global__ void __launch_bounds__(D)
   if (token < p.query_start_loc[0] || token >= p.query_start_loc[p.num_seqs]) return;
   const int seq = sequence_of(p.query_start_loc, p.num_seqs, static_cast<int>(token));
   // The tensor-core kernel wrote these tokens directly.
-  if (uses_tensor_core_prefill<D>(p.query_start_loc[seq + 1] - p.query_start_loc[seq])) return;
+  if (uses_tensor_core_prefill<D>(p, p.query_start_loc[seq + 1] - p.query_start_loc[seq])) return;
   const std::int64_t base = (token * p.num_heads + head) * num_splits;
   float max_m = -INFINITY;
   for (int i = 0; i < num_splits; ++i) max_m = fmaxf(max_m, part_ml[(base + i) * 2]);
@@ -1383,8 +1386,46 @@ std::size_t workspace_bytes_for(const Geometry& g, int num_tokens, int num_heads
 }
 
 template <typename T, int D>
-void launch_attention(const PagedAttentionParams& p, const Geometry& g, float* part_acc,
-                      float* part_ml, cudaStream_t stream) {
+void launch_decode_mma(const PagedAttentionParams& p, const Geometry& g, float* part_acc,
+                       float* part_ml, cudaStream_t stream) {
+  constexpr std::size_t smem_bytes = DecodeMmaTile<D>::kSmemBytes;
+  check_cuda(
+      cudaFuncSetAttribute(decode_mma_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem_bytes)),
+      "cudaFuncSetAttribute(decode_mma_kernel)");
+  const int group = p.num_heads / p.num_kv_heads;
+  const int chunks = (group + kDecodeRows - 1) / kDecodeRows;
+  const dim3 decode_grid(static_cast<unsigned>(p.num_seqs),
+                         static_cast<unsigned>(p.num_kv_heads * chunks),
+                         static_cast<unsigned>(g.num_splits));
+  decode_mma_kernel<T, D><<<decode_grid, kThreads, smem_bytes, stream>>>(p, g, part_acc, part_ml);
+  check_launch("decode_mma_kernel");
+}
+
+// Whether the tensor-core kernels for head size D run on `device`: their shared memory (104 KiB
+// at head size 128) must fit the per-block opt-in limit, which sm_86/sm_89 parts cap at 99 KiB;
+// APHRODITE_CUDA_ATTENTION_TENSOR_CORES=0 turns them off (the CUDA-core kernels then serve every
+// sequence, as for head size 256).
+template <int D>
+bool tensor_cores_usable(int device) {
+  if constexpr (D > 128) {
+    (void)device;
+    return false;
+  } else {
+    const char* env = std::getenv("APHRODITE_CUDA_ATTENTION_TENSOR_CORES");
+    if (env != nullptr && std::string(env) == "0") return false;
+    int optin = 0;
+    check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+               "cudaDeviceGetAttribute(maxSharedMemoryPerBlockOptin)");
+    const std::size_t needed = std::max(DecodeMmaTile<D>::kSmemBytes, MmaTile<D>::kSmemBytes);
+    return needed <= static_cast<std::size_t>(optin);
+  }
+}
+
+template <typename T, int D>
+void launch_attention(PagedAttentionParams p, const Geometry& g, float* part_acc, float* part_ml,
+                      int device, cudaStream_t stream) {
+  p.cuda_tensor_cores = tensor_cores_usable<D>(device) ? 1 : 0;
   // With a known bound on the query lengths, the kernels for longer queries are not launched
   // (their blocks would all find no sequence of theirs and return).
   const bool unknown = p.max_query_len <= 0;
@@ -1397,20 +1438,14 @@ void launch_attention(const PagedAttentionParams& p, const Geometry& g, float* p
     check_launch("paged_attention_kernel");
   }
   // Single-token sequences; the kernel above skipped them.
+  bool decoded = false;
   if constexpr (D <= 128) {
-    constexpr std::size_t smem_bytes = DecodeMmaTile<D>::kSmemBytes;
-    check_cuda(
-        cudaFuncSetAttribute(decode_mma_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem_bytes)),
-        "cudaFuncSetAttribute(decode_mma_kernel)");
-    const int group = p.num_heads / p.num_kv_heads;
-    const int chunks = (group + kDecodeRows - 1) / kDecodeRows;
-    const dim3 decode_grid(static_cast<unsigned>(p.num_seqs),
-                           static_cast<unsigned>(p.num_kv_heads * chunks),
-                           static_cast<unsigned>(g.num_splits));
-    decode_mma_kernel<T, D><<<decode_grid, kThreads, smem_bytes, stream>>>(p, g, part_acc, part_ml);
-    check_launch("decode_mma_kernel");
-  } else {
+    if (p.cuda_tensor_cores != 0) {
+      launch_decode_mma<T, D>(p, g, part_acc, part_ml, stream);
+      decoded = true;
+    }
+  }
+  if (!decoded) {
     const dim3 decode_grid(static_cast<unsigned>(p.num_seqs),
                            static_cast<unsigned>(p.num_kv_heads * g.decode_chunks),
                            static_cast<unsigned>(g.num_splits));
@@ -1431,7 +1466,7 @@ void launch_attention(const PagedAttentionParams& p, const Geometry& g, float* p
     check_launch("decode_kernel");
   }
   if constexpr (D <= 128) {
-    if (unknown || p.max_query_len >= kTensorCoreMinTokens) {
+    if (p.cuda_tensor_cores != 0 && (unknown || p.max_query_len >= kTensorCoreMinTokens)) {
       // Prefill chunks of >= kTensorCoreMinTokens tokens; the kernels above skipped them.
       constexpr std::size_t smem_bytes = MmaTile<D>::kSmemBytes;
       // Above the default 48 KiB a kernel must opt in (not a stream operation: capture safe).
@@ -1455,20 +1490,20 @@ void launch_attention(const PagedAttentionParams& p, const Geometry& g, float* p
 
 template <typename T>
 void dispatch_head_size(const PagedAttentionParams& p, const Geometry& g, float* part_acc,
-                        float* part_ml, cudaStream_t stream) {
+                        float* part_ml, int device, cudaStream_t stream) {
   switch (p.head_size) {
     case 64:
-      return launch_attention<T, 64>(p, g, part_acc, part_ml, stream);
+      return launch_attention<T, 64>(p, g, part_acc, part_ml, device, stream);
     case 80:
-      return launch_attention<T, 80>(p, g, part_acc, part_ml, stream);
+      return launch_attention<T, 80>(p, g, part_acc, part_ml, device, stream);
     case 96:
-      return launch_attention<T, 96>(p, g, part_acc, part_ml, stream);
+      return launch_attention<T, 96>(p, g, part_acc, part_ml, device, stream);
     case 112:
-      return launch_attention<T, 112>(p, g, part_acc, part_ml, stream);
+      return launch_attention<T, 112>(p, g, part_acc, part_ml, device, stream);
     case 128:
-      return launch_attention<T, 128>(p, g, part_acc, part_ml, stream);
+      return launch_attention<T, 128>(p, g, part_acc, part_ml, device, stream);
     case 256:
-      return launch_attention<T, 256>(p, g, part_acc, part_ml, stream);
+      return launch_attention<T, 256>(p, g, part_acc, part_ml, device, stream);
     default:
       throw ValueError("CUDA paged attention: unsupported head size " +
                        std::to_string(p.head_size));
@@ -1531,9 +1566,9 @@ void paged_attention_cuda(const PagedAttentionParams& p, void* workspace,
   }
   const cudaStream_t s = to_cuda_stream(stream);
   if (p.dtype == DType::kFloat16) {
-    dispatch_head_size<__half>(p, g, part_acc, part_ml, s);
+    dispatch_head_size<__half>(p, g, part_acc, part_ml, device, s);
   } else {
-    dispatch_head_size<__nv_bfloat16>(p, g, part_acc, part_ml, s);
+    dispatch_head_size<__nv_bfloat16>(p, g, part_acc, part_ml, device, s);
   }
 }
 

@@ -97,6 +97,14 @@ gemm_pass() {  # mode, test files...
     "$(tail -n 1 "$out/pytest-gemm-$mode.log")"
   grep -E "^(FAILED|ERROR)" "$out/pytest-gemm-$mode.log" | head -n 10
 }
+# 2c. Attention on its CUDA-core kernels alone, as on GPUs whose blocks cannot hold the
+#     tensor-core kernels' shared memory (sm_86/sm_89 at head size 128).
+APHRODITE_CUDA_ATTENTION_TENSOR_CORES=0 "$py" -m pytest tests/python/test_attention.py -q -k cuda \
+  --timeout=120 -p no:cacheprovider -rfEs >"$out/pytest-attention-simt.log" 2>&1
+rc=$?
+row "pytest attention, no tensor cores" "$([ $rc = 0 ] && echo PASS || echo FAIL)" \
+  "$(tail -n 1 "$out/pytest-attention-simt.log")"
+grep -E "^(FAILED|ERROR)" "$out/pytest-attention-simt.log" | head -n 10
 gemm_pass wgmma tests/python/test_linear.py tests/python/test_projector.py
 gemm_pass auto tests/python/test_linear.py tests/python/test_projector.py \
   tests/python/test_llava_model.py tests/python/test_cuda_graphs.py

@@ -48,6 +48,9 @@ struct PagedAttentionParams {
   int sliding_window = 0;  // 0: none
   int max_query_len = 0;   // no sequence has more query tokens; 0: unknown
   DType dtype = DType::kFloat32;
+  // CUDA only, set by paged_attention_cuda: the tensor-core kernels run (their shared memory
+  // fits the device and APHRODITE_CUDA_ATTENTION_TENSOR_CORES is not 0).
+  int cuda_tensor_cores = 0;
 };
 
 void reshape_and_cache_cpu(const ReshapeAndCacheParams& p);

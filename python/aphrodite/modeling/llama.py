@@ -56,16 +56,18 @@ def rope_inverse_frequencies(head_dim: int, rope: RopeConfig) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for every position up to max_positions (float32, on the device); looked up
     per token and cast to the activations' dtype before use, as HF does, by
-    ``ops.rotary_embedding``, which rotates q and k in place."""
+    ``ops.rotary_embedding``, which rotates q and k in place. The angles and their cos/sin are
+    computed on the device, as HF computes them in each forward (a CPU cos differs from a GPU's
+    in the last bit of some float32 values)."""
 
     def __init__(self, head_dim: int, rope: RopeConfig, max_positions: int, device: torch.device):
         super().__init__()
-        inv_freq = rope_inverse_frequencies(head_dim, rope)
-        positions = torch.arange(max_positions, dtype=torch.float)
+        inv_freq = rope_inverse_frequencies(head_dim, rope).to(device)
+        positions = torch.arange(max_positions, dtype=torch.float, device=device)
         freqs = positions[:, None] * inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", emb.cos().to(device), persistent=False)
-        self.register_buffer("sin", emb.sin().to(device), persistent=False)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor

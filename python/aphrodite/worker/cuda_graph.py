@@ -153,11 +153,14 @@ class DecodeGraphs:
 
     def _capture_all(self) -> None:
         pool = None
+        # One capture stream of this device for every bucket (torch.cuda.graph's default stream
+        # is made once per process, on whichever device was current then).
+        stream = torch.cuda.Stream(self.device)
         for size in reversed(self.sizes):
             self._forward(size)  # warm-up: lazy initialisation, allocator, kernel attributes
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
                 out = self._forward(size)
             if pool is None:
                 pool = graph.pool()

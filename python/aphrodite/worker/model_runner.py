@@ -33,6 +33,10 @@ MMInput = Union[np.ndarray, torch.Tensor]
 # CPU KV-cache size in GiB when neither the caller nor the environment says otherwise.
 DEFAULT_CPU_KVCACHE_SPACE_GIB = 4.0
 
+# Kept free when CUDA graphs are captured, beyond the profiled decode step: the capture stream's
+# own cuBLAS workspace and the fragmentation of the graphs' shared pool over many captures.
+_GRAPH_MARGIN_BYTES = 64 << 20
+
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig) -> None:
@@ -279,21 +283,25 @@ class ModelRunner:
             peak = torch.cuda.max_memory_allocated(self.device)
             del hidden, logits
             if decode_graph_batch > 0:
-                peak += self._decode_activation_bytes(decode_graph_batch)
+                peak += self._decode_activation_bytes(decode_graph_batch, block_size)
+                peak += _GRAPH_MARGIN_BYTES
         finally:
             self.kv_caches, self.block_size, self.graphs = saved
             torch.cuda.empty_cache()
         return int(peak)
 
-    def _decode_activation_bytes(self, num_seqs: int) -> int:
+    def _decode_activation_bytes(self, num_seqs: int, block_size: int) -> int:
         """Bytes a decode step of `num_seqs` sequences allocates beyond what is already
-        allocated (the profile's KV cache of 2 blocks is in place)."""
+        allocated (the profile's KV cache of 2 blocks is in place). The block tables are as wide
+        as the graphs' (max_model_len): attention sizes its split-context workspace by that
+        width."""
+        max_blocks = -(-self.model_config.max_model_len // block_size)
         plan = SimpleNamespace(
             num_tokens=num_seqs,
             input_ids=np.zeros(num_seqs, dtype=np.int32),
             positions=np.zeros(num_seqs, dtype=np.int64),
             slot_mapping=np.full(num_seqs, -1, dtype=np.int64),
-            block_tables=np.zeros((num_seqs, 1), dtype=np.int32),
+            block_tables=np.zeros((num_seqs, max_blocks), dtype=np.int32),
             seq_lens=np.ones(num_seqs, dtype=np.int32),
             query_start_loc=np.arange(num_seqs + 1, dtype=np.int32),
             encoder_inputs=[],
