@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CUDA_USABLE
 
 from aphrodite import _C, ops
 
@@ -290,6 +291,25 @@ def test_linear_rejects_bad_arguments(device: str) -> None:
             ops.linear(x.float(), w.float())
         with pytest.raises(ValueError, match="device"):
             ops.linear(x, w.cpu())
+
+
+@pytest.mark.skipif(not CUDA_USABLE, reason="no usable CUDA device")
+def test_cuda_gemm_choice_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """APHRODITE_CUDA_GEMM: an unknown value is refused, and asking for wgmma where it cannot
+    run (not sm_90a) is an error rather than a silent fallback to another kernel."""
+    x = torch.randn(4, 64, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(32, 64, dtype=torch.bfloat16, device="cuda")
+    monkeypatch.setenv("APHRODITE_CUDA_GEMM", "fastest")
+    with pytest.raises(ValueError, match="APHRODITE_CUDA_GEMM must be"):
+        ops.linear(x, w)
+    monkeypatch.setenv("APHRODITE_CUDA_GEMM", "wgmma")
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        with pytest.raises(RuntimeError, match="cannot run here"):
+            ops.linear(x, w)
+    else:
+        ref = reference(x, w, None, "none")
+        assert rel_err(ops.linear(x, w), ref) < tolerance(torch.bfloat16)
 
 
 def test_every_kernel_set_on_random_shapes(cpu_isa: str) -> None:
