@@ -51,6 +51,10 @@ fi
 #    missing on this machine (e.g. the server's fastapi/openai) are reported, not hidden.
 "$py" -c 'import PIL, torch, transformers
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, Pillow {PIL.__version__}")'
+# Per-test time limits when pytest-timeout is there (a hung kernel then fails its test).
+timeout_opt() {
+  "$py" -c 'import pytest_timeout' 2>/dev/null && echo "--timeout=$1"
+}
 ignore=()
 missing=$("$py" -c 'import importlib.util as u
 print(" ".join(m for m in ("fastapi", "uvicorn", "openai") if u.find_spec(m) is None))')
@@ -59,7 +63,7 @@ if [ -n "$missing" ]; then
   ignore=(--ignore=tests/python/test_server.py --ignore=tests/python/test_server_chat.py)
   row "server tests" "NOT RUN" "missing here: $missing"
 fi
-"$py" -m pytest tests/python -q --timeout=300 -p no:cacheprovider -rfEs "${ignore[@]}" \
+"$py" -m pytest tests/python -q $(timeout_opt 300) -p no:cacheprovider -rfEs "${ignore[@]}" \
   --continue-on-collection-errors --junitxml="$out/pytest.xml" >"$out/pytest.log" 2>&1
 rc=$?
 row "pytest (all, cpu+cuda)" "$([ $rc = 0 ] && echo PASS || echo FAIL)" "$(tail -n 1 "$out/pytest.log")"
@@ -90,7 +94,7 @@ grep -E "^(FAILED|ERROR)" "$out/pytest.log" | head -n 30
 gemm_pass() {  # mode, test files...
   local mode=$1
   shift
-  APHRODITE_CUDA_GEMM=$mode "$py" -m pytest "$@" -q -k cuda --timeout=120 -p no:cacheprovider \
+  APHRODITE_CUDA_GEMM=$mode "$py" -m pytest "$@" -q -k cuda $(timeout_opt 120) -p no:cacheprovider \
     -rfEs >"$out/pytest-gemm-$mode.log" 2>&1
   local rc=$?
   row "pytest GEMM=$mode (cuda)" "$([ $rc = 0 ] && echo PASS || echo FAIL)" \
@@ -100,7 +104,7 @@ gemm_pass() {  # mode, test files...
 # 2c. Attention on its CUDA-core kernels alone, as on GPUs whose blocks cannot hold the
 #     tensor-core kernels' shared memory (sm_86/sm_89 at head size 128).
 APHRODITE_CUDA_ATTENTION_TENSOR_CORES=0 "$py" -m pytest tests/python/test_attention.py -q -k cuda \
-  --timeout=120 -p no:cacheprovider -rfEs >"$out/pytest-attention-simt.log" 2>&1
+  $(timeout_opt 120) -p no:cacheprovider -rfEs >"$out/pytest-attention-simt.log" 2>&1
 rc=$?
 row "pytest attention, no tensor cores" "$([ $rc = 0 ] && echo PASS || echo FAIL)" \
   "$(tail -n 1 "$out/pytest-attention-simt.log")"
