@@ -1402,7 +1402,7 @@ void launch_decode_mma(const PagedAttentionParams& p, const Geometry& g, float* 
   check_launch("decode_mma_kernel");
 }
 
-// Whether the tensor-core kernels for head size D run on `device`: their shared memory (104 KiB
+// Whether the tensor-core kernels for head size D run on `device`: their shared memory (102 KiB
 // at head size 128) must fit the per-block opt-in limit, which sm_86/sm_89 parts cap at 99 KiB;
 // APHRODITE_CUDA_ATTENTION_TENSOR_CORES=0 turns them off (the CUDA-core kernels then serve every
 // sequence, as for head size 256).

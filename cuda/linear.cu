@@ -313,15 +313,15 @@ __global__ void __launch_bounds__(32 * kSkinnyWarps) linear_skinny_kernel(Kernel
   // Rows past N or M load zeros (their pointers stay at a valid row).
   const bool lo_valid = f0 + r < args.n;
   const bool hi_valid = f0 + r + 8 < args.n;
-  const T* w_lo = w + (lo_valid ? (f0 + r) * args.ldw : 0) + 8 * q;
-  const T* w_hi = w + (hi_valid ? (f0 + r + 8) * args.ldw : 0) + 8 * q;
+  const T* w_lo = w + (lo_valid ? (f0 + r) * args.ldw : 0);
+  const T* w_hi = w + (hi_valid ? (f0 + r + 8) * args.ldw : 0);
   bool token_valid[TokenTiles];
   const T* x_row[TokenTiles];
 #pragma unroll
   for (int j = 0; j < TokenTiles; ++j) {
     const long long t = j * 8 + r;
     token_valid[j] = t < args.m;
-    x_row[j] = x + (token_valid[j] ? t * args.ldx : 0) + 8 * q;
+    x_row[j] = x + (token_valid[j] ? t * args.ldx : 0);
   }
 
   float acc[TokenTiles][4];
@@ -337,10 +337,12 @@ __global__ void __launch_bounds__(32 * kSkinnyWarps) linear_skinny_kernel(Kernel
     for (int u = 0; u < kSkinnyUnroll; ++u) {
       const int c = c0 + u * kSkinnyWarps;
       // K is a multiple of 8, so a lane's 8 elements are all inside K or all past it. Every
-      // lane loads (past the end: from chunk 0) and then zeroes what is out of range, so the
-      // loads have no branches around them and all of them can be in flight at once.
-      const bool k_valid = c < chunks && static_cast<long long>(c) * 32 + 8 * q < args.k;
-      const long long off = k_valid ? static_cast<long long>(c) * 32 : 0;
+      // lane loads (past the end: the row's first 8 elements, inside any K > 0) and then zeroes
+      // what is out of range, so the loads have no branches around them and all of them can be
+      // in flight at once.
+      const long long k0 = static_cast<long long>(c) * 32 + 8 * q;
+      const bool k_valid = c < chunks && k0 < args.k;
+      const long long off = k_valid ? k0 : 0;
       const uint4 lo = load_16(w_lo + off, true);
       const uint4 hi = load_16(w_hi + off, true);
       wl[u] = k_valid && lo_valid ? lo : zero;

@@ -15,9 +15,37 @@ export PYTHONUNBUFFERED=1
 declare -a rows
 row() { rows+=("$(printf '%-34s %-8s %s' "$1" "$2" "$3")"); }
 t0=$(date +%s)
-
 gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)
 echo "$gpu"
+
+# The whole script must finish inside one device call and print its table last: every step runs
+# under `timeout` within what is left of the budget, a step that would start with under 20 s left
+# is skipped, and the table prints on any exit.
+budget=${GPU_CHECK_BUDGET_S:-520}
+left() { echo $(( budget - ($(date +%s) - t0) )); }
+limited() {  # seconds, command...: runs it within min(seconds, what is left); 124 on a timeout
+  local limit=$1 rest
+  shift
+  rest=$(left)
+  [ "$limit" -gt "$rest" ] && limit=$rest
+  [ "$limit" -lt 20 ] && return 125
+  timeout -k 10 "$limit" "$@"
+}
+status_of() {  # exit code -> table word
+  case $1 in
+    0) echo PASS ;;
+    124 | 137) echo TIMEOUT ;;
+    125) echo SKIPPED ;;
+    *) echo FAIL ;;
+  esac
+}
+finish() {
+  [ -f "$out/bench.txt" ] && cat "$out/bench.txt"
+  echo
+  echo "== GPU check: $gpu in $(( $(date +%s) - t0 ))s (budget ${budget}s) =="
+  printf '%s\n' "${rows[@]}" | tee "$out/summary.txt"
+}
+trap finish EXIT
 
 # 1. Install: a wheel prebuilt for this Python by tools/build_gpu_wheel.sh when one was carried
 #    along (build/gpu-wheel), else build here (sm_90a only: the machine's architecture).
@@ -42,7 +70,6 @@ if [ $rc = 0 ]; then
 else
   row "install (sm_90a)" FAIL "see build.log"
   tail -n 60 "$out/build.log"
-  printf '%s\n' "${rows[@]}"
   exit 1
 fi
 "$py" -m aphrodite.env
@@ -63,11 +90,12 @@ if [ -n "$missing" ]; then
   ignore=(--ignore=tests/python/test_server.py --ignore=tests/python/test_server_chat.py)
   row "server tests" "NOT RUN" "missing here: $missing"
 fi
-"$py" -m pytest tests/python -q $(timeout_opt 300) -p no:cacheprovider -rfEs "${ignore[@]}" \
-  --continue-on-collection-errors --junitxml="$out/pytest.xml" >"$out/pytest.log" 2>&1
+limited 240 "$py" -m pytest tests/python -q $(timeout_opt 120) -p no:cacheprovider -rfEs \
+  "${ignore[@]}" --continue-on-collection-errors --junitxml="$out/pytest.xml" \
+  >"$out/pytest.log" 2>&1
 rc=$?
-row "pytest (all, cpu+cuda)" "$([ $rc = 0 ] && echo PASS || echo FAIL)" "$(tail -n 1 "$out/pytest.log")"
-"$py" - "$out/pytest.xml" >"$out/pytest-cuda.txt" <<'PYEOF'
+row "pytest (all, cpu+cuda)" "$(status_of $rc)" "$(tail -n 1 "$out/pytest.log")"
+[ -f "$out/pytest.xml" ] && "$py" - "$out/pytest.xml" >"$out/pytest-cuda.txt" <<'PYEOF'
 import sys
 import xml.etree.ElementTree as ET
 
@@ -83,54 +111,44 @@ for case in ET.parse(sys.argv[1]).iter("testcase"):
         counts["passed"] += 1
 print(", ".join(f"{v} {k}" for k, v in counts.items()))
 PYEOF
-row "  CUDA cases" "" "$(cat "$out/pytest-cuda.txt")"
+row "  CUDA cases" "" "$(cat "$out/pytest-cuda.txt" 2>/dev/null)"
 rm -f "$out/pytest.xml" "$out/pytest-cuda.txt"
 grep -E "^(FAILED|ERROR)" "$out/pytest.log" | head -n 30
 
-# 2b. The GEMM kernels not yet seen passing (opt-in through APHRODITE_CUDA_GEMM until they
-#     have): "wgmma" runs the Hopper kernel for every shape, "auto" the decode-sized kernel for
-#     M <= 16 and wgmma above (the intended default), each in its own process (a kernel that traps
-#     takes its CUDA context down with it).
-gemm_pass() {  # mode, test files...
-  local mode=$1
-  shift
-  APHRODITE_CUDA_GEMM=$mode "$py" -m pytest "$@" -q -k cuda $(timeout_opt 120) -p no:cacheprovider \
-    -rfEs >"$out/pytest-gemm-$mode.log" 2>&1
-  local rc=$?
-  row "pytest GEMM=$mode (cuda)" "$([ $rc = 0 ] && echo PASS || echo FAIL)" \
-    "$(tail -n 1 "$out/pytest-gemm-$mode.log")"
-  grep -E "^(FAILED|ERROR)" "$out/pytest-gemm-$mode.log" | head -n 10
-}
-# 2c. Attention on its CUDA-core kernels alone, as on GPUs whose blocks cannot hold the
+# 2b. Attention on its CUDA-core kernels alone, as on GPUs whose blocks cannot hold the
 #     tensor-core kernels' shared memory (sm_86/sm_89 at head size 128).
-APHRODITE_CUDA_ATTENTION_TENSOR_CORES=0 "$py" -m pytest tests/python/test_attention.py -q -k cuda \
-  $(timeout_opt 120) -p no:cacheprovider -rfEs >"$out/pytest-attention-simt.log" 2>&1
+APHRODITE_CUDA_ATTENTION_TENSOR_CORES=0 limited 90 "$py" -m pytest tests/python/test_attention.py \
+  -q -k cuda $(timeout_opt 60) -p no:cacheprovider -rfEs >"$out/pytest-attention-simt.log" 2>&1
 rc=$?
-row "pytest attention, no tensor cores" "$([ $rc = 0 ] && echo PASS || echo FAIL)" \
+row "pytest attention, no tensor cores" "$(status_of $rc)" \
   "$(tail -n 1 "$out/pytest-attention-simt.log")"
 grep -E "^(FAILED|ERROR)" "$out/pytest-attention-simt.log" | head -n 10
-gemm_pass wgmma tests/python/test_linear.py tests/python/test_projector.py
-gemm_pass auto tests/python/test_linear.py tests/python/test_projector.py \
+
+# 2c. The GEMM kernels not yet seen passing (opt-in through APHRODITE_CUDA_GEMM until they
+#     have), each mode in its own process (a kernel that traps takes its CUDA context down with
+#     it): "wgmma", the Hopper kernel for every shape; "auto", the decode-sized kernel for M <= 16
+#     and wgmma above, also for the model's own layers (with it, the model tests decode, and
+#     capture CUDA graphs, on these kernels instead of cuBLAS).
+gemm_pass() {  # mode, seconds, test files...
+  local mode=$1 limit=$2
+  shift 2
+  APHRODITE_CUDA_GEMM=$mode limited "$limit" "$py" -m pytest "$@" -q -k cuda $(timeout_opt 60) \
+    -p no:cacheprovider -rfEs >"$out/pytest-gemm-$mode.log" 2>&1
+  local rc=$?
+  row "pytest GEMM=$mode (cuda)" "$(status_of $rc)" "$(tail -n 1 "$out/pytest-gemm-$mode.log")"
+  grep -E "^(FAILED|ERROR)" "$out/pytest-gemm-$mode.log" | head -n 10
+}
+gemm_pass wgmma 90 tests/python/test_linear.py tests/python/test_projector.py
+gemm_pass auto 150 tests/python/test_linear.py tests/python/test_projector.py \
   tests/python/test_llava_model.py tests/python/test_cuda_graphs.py
 
-# 3. Benchmarks: the C++ binaries, then ours against torch / HF on the GPU in the same process.
-# The whole script must finish inside one device call (it prints its table last): a benchmark
-# that would start past the budget is skipped, and none may run past it.
-budget=${GPU_CHECK_BUDGET_S:-480}
+# 3. Benchmarks: ours against torch / HF on the GPU in the same process, then the host CPU's.
 bench() {  # name, time limit, command...
-  local name=$1 limit=$2
+  local name=$1 limit=$2 rc
   shift 2
-  local left=$(( budget - ($(date +%s) - t0) ))
-  if [ "$left" -lt 20 ]; then
-    row "$name" SKIPPED "time budget (${budget}s) spent"
-    return
-  fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  if timeout "$limit" "$@" >"$out/bench-one.txt" 2>&1; then
-    row "$name" PASS "$(tail -n 1 "$out/bench-one.txt")"
-  else
-    row "$name" FAIL "$(tail -n 1 "$out/bench-one.txt")"
-  fi
+  limited "$limit" "$@" >"$out/bench-one.txt" 2>&1
+  rc=$?
+  row "$name" "$(status_of $rc)" "$(tail -n 1 "$out/bench-one.txt")"
   { echo "--- $name: $*"; cat "$out/bench-one.txt"; } >>"$out/bench.txt"
   rm -f "$out/bench-one.txt"
 }
@@ -140,17 +158,13 @@ if [ $quick = 0 ]; then
   bench bench_projector_cuda 120 "$py" benchmarks/bench_projector.py --device cuda
   bench bench_projector_cuda_gemm_auto 120 env APHRODITE_CUDA_GEMM=auto \
     "$py" benchmarks/bench_projector.py --device cuda
-  if [ -f benchmarks/offline_throughput.py ]; then
-    bench offline_throughput_cuda 300 "$py" benchmarks/offline_throughput.py --device cuda \
-      --dtype bfloat16
-  fi
+  bench offline_throughput_cuda 240 "$py" benchmarks/offline_throughput.py --device cuda \
+    --dtype bfloat16
+  bench offline_throughput_cuda_gemm_auto 120 env APHRODITE_CUDA_GEMM=auto \
+    "$py" benchmarks/offline_throughput.py --device cuda --dtype bfloat16
   for bin in "$bench_bins"/bench_*; do
     [ -x "$bin" ] && bench "$(basename "$bin")" 120 "$bin"
   done
   bench bench_vision_cpu 120 "$py" benchmarks/bench_vision.py --images 16 --repeats 1
 fi
 
-[ -f "$out/bench.txt" ] && cat "$out/bench.txt"
-echo
-echo "== GPU check: $gpu in $(( $(date +%s) - t0 ))s =="
-printf '%s\n' "${rows[@]}" | tee "$out/summary.txt"

@@ -6,11 +6,22 @@ every one of them), so building a model costs no random initialisation and no se
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from aphrodite import ops
+
+
+def own_cuda_gemm() -> bool:
+    """Whether CUDA layers run on aphrodite's GEMMs (``ops.linear``) instead of torch's (cuBLAS):
+    when APHRODITE_CUDA_GEMM asks for the kernels still being proven (``auto``: a decode-sized
+    kernel for up to 16 rows, wgmma on H100/H200; ``wgmma``), so that they run in the model
+    too. The default (``mma``) keeps cuBLAS for the layers and aphrodite's mma.sync kernel for
+    the projector."""
+    return os.environ.get("APHRODITE_CUDA_GEMM", "mma") in ("auto", "wgmma")
 
 
 def empty_param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -50,9 +61,11 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
         """``act(x W^T + b)``; ``activation``: "none", "gelu" (erf) or "gelu_tanh", fused into
-        the GEMM's epilogue when the weight is packed."""
+        the GEMM's epilogue when the weight is packed or aphrodite's CUDA GEMMs are chosen."""
         if self.packed is not None:
             return ops.linear(x, self.packed, self.bias, activation)
+        if x.is_cuda and own_cuda_gemm():
+            return ops.linear(x, self.weight, self.bias, activation)  # type: ignore[arg-type]
         y = F.linear(x, self.weight, self.bias)
         if activation == "gelu":
             return F.gelu(y)
@@ -65,6 +78,8 @@ class Linear(nn.Module):
         the weight is packed, else one ``ops.silu_and_mul`` after it."""
         if self.packed is not None:
             return ops.linear(x, self.packed, self.bias, activation="swiglu")
+        if x.is_cuda and own_cuda_gemm():
+            return ops.silu_and_mul(ops.linear(x, self.weight, self.bias))
         return ops.silu_and_mul(F.linear(x, self.weight, self.bias))
 
 

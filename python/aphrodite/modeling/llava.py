@@ -17,7 +17,7 @@ from torch import nn
 from aphrodite import ops
 from aphrodite.config import PROJECTOR_ACTIVATIONS, LlavaConfig
 from aphrodite.modeling.clip import CLIPVisionTower
-from aphrodite.modeling.layers import Linear, empty_param
+from aphrodite.modeling.layers import Linear, empty_param, own_cuda_gemm
 from aphrodite.modeling.llama import AttentionMetadata, LlamaModel
 
 _VISION_LAYER = re.compile(r"^vision_tower\.encoder\.layers\.(\d+)\.")
@@ -139,6 +139,8 @@ class LlavaForConditionalGeneration(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._lm_head_packed is not None:
             return ops.linear(hidden, self._lm_head_packed)
+        if hidden.is_cuda and own_cuda_gemm():
+            return ops.linear(hidden, self.lm_head_weight).float()
         return F.linear(hidden, self.lm_head_weight).float()
 
     @torch.no_grad()

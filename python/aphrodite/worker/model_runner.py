@@ -224,12 +224,14 @@ class ModelRunner:
         max_num_seqs: int,
         max_images: int,
         decode_graph_batch: int = 0,
+        block_size: int = 16,
     ) -> int:
         """Peak bytes torch allocates on the device (weights included) while running a
         worst-case step: the full token budget spread over the most sequences, `max_images`
         images encoded and merged, and logits for every sequence. With `decode_graph_batch`,
-        plus the activations of a decode step of that many sequences: what the CUDA graphs'
-        memory pool keeps once they are captured. CUDA only."""
+        plus the activations of a decode step of that many sequences (block tables as wide as
+        the graphs' for `block_size`): what the CUDA graphs' memory pool keeps once they are
+        captured. CUDA only."""
         if self.device.type != "cuda":
             raise RuntimeError("profile_peak_memory needs a CUDA device")
         c = self.model_config
@@ -239,7 +241,6 @@ class ModelRunner:
         q_lens[: num_tokens % num_seqs] += 1
         query_start_loc = np.zeros(num_seqs + 1, dtype=np.int32)
         np.cumsum(q_lens, out=query_start_loc[1:])
-        block_size = 16
         max_blocks = -(-int(q_lens.max()) // block_size)
         # Images: as many as fit in the token budget are merged; all are encoded.
         crop_h, crop_w = c.image_processor["crop_size"]
@@ -343,7 +344,7 @@ def determine_num_kv_blocks(
                 f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}"
             )
         peak = runner.profile_peak_memory(
-            max_num_batched_tokens, max_num_seqs, max_images, decode_graph_batch
+            max_num_batched_tokens, max_num_seqs, max_images, decode_graph_batch, block_size
         )
         free, total = torch.cuda.mem_get_info(runner.device)
         outside_torch = max(0, (total - free) - torch.cuda.memory_reserved(runner.device))
