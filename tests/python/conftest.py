@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from aphrodite import _C
 from aphrodite.testing import build_tiny_llava
@@ -23,9 +26,27 @@ def _cuda_usable() -> bool:
 CUDA_USABLE = _cuda_usable()
 DEVICES = ["cpu"] + (["cuda"] if CUDA_USABLE else [])
 
+# The kernel tests draw fresh random inputs on every run; APHRODITE_TEST_SEED=<the seed printed
+# in the report header> draws a run's inputs again.
+TEST_SEED = int(os.environ.get("APHRODITE_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+
+
+def case_generator(key: int) -> torch.Generator:
+    """A generator for one test case: this run's seed combined with the case's own key, so that
+    cases differ from each other and from run to run."""
+    return torch.Generator().manual_seed((TEST_SEED * 1_000_003 + key) % 2**63)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if exitstatus not in (0, 5):
+        terminalreporter.write_line(f"random inputs of this run: APHRODITE_TEST_SEED={TEST_SEED}")
+
 
 def pytest_report_header(config: pytest.Config) -> str:
-    return f"aphrodite {_C.__version__}: testing on devices {DEVICES}"
+    return (
+        f"aphrodite {_C.__version__}: testing on devices {DEVICES}; "
+        f"random inputs: APHRODITE_TEST_SEED={TEST_SEED}"
+    )
 
 
 @pytest.fixture(params=DEVICES)

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import case_generator
 
 from aphrodite import ops
 
@@ -222,7 +223,7 @@ def random_composition(
 def test_paged_attention_mixed_batch(
     device: str, head_size: int, num_heads: int, num_kv_heads: int
 ) -> None:
-    gen = torch.Generator().manual_seed(1000 * head_size + 10 * num_heads + num_kv_heads)
+    gen = case_generator(1000 * head_size + 10 * num_heads + num_kv_heads)
     for hint in (False, True):
         q_lens, seq_lens = random_composition(gen, num_seqs=5, max_ctx=150)
         block_size = [8, 16, 32][int(torch.randint(0, 3, (1,), generator=gen))]
@@ -244,7 +245,7 @@ def test_paged_attention_mixed_batch(
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 @pytest.mark.parametrize("sliding_window", [1, 7, 50])
 def test_paged_attention_sliding_window(device: str, block_size: int, sliding_window: int) -> None:
-    gen = torch.Generator().manual_seed(block_size * 100 + sliding_window)
+    gen = case_generator(block_size * 100 + sliding_window)
     q_lens, seq_lens = random_composition(gen, num_seqs=4, max_ctx=130)
     run_case(
         device,
@@ -263,7 +264,7 @@ def test_paged_attention_sliding_window(device: str, block_size: int, sliding_wi
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_size", [64, 128])
 def test_paged_attention_half_dtypes(device: str, dtype: torch.dtype, head_size: int) -> None:
-    gen = torch.Generator().manual_seed(7 + head_size)
+    gen = case_generator(7 + head_size)
     q_lens, seq_lens = random_composition(gen, num_seqs=4, max_ctx=100)
     run_case(device, gen, dtype, 8, 1, head_size, 16, q_lens, seq_lens, sliding_window=0)
 
@@ -283,7 +284,7 @@ def test_paged_attention_decode_batch(
     """Single-token sequences only, contexts from 1 key to a few thousand (off every block, tile
     and split boundary); on CUDA the decode kernel with the context split and merged, alone (the
     call is told max_query_len 1, as the engine's decode steps are)."""
-    gen = torch.Generator().manual_seed(head_size * 100 + num_heads * 10 + num_kv_heads)
+    gen = case_generator(head_size * 100 + num_heads * 10 + num_kv_heads)
     seq_lens = [1, 2, 17, 300, 1029, 2100]
     block_size = [8, 16, 32][(head_size + num_heads) % 3]
     run_case(
@@ -305,7 +306,7 @@ def test_paged_attention_decode_batch(
 def test_paged_attention_decode_sliding_window(
     device: str, sliding_window: int, num_heads: int, num_kv_heads: int, head_size: int
 ) -> None:
-    gen = torch.Generator().manual_seed(sliding_window + num_heads)
+    gen = case_generator(sliding_window + num_heads)
     seq_lens = [1, 6, 700, 701, 1500]
     run_case(
         device,
@@ -324,7 +325,7 @@ def test_paged_attention_decode_sliding_window(
 def test_paged_attention_many_decode_sequences(device: str) -> None:
     """Enough sequences and kv heads that CUDA does not split the context (>= 16 blocks per SM
     of a 132-SM device without splitting): each decode block writes `out` itself."""
-    gen = torch.Generator().manual_seed(11)
+    gen = case_generator(11)
     seq_lens = torch.randint(1, 150, (40,), generator=gen).tolist()
     run_case(device, gen, default_dtype(device), 64, 64, 64, 16, [1] * len(seq_lens), seq_lens)
 
@@ -337,7 +338,7 @@ def test_paged_attention_prefill_tiles(
     """Prefill chunks of >= 64 tokens (on CUDA the tensor-core kernel for head sizes <= 128): a
     whole prompt of exactly one 64-token tile, chunks over a cached prefix whose lengths fall off
     the query-tile and key-tile grids, and a decode token in the same batch."""
-    gen = torch.Generator().manual_seed(head_size * 10 + num_heads + num_kv_heads)
+    gen = case_generator(head_size * 10 + num_heads + num_kv_heads)
     block_size = [8, 16, 32][head_size % 3]
     sliding_window = 37 if head_size % 32 == 0 else 0
     run_case(
@@ -357,12 +358,12 @@ def test_paged_attention_prefill_tiles(
 
 def test_paged_attention_long_decode(device: str) -> None:
     """Long contexts with few sequences: the case CUDA splits across thread blocks."""
-    gen = torch.Generator().manual_seed(3)
+    gen = case_generator(3)
     run_case(device, gen, default_dtype(device), 32, 8, 128, 16, [1, 1, 3], [3000, 1777, 2500])
 
 
 def test_paged_attention_long_prefill(device: str) -> None:
-    gen = torch.Generator().manual_seed(4)
+    gen = case_generator(4)
     run_case(
         device, gen, default_dtype(device), 4, 1, 128, 16, [300, 1], [300, 700], sliding_window=0
     )
@@ -373,7 +374,7 @@ def test_paged_attention_long_prefill_chunks(device: str, sliding_window: int) -
     """Prefill chunks spanning several 128-token tensor-core windows, over cached prefixes whose
     lengths fall off every tile grid, next to a whole prompt and a decode token: on CUDA the
     warps of a window skip the key tiles past their causal limit or before their window."""
-    gen = torch.Generator().manual_seed(5 + sliding_window)
+    gen = case_generator(5 + sliding_window)
     run_case(
         device,
         gen,
@@ -391,12 +392,12 @@ def test_paged_attention_long_prefill_chunks(device: str, sliding_window: int) -
 def test_paged_attention_three_prefills_in_one_window(device: str) -> None:
     """Tensor-core prefill sequences of 64 to 70 tokens: on CUDA one 128-token window holds the
     end of one, a whole one and the start of a third, computed one after the other."""
-    gen = torch.Generator().manual_seed(6)
+    gen = case_generator(6)
     run_case(device, gen, default_dtype(device), 8, 2, 64, 16, [70, 64, 64, 64], [70, 100, 64, 80])
 
 
 def test_paged_attention_strided_query_and_out(device: str) -> None:
-    gen = torch.Generator().manual_seed(5)
+    gen = case_generator(5)
     q_lens, seq_lens = random_composition(gen, num_seqs=5, max_ctx=90)
     run_case(
         device,
@@ -414,12 +415,12 @@ def test_paged_attention_strided_query_and_out(device: str) -> None:
 
 
 def test_paged_attention_sequence_without_tokens(device: str) -> None:
-    gen = torch.Generator().manual_seed(6)
+    gen = case_generator(6)
     run_case(device, gen, default_dtype(device), 4, 2, 64, 16, [3, 0, 1], [20, 33, 17])
 
 
 def test_reshape_and_cache_writes_only_mapped_slots(device: str) -> None:
-    gen = torch.Generator().manual_seed(8)
+    gen = case_generator(8)
     dtype = default_dtype(device)
     num_blocks, block_size, kv_heads, head_size, tokens = 6, 16, 2, 80, 40
     for index_dtype in (torch.int64, torch.int32):
@@ -524,7 +525,7 @@ def test_paged_attention_cuda_graph_replay() -> None:
 
     if not CUDA_USABLE:
         pytest.skip("no usable CUDA device")
-    gen = torch.Generator().manual_seed(9)
+    gen = case_generator(9)
     b = Batch(gen, "cuda", torch.bfloat16, 32, 8, 128, 16, [1, 1, 2], [3000, 1777, 2500])
     b.to_device()
     ops.reshape_and_cache(b.step_key, b.step_value, b.key_cache, b.value_cache, b.slot_mapping)

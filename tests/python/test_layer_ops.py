@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import case_generator
 
 from aphrodite import ops
 
@@ -54,7 +55,7 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,hidden", [(1, 8), (7, 1000), (33, 4096)])
 def test_rms_norm_matches_hf(device: str, dtype: torch.dtype, rows: int, hidden: int) -> None:
-    gen = torch.Generator().manual_seed(rows * hidden)
+    gen = case_generator(rows * hidden)
     x = (torch.randn(rows, hidden, generator=gen) * 3).to(dtype).to(device)
     weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype).to(device)
     out = ops.rms_norm(x, weight, 1e-5)
@@ -74,7 +75,7 @@ def test_rms_norm_matches_hf(device: str, dtype: torch.dtype, rows: int, hidden:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_add_rms_norm_matches_hf(device: str, dtype: torch.dtype) -> None:
     """HF's decoder layer: hidden = residual + hidden, then the next RMSNorm of it."""
-    gen = torch.Generator().manual_seed(1)
+    gen = case_generator(1)
     x = torch.randn(5, 3, 384, generator=gen).to(dtype).to(device)
     residual = torch.randn(5, 3, 384, generator=gen).to(dtype).to(device)
     weight = (1 + 0.1 * torch.randn(384, generator=gen)).to(dtype).to(device)
@@ -93,7 +94,7 @@ def test_rotary_embedding_matches_hf_exactly(
 ) -> None:
     """In place on q and k sliced out of one fused QKV output (token-strided views), at random
     positions including 0 and the table's last one."""
-    gen = torch.Generator().manual_seed(heads * head_size)
+    gen = case_generator(heads * head_size)
     tokens, max_positions = 37, 2048
     cos, sin = rope_tables(max_positions, head_size)
     positions = torch.randint(0, max_positions, (tokens,), generator=gen)
@@ -119,7 +120,7 @@ def test_rotary_embedding_matches_hf_exactly(
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,n", [(1, 8), (9, 2816), (40, 1000)])
 def test_silu_and_mul_matches_hf(device: str, dtype: torch.dtype, rows: int, n: int) -> None:
-    gen = torch.Generator().manual_seed(rows + n)
+    gen = case_generator(rows + n)
     x = (torch.randn(rows, 2 * n, generator=gen) * 4).to(dtype).to(device)
     gate, up = x.chunk(2, dim=-1)
     assert_close(ops.silu_and_mul(x), F.silu(gate) * up, dtype)

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CUDA_USABLE
+from conftest import CUDA_USABLE, case_generator
 
 from aphrodite import _C, ops
 
@@ -107,7 +107,7 @@ def test_linear_matches_float64(
     device: str, shape: tuple[int, int, int], activation: str, with_bias: bool
 ) -> None:
     m, n, k = shape
-    gen = torch.Generator().manual_seed(m * 1000003 + n * 1009 + k)
+    gen = case_generator(m * 1000003 + n * 1009 + k)
     for dtype in dtypes_for(device):
         x = make((m, k), dtype, device, gen)
         w = make((n, k), dtype, device, gen) / math.sqrt(k)
@@ -138,7 +138,7 @@ TILING_SHAPES = [
 def test_linear_every_tiling(device: str, index: int) -> None:
     m, n, k = TILING_SHAPES[index]
     activation = ACTIVATIONS[index % len(ACTIVATIONS)]  # the epilogue is shared by all tilings
-    gen = torch.Generator().manual_seed(m * 7919 + n * 31 + k)
+    gen = case_generator(m * 7919 + n * 31 + k)
     for dtype in dtypes_for(device):
         x = make((m, k), dtype, device, gen)
         w = make((n, k), dtype, device, gen) / math.sqrt(k)
@@ -154,7 +154,7 @@ def test_linear_every_tiling(device: str, index: int) -> None:
 
 
 def test_linear_random_shapes(device: str) -> None:
-    gen = torch.Generator().manual_seed(5)
+    gen = case_generator(5)
     for _ in range(12):
         m, n, k = (int(v) for v in torch.randint(1, 301, (3,), generator=gen))
         activation = ACTIVATIONS[int(torch.randint(0, 3, (1,), generator=gen))]
@@ -201,7 +201,7 @@ def test_gelu_epilogue_is_elementwise_accurate() -> None:
 
 
 def test_linear_leading_dims_out_and_strided_rows(device: str) -> None:
-    gen = torch.Generator().manual_seed(11)
+    gen = case_generator(11)
     for dtype in dtypes_for(device):
         wide = make((2, 3, 80), dtype, device, gen)
         x = wide[..., :40]  # rows strided by 80, innermost dense
@@ -223,7 +223,7 @@ def test_linear_leading_dims_out_and_strided_rows(device: str) -> None:
 def test_linear_unaligned_inputs(device: str) -> None:
     # x and weight starting one element into their storage: no 16-byte alignment (on CUDA the
     # tiled kernel's precondition), still correct.
-    gen = torch.Generator().manual_seed(13)
+    gen = case_generator(13)
     for dtype in dtypes_for(device):
         x = make((70, 65), dtype, device, gen)[:, 1:]
         w = make((90, 65), dtype, device, gen)[:, 1:] / 8.0
@@ -234,7 +234,7 @@ def test_linear_unaligned_inputs(device: str) -> None:
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_packed_weight_matches_reference(activation: str) -> None:
-    gen = torch.Generator().manual_seed(3)
+    gen = case_generator(3)
     for m, n, k in [(1, 37, 300), (13, 64, 17), (200, 250, 520)]:
         x = torch.randn(m, k, generator=gen)
         w = torch.randn(n, k, generator=gen) / math.sqrt(k)
@@ -316,7 +316,7 @@ def test_cuda_gemm_choice_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_every_kernel_set_on_random_shapes(cpu_isa: str) -> None:
     """Rows 1..300 (the decode path up to 64 rows with packed weights, the blocked one above),
     odd K and N, with and without bias, every activation, packed and unpacked weights."""
-    gen = torch.Generator().manual_seed(11)
+    gen = case_generator(11)
     activations = [*ACTIVATIONS, "swiglu"]
     for case in range(16):
         m = int(torch.randint(1, 301 if case % 2 else 65, (1,), generator=gen))
@@ -343,7 +343,7 @@ def test_every_kernel_set_on_random_shapes(cpu_isa: str) -> None:
 def test_swiglu_matches_float64(cpu_isa: str, rows: int) -> None:
     """The fused gate/up op against silu(x Wg^T + bg) * (x Wu^T + bu), with a leading batch
     dimension and `out`; halves of 300 (not a multiple of 16) split across the thread pool."""
-    gen = torch.Generator().manual_seed(rows)
+    gen = case_generator(rows)
     k, half = 96, 150
     x = make((1, rows, k), torch.float32, "cpu", gen)
     w = make((2 * half, k), torch.float32, "cpu", gen) / math.sqrt(k)

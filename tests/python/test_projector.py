@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import case_generator
 
 from aphrodite import _C, ops
 
@@ -27,7 +28,7 @@ def make_inputs(
     shape: tuple[int, int, int, int], dtype: torch.dtype, device: str, seed: int
 ) -> list[torch.Tensor]:
     t, d_in, h, d_out = shape
-    gen = torch.Generator().manual_seed(seed)
+    gen = case_generator(seed)
     tensors = [
         torch.randn(t, d_in, generator=gen),
         torch.randn(h, d_in, generator=gen) / math.sqrt(d_in),
