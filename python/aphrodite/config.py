@@ -52,7 +52,8 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """The Llama decoder (LlamaConfig fields, with transformers' defaults)."""
+    """The Llama decoder (LlamaConfig fields, with transformers' defaults); a Mistral decoder is
+    the same with a sliding attention window."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -69,6 +70,19 @@ class TextConfig:
     mlp_bias: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
+    model_type: str = "llama"
+    # Mistral: a token attends to the keys of the last `sliding_window` positions (its own
+    # included); 0: no window.
+    sliding_window: int = 0
+
+
+# transformers' defaults where MistralConfig's differ from LlamaConfig's.
+_MISTRAL_DEFAULTS = {
+    "intermediate_size": 14336,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 4096 * 32,
+    "sliding_window": 4096,
+}
 
 
 @dataclass(frozen=True)
@@ -163,8 +177,15 @@ def parse_llava_config(cfg: dict[str, Any]) -> LlavaConfig:
             f"not a LLaVA checkpoint: model_type={cfg.get('model_type')!r}, architectures={archs}"
         )
     text = dict(cfg.get("text_config") or {})
-    if text.get("model_type", "llama") != "llama":
-        raise ValueError(f"text model {text['model_type']!r} is not supported (only 'llama')")
+    text_type = text.get("model_type", "llama")
+    if text_type not in ("llama", "mistral"):
+        raise ValueError(f"text model {text_type!r} is not supported (only 'llama' and 'mistral')")
+    if text_type == "mistral":
+        # A key written as null means "none" (sliding_window: null is no window), so only
+        # missing keys take Mistral's defaults.
+        text = {**{k: v for k, v in _MISTRAL_DEFAULTS.items() if k not in text}, **text}
+        # Mistral's attention and MLP have no biases whatever the config says.
+        text["attention_bias"] = text["mlp_bias"] = False
     vision = dict(cfg.get("vision_config") or {})
     if vision.get("model_type", "clip_vision_model") != "clip_vision_model":
         raise ValueError(
@@ -195,7 +216,11 @@ def parse_llava_config(cfg: dict[str, Any]) -> LlavaConfig:
         mlp_bias=bool(_get(text, "mlp_bias", False)),
         bos_token_id=text.get("bos_token_id", 1),
         eos_token_id=text.get("eos_token_id", 2),
+        model_type=text_type,
+        sliding_window=int(text.get("sliding_window") or 0) if text_type == "mistral" else 0,
     )
+    if text_config.sliding_window < 0:
+        raise ValueError(f"sliding_window must be positive, got {text_config.sliding_window}")
     if text_config.num_attention_heads % text_config.num_key_value_heads:
         raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
 

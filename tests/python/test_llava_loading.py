@@ -93,11 +93,26 @@ def test_rope_layouts_agree():
     assert parse_llava_config(llama3).text.rope.original_max_position_embeddings == 4096
 
 
+def test_mistral_text_config():
+    """A Mistral text model (bakLlava): MistralConfig's defaults where they differ from
+    Llama's, its sliding window (a null one is none), and no biases."""
+    cfg = json.loads(json.dumps(LLAVA_15_7B))
+    cfg["text_config"] = {"model_type": "mistral", "vocab_size": 32064, "attention_bias": True}
+    t = parse_llava_config(cfg).text
+    assert (t.model_type, t.intermediate_size, t.num_key_value_heads) == ("mistral", 14336, 8)
+    assert t.sliding_window == 4096 and t.max_position_embeddings == 131072
+    assert not t.attention_bias and not t.mlp_bias
+    cfg["text_config"].update(sliding_window=None, max_position_embeddings=32768)
+    t = parse_llava_config(cfg).text
+    assert t.sliding_window == 0 and t.max_position_embeddings == 32768
+    assert parse_llava_config(LLAVA_15_7B).text.sliding_window == 0
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
         (lambda c: c["text_config"].update(rope_scaling={"type": "yarn", "factor": 2.0}), "yarn"),
-        (lambda c: c["text_config"].update(model_type="mistral"), "mistral"),
+        (lambda c: c["text_config"].update(model_type="qwen2"), "qwen2"),
         (lambda c: c["vision_config"].update(model_type="siglip_vision_model"), "siglip"),
         (lambda c: c.update(vision_feature_select_strategy="cls"), "cls"),
         (lambda c: c.update(projector_hidden_act="relu"), "relu"),

@@ -56,6 +56,15 @@ CHECKPOINTS = {
         vision_feature_layer=[1, -1],
         seed=2,
     ),
+    # A Mistral text model (bakLlava's layout): every token attends to its last 8 positions
+    # only, so the window cuts through the image and the prompt; GQA.
+    "mistral": dict(
+        text_model_type="mistral",
+        sliding_window=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        seed=4,
+    ),
     # 336 px / patch 14 -> 576 image tokens, llama3 rope, legacy config with rope_scaling.
     "llava336": dict(
         image_size=336,

@@ -372,3 +372,28 @@ def test_the_completions_of_one_prompt_encode_its_image_once(checkpoint, monkeyp
     llm.llm_engine.reset_prefix_cache()
     single = llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     assert [c.token_ids for c in out.outputs] == [single] * 3
+
+
+def test_mistral_text_model_with_sliding_window_matches_hf(tmp_path):
+    """A Mistral text model (bakLlava's layout) through the whole engine: its 12-position
+    sliding window cuts through the 16 image tokens and the prompt, across chunked prefill and
+    the prefix cache (the same prompt twice: the second run reuses the first one's blocks)."""
+    path = build_tiny_llava(
+        tmp_path / "mistral",
+        text_model_type="mistral",
+        sliding_window=12,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        image_size=56,
+        seed=6,
+    )
+    llm = LLM(model=path, **SMALL_STEPS, kv_cache_memory_gb=0.01)
+    image = _image(9)
+    ref = _hf((hf_llava_model(path), hf_llava_processor(path)), QUESTION, [image])
+    cached = []
+    for _ in range(2):
+        out = llm.generate({"prompt": QUESTION, "multi_modal_data": {"image": image}}, GREEDY)
+        _assert_matches_hf(out[0], ref)
+        cached.append(out[0].num_cached_tokens)
+    assert cached[0] == 0 and cached[1] >= 16
+    assert llm.llm_engine.model_config.hf_config.text.sliding_window == 12

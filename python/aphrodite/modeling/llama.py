@@ -96,6 +96,7 @@ class LlamaAttention(nn.Module):
         )
         self.o_proj = Linear(q_size, cfg.hidden_size, cfg.attention_bias, dtype, device)
         self.scale = self.head_dim**-0.5
+        self.sliding_window = cfg.sliding_window
 
     def pack(self) -> None:
         self.qkv_proj.pack()
@@ -127,6 +128,7 @@ class LlamaAttention(nn.Module):
             meta.seq_lens,
             meta.query_start_loc,
             self.scale,
+            sliding_window=self.sliding_window,
             max_query_len=meta.max_query_len,
         )
         return self.o_proj(out.view(t, self.q_size))

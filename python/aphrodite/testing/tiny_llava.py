@@ -102,7 +102,9 @@ def build_tiny_llava(
     path: str | os.PathLike,
     *,
     seed: int = 0,
-    # text (Llama)
+    # text (Llama, or Mistral: Llama's layers with a sliding attention window)
+    text_model_type: str = "llama",
+    sliding_window: int | None = None,
     vocab_size: int | None = None,
     tokenizer_vocab_size: int = 300,
     hidden_size: int = 64,
@@ -146,6 +148,8 @@ def build_tiny_llava(
 ) -> Path:
     """Writes a random LLaVA checkpoint to ``path`` (created if needed) and returns the path.
 
+    ``text_model_type`` "mistral" writes a MistralConfig text model (``sliding_window`` tokens of
+    attention window, None for none; Mistral has no attention/MLP biases).
     ``rope_scaling`` is an HF rope-scaling dict such as ``{"rope_type": "linear", "factor": 2.0}``.
     ``max_shard_size`` (bytes or "10KB") splits the safetensors into shards with an index.
     ``legacy_config`` rewrites config.json the way transformers 4 wrote it (top-level
@@ -161,6 +165,7 @@ def build_tiny_llava(
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
+        MistralConfig,
         PreTrainedTokenizerFast,
     )
 
@@ -215,7 +220,17 @@ def build_tiny_llava(
         text_kwargs["head_dim"] = head_dim
     rope = {"rope_type": "default", **(rope_scaling or {}), "rope_theta": rope_theta}
     text_kwargs["rope_parameters"] = rope
-    text_config = LlamaConfig(**text_kwargs)
+    if text_model_type == "llama":
+        if sliding_window is not None:
+            raise ValueError("sliding_window needs text_model_type='mistral'")
+        text_config = LlamaConfig(**text_kwargs)
+    elif text_model_type == "mistral":
+        if attention_bias or mlp_bias:
+            raise ValueError("Mistral has no attention or MLP biases")
+        del text_kwargs["attention_bias"], text_kwargs["mlp_bias"]
+        text_config = MistralConfig(**text_kwargs, sliding_window=sliding_window)
+    else:
+        raise ValueError(f"text_model_type must be 'llama' or 'mistral', got {text_model_type!r}")
     vision_config = CLIPVisionConfig(
         hidden_size=vision_hidden_size,
         intermediate_size=vision_intermediate_size,
