@@ -186,6 +186,19 @@ def parse_llava_config(cfg: dict[str, Any]) -> LlavaConfig:
         text = {**{k: v for k, v in _MISTRAL_DEFAULTS.items() if k not in text}, **text}
         # Mistral's attention and MLP have no biases whatever the config says.
         text["attention_bias"] = text["mlp_bias"] = False
+        window = text["sliding_window"]
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"Mistral sliding_window must be null or at least 1, got {window!r}")
+        # HF's Mistral applies one window to every layer; a config that mixes full and sliding
+        # layers (Ministral's layout) would be computed wrongly, so it is refused.
+        kinds = set(text.get("layer_types") or [])
+        wanted = {"sliding_attention"} if window is not None else {"full_attention"}
+        if kinds and kinds != wanted:
+            raise ValueError(
+                f"layer_types {sorted(kinds)} with sliding_window={window!r} is not supported "
+                "(one window for every layer, as HF's Mistral applies it; mixed layers are "
+                "Ministral's layout)"
+            )
     vision = dict(cfg.get("vision_config") or {})
     if vision.get("model_type", "clip_vision_model") != "clip_vision_model":
         raise ValueError(
@@ -219,8 +232,6 @@ def parse_llava_config(cfg: dict[str, Any]) -> LlavaConfig:
         model_type=text_type,
         sliding_window=int(text.get("sliding_window") or 0) if text_type == "mistral" else 0,
     )
-    if text_config.sliding_window < 0:
-        raise ValueError(f"sliding_window must be positive, got {text_config.sliding_window}")
     if text_config.num_attention_heads % text_config.num_key_value_heads:
         raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
 

@@ -106,6 +106,18 @@ def test_mistral_text_config():
     t = parse_llava_config(cfg).text
     assert t.sliding_window == 0 and t.max_position_embeddings == 32768
     assert parse_llava_config(LLAVA_15_7B).text.sliding_window == 0
+    # HF fails on a window of 0; layers that mix full and sliding attention are Ministral's.
+    for bad, message in [
+        ({"sliding_window": 0}, "at least 1"),
+        ({"sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]}, "mixed"),
+        ({"sliding_window": None, "layer_types": ["sliding_attention"]}, "mixed"),
+    ]:
+        edited = json.loads(json.dumps(cfg))
+        edited["text_config"].update(bad)
+        with pytest.raises(ValueError, match=message):
+            parse_llava_config(edited)
+    cfg["text_config"].update(sliding_window=8, layer_types=["sliding_attention"] * 2)
+    assert parse_llava_config(cfg).text.sliding_window == 8
 
 
 @pytest.mark.parametrize(
