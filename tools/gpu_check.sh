@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # GPU check for a fresh H100/H200 machine with no network (nvcc, cmake, ninja, pybind11,
-# scikit-build-core, torch and transformers present). Builds the package for sm_90a, runs every
-# test on CUDA (the same tests as on the CPU, parametrised by device), every C++ benchmark binary
-# and the Python benchmarks on the GPU, then prints one compact table. Logs go to $OUT (or
-# build/gpu-check). Usage: bash tools/gpu_check.sh [--quick]   (quick: tests only)
+# scikit-build-core, torch and transformers present). Installs the package for sm_90a (a wheel
+# carried in build/gpu-wheel, else built here), runs every test on CUDA (the same tests as on the
+# CPU, parametrised by device), then again the CUDA tests of the paths not yet proven (attention
+# without tensor cores, the opt-in GEMM kernels), the Python benchmarks on the GPU and the C++
+# benchmark binaries, all within a time budget (GPU_CHECK_BUDGET_S, default 520 s), and prints
+# one compact table on any exit. Logs go to $OUT (or build/gpu-check).
+# Usage: bash tools/gpu_check.sh [--quick]   (quick: tests only)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-build/gpu-check}
