@@ -118,32 +118,32 @@ row "  CUDA cases" "" "$(cat "$out/pytest-cuda.txt" 2>/dev/null)"
 rm -f "$out/pytest.xml" "$out/pytest-cuda.txt"
 grep -E "^(FAILED|ERROR)" "$out/pytest.log" | head -n 30
 
-# 2b. Attention on its CUDA-core kernels alone, as on GPUs whose blocks cannot hold the
-#     tensor-core kernels' shared memory (sm_86/sm_89 at head size 128).
-APHRODITE_CUDA_ATTENTION_TENSOR_CORES=0 limited 90 "$py" -m pytest tests/python/test_attention.py \
-  -q -k cuda $(timeout_opt 60) -p no:cacheprovider -rfEs >"$out/pytest-attention-simt.log" 2>&1
-rc=$?
-row "pytest attention, no tensor cores" "$(status_of $rc)" \
-  "$(tail -n 1 "$out/pytest-attention-simt.log")"
-grep -E "^(FAILED|ERROR)" "$out/pytest-attention-simt.log" | head -n 10
-
-# 2c. The GEMM kernels not yet seen passing (opt-in through APHRODITE_CUDA_GEMM until they
-#     have), each mode in its own process (a kernel that traps takes its CUDA context down with
-#     it): "wgmma", the Hopper kernel for every shape; "auto", the decode-sized kernel for M <= 16
-#     and wgmma above, also for the model's own layers (with it, the model tests decode, and
-#     capture CUDA graphs, on these kernels instead of cuBLAS).
-gemm_pass() {  # mode, seconds, test files...
-  local mode=$1 limit=$2
-  shift 2
-  APHRODITE_CUDA_GEMM=$mode limited "$limit" "$py" -m pytest "$@" -q -k cuda $(timeout_opt 60) \
-    -p no:cacheprovider -rfEs >"$out/pytest-gemm-$mode.log" 2>&1
+# 2b. The CUDA tests of paths not yet seen passing, again, each setting in its own process (a
+#     kernel that traps takes its CUDA context down with it).
+cuda_pass() {  # label, log name, seconds, VAR=value, test files...
+  local label=$1 log="$out/pytest-$2.log" limit=$3 setting=$4
+  shift 4
+  (
+    export "${setting?}"
+    limited "$limit" "$py" -m pytest "$@" -q -k cuda $(timeout_opt 60) -p no:cacheprovider -rfEs
+  ) >"$log" 2>&1
   local rc=$?
-  row "pytest GEMM=$mode (cuda)" "$(status_of $rc)" "$(tail -n 1 "$out/pytest-gemm-$mode.log")"
-  grep -E "^(FAILED|ERROR)" "$out/pytest-gemm-$mode.log" | head -n 10
+  row "$label" "$(status_of $rc)" "$(tail -n 1 "$log")"
+  grep -E "^(FAILED|ERROR)" "$log" | head -n 10
 }
-gemm_pass wgmma 90 tests/python/test_linear.py tests/python/test_projector.py
-gemm_pass auto 150 tests/python/test_linear.py tests/python/test_projector.py \
-  tests/python/test_llava_model.py tests/python/test_cuda_graphs.py
+# Attention on its CUDA-core kernels alone, as on GPUs whose blocks cannot hold the tensor-core
+# kernels' shared memory (sm_86/sm_89 at head size 128).
+cuda_pass "pytest attention, no tensor cores" attention-simt 90 \
+  APHRODITE_CUDA_ATTENTION_TENSOR_CORES=0 tests/python/test_attention.py
+# The GEMM kernels (opt-in through APHRODITE_CUDA_GEMM until they have passed): "wgmma", the
+# Hopper kernel for every shape; "auto", the decode-sized kernel for M <= 16 and wgmma above,
+# also for the model's own layers (the model tests then decode, and capture CUDA graphs, on
+# these kernels instead of cuBLAS).
+cuda_pass "pytest GEMM=wgmma (cuda)" gemm-wgmma 90 APHRODITE_CUDA_GEMM=wgmma \
+  tests/python/test_linear.py tests/python/test_projector.py
+cuda_pass "pytest GEMM=auto (cuda)" gemm-auto 150 APHRODITE_CUDA_GEMM=auto \
+  tests/python/test_linear.py tests/python/test_projector.py tests/python/test_llava_model.py \
+  tests/python/test_cuda_graphs.py
 
 # 3. Benchmarks: ours against torch / HF on the GPU in the same process, then the host CPU's.
 bench() {  # name, time limit, command...
