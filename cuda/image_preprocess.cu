@@ -164,10 +164,8 @@ int blocks_for(std::int64_t work) {
 
 }  // namespace
 
-void preprocess_images_cuda(const PreprocessPlan& plan,
-                            const std::vector<const std::uint8_t*>& sources,
-                            const std::vector<std::int64_t>& source_bytes, const TensorView& out,
-                            StreamHandle stream_handle) {
+void preprocess_images_cuda(const PreprocessPlan& plan, const std::vector<ImageSource>& sources,
+                            const TensorView& out, StreamHandle stream_handle) {
   const auto n = static_cast<int>(plan.images.size());
   if (n == 0) return;
   DeviceGuard guard(out.device().index);
@@ -179,7 +177,9 @@ void preprocess_images_cuda(const PreprocessPlan& plan,
   const std::size_t lut_at = align_up(tables_at + plan.tables.size() * sizeof(std::int32_t), 16);
   const std::size_t images_at = align_up(lut_at + sizeof(plan.lut), 16);
   std::size_t images_bytes = 0;
-  for (std::int64_t b : source_bytes) images_bytes += static_cast<std::size_t>(b);
+  for (const ImagePlan& ip : plan.images) {
+    images_bytes += static_cast<std::size_t>(ip.height) * static_cast<std::size_t>(ip.width) * 3;
+  }
   const std::size_t staged = images_at + images_bytes;
   const std::size_t scratch_at = align_up(staged, 16);
   const std::size_t total = scratch_at + static_cast<std::size_t>(plan.scratch_bytes);
@@ -191,10 +191,12 @@ void preprocess_images_cuda(const PreprocessPlan& plan,
                 plan.tables.size() * sizeof(std::int32_t));
   }
   std::memcpy(host.data() + lut_at, plan.lut, sizeof(plan.lut));
+  // The kernels read packed RGB: 4-byte pixels and strided rows are packed here, in the copy
+  // that stages the images anyway.
   for (int i = 0; i < n; ++i) {
-    std::memcpy(host.data() + images_at + plan.images[static_cast<std::size_t>(i)].src_offset,
-                sources[static_cast<std::size_t>(i)],
-                static_cast<std::size_t>(source_bytes[static_cast<std::size_t>(i)]));
+    const ImagePlan& ip = plan.images[static_cast<std::size_t>(i)];
+    pack_rgb(sources[static_cast<std::size_t>(i)], ip.height, ip.width,
+             host.data() + images_at + ip.src_offset);
   }
 
   void* device = nullptr;

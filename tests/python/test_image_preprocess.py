@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import PIL
 import pytest
 import torch
 from PIL import Image
@@ -126,6 +127,75 @@ def test_without_resize_or_crop_match_hf(device: str) -> None:
     same = [random_image(rng, 50, 70) for _ in range(3)]
     want = hf_pixels(hf_processor(50, (50, 70), do_center_crop=False), same)
     assert_same_as_hf(ours(same, 50, (50, 70), device, do_center_crop=False), want)
+
+
+def strided_layouts(image: np.ndarray, rng: np.random.Generator) -> dict[str, object]:
+    """The same pixels in layouts the op reads in place (4-byte pixels with junk in the fourth
+    byte, padded rows; numpy and torch) and in ones the wrapper copies first (transposed,
+    flipped, channels reversed twice)."""
+    h, w, _ = image.shape
+    rgbx = rng.integers(0, 256, (h, w + 3, 4), dtype=np.uint8)
+    rgbx[:, :w, :3] = image
+    padded = rng.integers(0, 256, (h, w + 2, 3), dtype=np.uint8)
+    padded[:, :w] = image
+    return {
+        "rgbx": rgbx[:, :w, :3],
+        "padded rows": padded[:, :w],
+        "torch rgbx": torch.from_numpy(rgbx)[:, :w, :3],
+        "transposed": np.ascontiguousarray(image.transpose(1, 0, 2)).transpose(1, 0, 2),
+        "flipped": np.ascontiguousarray(image[::-1])[::-1],
+        "bgr reversed": np.ascontiguousarray(image[..., ::-1])[..., ::-1],
+    }
+
+
+def test_strided_layouts_equal_contiguous(device: str) -> None:
+    rng = fresh_rng()
+    sizes = [(1, 1), (1, 9), (9, 1), (480, 640), (700, 40), (40, 700)]
+    sizes += [tuple(int(v) for v in rng.integers(1, 600, 2)) for _ in range(4)]
+    images = [random_image(rng, h, w) for h, w in sizes]
+    for shortest_edge, crop in ((336, (336, 336)), (64, (48, 80))):
+        want = ours(images, shortest_edge, crop, device)
+        layouts = [strided_layouts(im, rng) for im in images]
+        for name in layouts[0]:
+            got = ours([lay[name] for lay in layouts], shortest_edge, crop, device)
+            assert torch.equal(got, want), name
+        # A single image splits its rows across the pool instead of the images.
+        got = ours([layouts[3]["rgbx"]], shortest_edge, crop, device)
+        assert torch.equal(got, want[3:4])
+
+
+def test_pil_rgb_view_is_pillow_memory() -> None:
+    """RGB PIL images are read in place: the view equals the pixels, outlives the image object,
+    and is refused (None) for other modes and images whose rows Pillow splits across blocks;
+    clip_preprocess of PIL images (views or copies) still equals HF."""
+    from aphrodite.multimodal.image import pil_rgb_view
+
+    rng = fresh_rng()
+    pixels = random_image(rng, 300, 401)
+    image = Image.fromarray(pixels)
+    view = pil_rgb_view(image)
+    if view is None:
+        pytest.skip(f"Pillow {PIL.__version__} does not export images through Arrow")
+    assert view.shape == (300, 401, 3) and view.strides == (4 * 401, 4, 1)
+    assert not view.flags.writeable
+    del image
+    for _ in range(3):  # reuse freed memory, if the image's were freed
+        Image.fromarray(rng.integers(0, 256, (300, 401, 3), dtype=np.uint8))
+    assert np.array_equal(view, pixels)
+    assert pil_rgb_view(Image.fromarray(pixels).convert("L")) is None
+    assert pil_rgb_view(Image.fromarray(pixels).convert("RGBA")) is None
+    keyed = Image.fromarray(pixels)
+    keyed.info["transparency"] = (0, 0, 0)
+    assert pil_rgb_view(keyed) is None
+    # Over Pillow's block size (16 MiB by default) the rows are in several blocks.
+    large = Image.new("RGB", (2600, 1700), (10, 20, 30))
+    if Image.core.get_block_size() < 2600 * 1700 * 4:
+        assert pil_rgb_view(large) is None
+    images = [Image.fromarray(random_image(rng, h, w)) for h, w in ((300, 401), (1, 1), (77, 5))]
+    images.append(large)
+    config = {"size": {"shortest_edge": 64}, "crop_size": {"height": 64, "width": 64}}
+    assert_same_as_hf(ops.clip_preprocess(images, config),
+                      hf_pixels(CLIPImageProcessorPil(**config), images))
 
 
 def test_pil_resize_exact_on_many_sizes() -> None:
@@ -265,6 +335,8 @@ def test_argument_errors() -> None:
         _C.ops.preprocess_images([img.astype(np.float32)], out, 8, (8, 8), *norm)
     with pytest.raises(ValueError, match="images\\[0\\]"):
         _C.ops.preprocess_images([np.zeros((10, 12, 4), np.uint8)], out, 8, (8, 8), *norm)
+    with pytest.raises(ValueError, match="3 or 4 bytes per pixel"):  # the op itself copies nothing
+        _C.ops.preprocess_images([np.zeros((10, 24, 3), np.uint8)[:, ::2]], out, 8, (8, 8), *norm)
     with pytest.raises(ValueError, match="images\\[0\\]"):
         _C.ops.preprocess_images([np.zeros((0, 12, 3), np.uint8)], out, 8, (8, 8), *norm)
     with pytest.raises(ValueError, match="out"):

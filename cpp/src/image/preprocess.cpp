@@ -145,6 +145,42 @@ bool pil_vertical_pass_first(std::int64_t in_h, std::int64_t in_w, std::int64_t 
 
 namespace detail {
 
+ImageSource image_source(const TensorView& image, const char* name) {
+  const std::int64_t h = image.size(0);
+  const std::int64_t w = image.size(1);
+  ImageSource source;
+  source.pixels = image.data_as<const std::uint8_t>();
+  // Size-1 dimensions may carry any stride (DLPack, torch): they are never stepped over.
+  const std::int64_t pixel_stride = w == 1 ? 3 : image.stride(1);
+  const std::int64_t row_stride = h == 1 ? w * pixel_stride : image.stride(0);
+  if (image.stride(2) != 1 || (pixel_stride != 3 && pixel_stride != 4) ||
+      row_stride < w * pixel_stride) {
+    throw ValueError(std::string(name) +
+                     ": expected RGB pixels with adjacent channels, 3 or 4 bytes per pixel (RGB, "
+                     "or RGB and one ignored byte) and non-overlapping rows, got " +
+                     image.describe());
+  }
+  source.pixel_stride = static_cast<std::int32_t>(pixel_stride);
+  source.row_stride = row_stride;
+  return source;
+}
+
+void pack_rgb(const ImageSource& source, std::int64_t height, std::int64_t width,
+              std::uint8_t* dst) {
+  const auto row_bytes = static_cast<std::size_t>(width * 3);
+  for (std::int64_t y = 0; y < height; ++y) {
+    const std::uint8_t* row = source.pixels + y * source.row_stride;
+    std::uint8_t* out = dst + y * width * 3;
+    if (source.pixel_stride == 3) {
+      std::memcpy(out, row, row_bytes);
+      continue;
+    }
+    for (std::int64_t x = 0; x < width; ++x) {
+      std::memcpy(out + 3 * x, row + x * source.pixel_stride, 3);
+    }
+  }
+}
+
 PreprocessPlan plan_preprocess(const std::vector<TensorView>& images, const TensorView& out,
                                const ImagePreprocessParams& params) {
   check_dtype(out, "out", {DType::kFloat32, DType::kFloat16, DType::kBFloat16});
@@ -177,8 +213,8 @@ PreprocessPlan plan_preprocess(const std::vector<TensorView>& images, const Tens
     const TensorView& img = images[i];
     check_dtype(img, name.c_str(), {DType::kUInt8});
     check_shape(img, name.c_str(), {-1, -1, 3});
-    check_contiguous(img, name.c_str());
     check_device(img, name.c_str(), Device::cpu());
+    (void)image_source(img, name.c_str());
     const std::int64_t h = img.size(0);
     const std::int64_t w = img.size(1);
     check_image_size(h, w, params, plan.crop_h, plan.crop_w, name);
@@ -225,7 +261,6 @@ PreprocessPlan plan_preprocess(const std::vector<TensorView>& images, const Tens
       mid_bytes = static_cast<std::int64_t>(ip.row1 - ip.row0) * (ip.x1 - ip.x0) * 3;
     }
     plan.scratch_bytes += mid_bytes;
-    plan.max_mid_bytes = std::max(plan.max_mid_bytes, mid_bytes);
     plan.images.push_back(ip);
   }
   // HF: rescale in float64 then cast to float32; normalise in float32.
@@ -279,19 +314,18 @@ void check_image_size(std::int64_t height, std::int64_t width, const ImagePrepro
 void preprocess_images(const std::vector<TensorView>& images, const TensorView& out,
                        const ImagePreprocessParams& params, StreamHandle stream) {
   const detail::PreprocessPlan plan = detail::plan_preprocess(images, out, params);
-  std::vector<const std::uint8_t*> sources;
+  std::vector<detail::ImageSource> sources;
   sources.reserve(images.size());
-  for (const TensorView& img : images) sources.push_back(img.data_as<const std::uint8_t>());
+  for (std::size_t i = 0; i < images.size(); ++i) {
+    sources.push_back(detail::image_source(images[i], "images"));
+  }
   if (out.device().is_cpu()) {
     detail::preprocess_images_cpu(plan, sources, out);
     return;
   }
   backend_for(out.device());
 #ifdef APHRODITE_WITH_CUDA
-  std::vector<std::int64_t> source_bytes;
-  source_bytes.reserve(images.size());
-  for (const TensorView& img : images) source_bytes.push_back(img.numel());
-  detail::preprocess_images_cuda(plan, sources, source_bytes, out, stream);
+  detail::preprocess_images_cuda(plan, sources, out, stream);
 #else
   (void)stream;
 #endif

@@ -30,7 +30,7 @@ bool use_avx2() { return cpu_features().avx2_fma && active_cpu_isa() != CpuIsa::
 struct ImageContext {
   const PreprocessPlan& plan;
   const ImagePlan& ip;
-  const std::uint8_t* src;
+  ImageSource source;
   std::uint8_t* mid;  // first pass output (when there is one)
   void* out;          // this image's [3, crop_h, crop_w] block
   bool avx2;
@@ -40,8 +40,14 @@ struct ImageContext {
   const std::int32_t* x_coeffs() const { return x_bounds() + 2 * (ip.x1 - ip.x0); }
   const std::int32_t* y_bounds() const { return plan.tables.data() + ip.y_table; }
   const std::int32_t* y_coeffs() const { return y_bounds() + 2 * (ip.y1 - ip.y0); }
-  std::int64_t src_stride() const { return static_cast<std::int64_t>(ip.width) * 3; }
-  const std::uint8_t* src_end() const { return src + ip.height * src_stride(); }
+  const std::uint8_t* src() const { return source.pixels; }
+  int src_bpp() const { return source.pixel_stride; }
+  std::int64_t src_stride() const { return source.row_stride; }
+  // One past the source's last byte in use (the ignored byte of its last pixel excluded).
+  const std::uint8_t* src_end() const {
+    return src() + (ip.height - 1) * src_stride() +
+           static_cast<std::int64_t>(ip.width - 1) * src_bpp() + 3;
+  }
 
   // Rows of the first pass: source rows [row0, row1) (horizontal first) or output rows
   // [y0, y1) (vertical first); zero when there is no first pass.
@@ -49,23 +55,31 @@ struct ImageContext {
     if (ip.vertical_first) return ip.y1 - ip.y0;
     return ip.resample_x ? ip.row1 - ip.row0 : 0;
   }
+  // Bytes per pixel of "mid": the vertical pass keeps the source's layout, the horizontal one
+  // writes packed RGB, and without a first pass "mid" is the source itself.
+  int mid_bpp() const { return ip.vertical_first || !ip.resample_x ? src_bpp() : 3; }
   std::int64_t mid_stride() const {
-    if (ip.vertical_first) return static_cast<std::int64_t>(ip.col1 - ip.col0) * 3;
+    if (ip.vertical_first) return static_cast<std::int64_t>(ip.col1 - ip.col0) * src_bpp();
     return ip.resample_x ? static_cast<std::int64_t>(ip.x1 - ip.x0) * 3 : src_stride();
   }
+  std::int64_t mid_bytes() const { return first_pass_rows() * mid_stride(); }
 
-  void horizontal_row(const std::uint8_t* row, const std::uint8_t* row_buffer_end,
+  // The bytes of `pixels` pixels `bpp` apart that the vertical pass resamples: the last pixel's
+  // ignored byte is left out (it may lie past the source's end).
+  static int row_bytes(int pixels, int bpp) { return (pixels - 1) * bpp + 3; }
+
+  void horizontal_row(const std::uint8_t* row, int bpp, const std::uint8_t* row_buffer_end,
                       std::uint8_t* dst) const {
     const int count = ip.x1 - ip.x0;
 #if defined(__x86_64__) || defined(_M_X64)
     if (avx2) {
-      resample_row_horizontal_avx2(row, row_buffer_end, dst, count, ip.ksize_x, x_bounds(),
+      resample_row_horizontal_avx2(row, bpp, row_buffer_end, dst, count, ip.ksize_x, x_bounds(),
                                    x_coeffs(), x_packed);
       return;
     }
 #endif
     (void)row_buffer_end;
-    resample_row_horizontal_scalar(row, dst, count, ip.ksize_x, x_bounds(), x_coeffs());
+    resample_row_horizontal_scalar(row, bpp, dst, count, ip.ksize_x, x_bounds(), x_coeffs());
   }
 
   // Output row `i` (relative to y0) of the vertical pass over `rows` (whose row 0 is source
@@ -88,10 +102,11 @@ struct ImageContext {
     const std::int64_t stride = mid_stride();
     for (std::int64_t r = begin; r < end; ++r) {
       if (ip.vertical_first) {
-        vertical_row(src + static_cast<std::int64_t>(ip.col0) * 3, src_stride(), 0, r,
-                     mid + r * stride, (ip.col1 - ip.col0) * 3);
+        vertical_row(src() + static_cast<std::int64_t>(ip.col0) * src_bpp(), src_stride(), 0, r,
+                     mid + r * stride, row_bytes(ip.col1 - ip.col0, src_bpp()));
       } else {
-        horizontal_row(src + (ip.row0 + r) * src_stride(), src_end(), mid + r * stride);
+        horizontal_row(src() + (ip.row0 + r) * src_stride(), src_bpp(), src_end(),
+                       mid + r * stride);
       }
     }
   }
@@ -102,7 +117,7 @@ struct ImageContext {
     const std::int64_t crop_h = plan.crop_h;
     const std::int64_t crop_w = plan.crop_w;
     const int count = ip.x1 - ip.x0;
-    std::vector<std::uint8_t> pixels(static_cast<std::size_t>(count) * 3);
+    std::vector<std::uint8_t> pixels(static_cast<std::size_t>(count) * 4);
     const std::int64_t stride = mid_stride();
     Bits* planes = static_cast<Bits*>(out);
     Bits pad[3];
@@ -116,17 +131,19 @@ struct ImageContext {
       }
       const std::int64_t i = y - ip.y0;
       const std::uint8_t* line = pixels.data();
+      int line_bpp = 3;
       if (ip.vertical_first) {
-        horizontal_row(mid + i * stride, mid + first_pass_rows() * stride, pixels.data());
+        horizontal_row(mid + i * stride, mid_bpp(), mid + mid_bytes(), pixels.data());
       } else {
         // "mid" rows are source rows from row0 on: the first pass's output, or the source
         // itself at the crop's first column.
-        const std::uint8_t* mid0 =
-            ip.resample_x
-                ? mid
-                : src + ip.row0 * src_stride() + static_cast<std::int64_t>(ip.x0 + ip.left) * 3;
+        const std::uint8_t* mid0 = ip.resample_x
+                                       ? mid
+                                       : src() + ip.row0 * src_stride() +
+                                             static_cast<std::int64_t>(ip.x0 + ip.left) * src_bpp();
+        line_bpp = mid_bpp();
         if (ip.resample_y) {
-          vertical_row(mid0, stride, ip.row0, i, pixels.data(), count * 3);
+          vertical_row(mid0, stride, ip.row0, i, pixels.data(), row_bytes(count, line_bpp));
         } else {
           line = mid0 + (y + ip.top - ip.row0) * stride;
         }
@@ -135,7 +152,10 @@ struct ImageContext {
         Bits* o = rows[c];
         std::fill(o, o + ip.x0, pad[c]);
         const std::uint32_t* lut = plan.lut[c];
-        for (int x = 0; x < count; ++x) o[ip.x0 + x] = static_cast<Bits>(lut[line[3 * x + c]]);
+        const std::uint8_t* channel = line + c;
+        for (int x = 0; x < count; ++x) {
+          o[ip.x0 + x] = static_cast<Bits>(lut[channel[static_cast<std::ptrdiff_t>(x) * line_bpp]]);
+        }
         std::fill(o + ip.x1, o + crop_w, pad[c]);
       }
     }
@@ -178,19 +198,19 @@ void pack_horizontal_coeffs(int count, int ksize, const std::int32_t* coeffs,
   }
 }
 
-void resample_row_horizontal_scalar(const std::uint8_t* src, std::uint8_t* dst, int count,
-                                    int ksize, const std::int32_t* bounds,
+void resample_row_horizontal_scalar(const std::uint8_t* src, int pixel_stride, std::uint8_t* dst,
+                                    int count, int ksize, const std::int32_t* bounds,
                                     const std::int32_t* coeffs) {
   for (int i = 0; i < count; ++i) {
     const int xmin = bounds[2 * i];
     const int taps = bounds[2 * i + 1];
     const std::int32_t* k = coeffs + static_cast<std::int64_t>(i) * ksize;
-    const std::uint8_t* p = src + static_cast<std::int64_t>(xmin) * 3;
+    const std::uint8_t* p = src + static_cast<std::int64_t>(xmin) * pixel_stride;
     std::int32_t s0 = kRoundingBias, s1 = kRoundingBias, s2 = kRoundingBias;
-    for (int x = 0; x < taps; ++x) {
-      s0 += p[3 * x + 0] * k[x];
-      s1 += p[3 * x + 1] * k[x];
-      s2 += p[3 * x + 2] * k[x];
+    for (int x = 0; x < taps; ++x, p += pixel_stride) {
+      s0 += p[0] * k[x];
+      s1 += p[1] * k[x];
+      s2 += p[2] * k[x];
     }
     dst[3 * i + 0] = clip8(s0);
     dst[3 * i + 1] = clip8(s1);
@@ -215,8 +235,8 @@ void resample_row_vertical_scalar(const std::uint8_t* mid, std::int64_t mid_stri
   }
 }
 
-void preprocess_images_cpu(const PreprocessPlan& plan,
-                           const std::vector<const std::uint8_t*>& sources, const TensorView& out) {
+void preprocess_images_cpu(const PreprocessPlan& plan, const std::vector<ImageSource>& sources,
+                           const TensorView& out) {
   const std::size_t elem = dtype_size(out.dtype());
   const std::int64_t image_elems = 3 * plan.crop_h * plan.crop_w;
   auto* out_bytes = static_cast<std::uint8_t*>(out.data());
@@ -248,7 +268,7 @@ void preprocess_images_cpu(const PreprocessPlan& plan,
       std::vector<std::int16_t> packed;
       for (std::int64_t i = begin; i < end; ++i) {
         ImageContext ctx = context(i, nullptr, pack_x(i, packed));
-        mid.resize(static_cast<std::size_t>(ctx.first_pass_rows() * ctx.mid_stride()));
+        mid.resize(static_cast<std::size_t>(ctx.mid_bytes()));
         ctx.mid = mid.data();
         ctx.first_pass(0, ctx.first_pass_rows());
         ctx.second_pass_rows(0, plan.crop_h, elem);
@@ -257,14 +277,17 @@ void preprocess_images_cpu(const PreprocessPlan& plan,
     return;
   }
   // Few images: split each image's rows across the pool, one pass after the other.
-  std::vector<std::uint8_t> mid(static_cast<std::size_t>(plan.max_mid_bytes));
+  std::vector<std::uint8_t> mid;
   std::vector<std::int16_t> packed;
   for (std::int64_t i = 0; i < n; ++i) {
     const ImagePlan& ip = plan.images[static_cast<std::size_t>(i)];
-    const ImageContext ctx = context(i, mid.data(), pack_x(i, packed));
+    ImageContext ctx = context(i, nullptr, pack_x(i, packed));
+    mid.resize(std::max(mid.size(), static_cast<std::size_t>(ctx.mid_bytes())));
+    ctx.mid = mid.data();
     const std::int64_t first_work =
-        ip.vertical_first ? static_cast<std::int64_t>(ip.col1 - ip.col0) * 3 * ip.ksize_y
-                          : static_cast<std::int64_t>(ip.x1 - ip.x0) * 3 * ip.ksize_x;
+        ip.vertical_first
+            ? static_cast<std::int64_t>(ip.col1 - ip.col0) * ctx.src_bpp() * ip.ksize_y
+            : static_cast<std::int64_t>(ip.x1 - ip.x0) * 3 * ip.ksize_x;
     parallel_for(0, ctx.first_pass_rows(), row_grain(first_work),
                  [&](std::int64_t b, std::int64_t e) { ctx.first_pass(b, e); });
     const std::int64_t second_work =

@@ -23,32 +23,38 @@ inline std::uint8_t clip8_scalar(std::int32_t v) {
 
 }  // namespace
 
-void resample_row_horizontal_avx2(const std::uint8_t* src, const std::uint8_t* src_end,
-                                  std::uint8_t* dst, int count, int ksize,
-                                  const std::int32_t* bounds, const std::int32_t* coeffs,
-                                  const std::int16_t* packed) {
-  // Four taps per step: one 16-byte load (pixels x..x+3, 12 bytes used) broadcast to both
-  // 128-bit lanes, spread to int16 pairs [R_x R_x+1 G_x G_x+1 B_x B_x+1 0 0] (low lane) and the
-  // same for x+2, x+3 (high lane); madd with the coefficient pairs gives [R G B 0] per lane.
+namespace {
+
+// Four taps per step: one 16-byte load (pixels x..x+3: 12 bytes used of packed RGB, all 16 of
+// 4-byte pixels) broadcast to both 128-bit lanes, spread to int16 pairs
+// [R_x R_x+1 G_x G_x+1 B_x B_x+1 0 0] (low lane) and the same for x+2, x+3 (high lane); madd with
+// the coefficient pairs gives [R G B 0] per lane.
+template <int kPixelStride>
+void horizontal_avx2(const std::uint8_t* src, const std::uint8_t* src_end, std::uint8_t* dst,
+                     int count, int ksize, const std::int32_t* bounds, const std::int32_t* coeffs,
+                     const std::int16_t* packed) {
+  constexpr char b = kPixelStride;  // byte offset of the next pixel
   const __m256i spread =
-      _mm256_setr_epi8(0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1,  //
-                       6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1);
+      _mm256_setr_epi8(0, -1, b, -1, 1, -1, b + 1, -1, 2, -1, b + 2, -1, -1, -1, -1, -1,  //
+                       2 * b, -1, 3 * b, -1, 2 * b + 1, -1, 3 * b + 1, -1, 2 * b + 2, -1, 3 * b + 2,
+                       -1, -1, -1, -1, -1);
   const __m128i bias = _mm_set1_epi32(kBias);
   const int groups = packed_tap_groups(ksize);
   const std::int64_t stride = packed_stride(ksize);
   const std::int64_t lo_offset = 16 * packed_tap_groups(ksize);
-  const std::int64_t last_load = 12 * static_cast<std::int64_t>(groups - 1) + 16;
+  constexpr std::int64_t kGroupBytes = 4 * kPixelStride;
+  const std::int64_t last_load = kGroupBytes * (groups - 1) + 16;
   for (int i = 0; i < count; ++i) {
-    const std::uint8_t* p = src + static_cast<std::int64_t>(bounds[2 * i]) * 3;
+    const std::uint8_t* p = src + static_cast<std::int64_t>(bounds[2 * i]) * kPixelStride;
     if (src_end - p < last_load) {
       // The vector loads would read past the buffer: PIL's loop as it is.
       const int taps = bounds[2 * i + 1];
       const std::int32_t* k = coeffs + static_cast<std::int64_t>(i) * ksize;
       std::int32_t s0 = kBias, s1 = kBias, s2 = kBias;
       for (int x = 0; x < taps; ++x) {
-        s0 += p[3 * x + 0] * k[x];
-        s1 += p[3 * x + 1] * k[x];
-        s2 += p[3 * x + 2] * k[x];
+        s0 += p[kPixelStride * x + 0] * k[x];
+        s1 += p[kPixelStride * x + 1] * k[x];
+        s2 += p[kPixelStride * x + 2] * k[x];
       }
       dst[3 * i + 0] = clip8_scalar(s0);
       dst[3 * i + 1] = clip8_scalar(s1);
@@ -59,9 +65,10 @@ void resample_row_horizontal_avx2(const std::uint8_t* src, const std::uint8_t* s
     __m256i hi = _mm256_setzero_si256();
     __m256i lo = _mm256_setzero_si256();
     for (int g = 0; g < groups; ++g) {
-      const __m256i px = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(
-                                                 reinterpret_cast<const __m128i*>(p + 12 * g))),
-                                             spread);
+      const __m256i px = _mm256_shuffle_epi8(
+          _mm256_broadcastsi128_si256(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + kGroupBytes * g))),
+          spread);
       const auto* khi = reinterpret_cast<const __m256i*>(kp + 16 * g);
       const auto* klo = reinterpret_cast<const __m256i*>(kp + lo_offset + 16 * g);
       hi = _mm256_add_epi32(hi, _mm256_madd_epi16(px, _mm256_loadu_si256(khi)));
@@ -79,6 +86,19 @@ void resample_row_horizontal_avx2(const std::uint8_t* src, const std::uint8_t* s
     } else {
       std::memcpy(dst + 3 * i, &rgb, 3);
     }
+  }
+}
+
+}  // namespace
+
+void resample_row_horizontal_avx2(const std::uint8_t* src, int pixel_stride,
+                                  const std::uint8_t* src_end, std::uint8_t* dst, int count,
+                                  int ksize, const std::int32_t* bounds, const std::int32_t* coeffs,
+                                  const std::int16_t* packed) {
+  if (pixel_stride == 4) {
+    horizontal_avx2<4>(src, src_end, dst, count, ksize, bounds, coeffs, packed);
+  } else {
+    horizontal_avx2<3>(src, src_end, dst, count, ksize, bounds, coeffs, packed);
   }
 }
 

@@ -44,13 +44,32 @@ struct ImagePlan {
 struct PreprocessPlan {
   std::vector<ImagePlan> images;
   std::vector<std::int32_t> tables;  // bounds (xmin, count) and coefficients, PIL's layout
-  std::int64_t scratch_bytes = 0;    // sum of the first passes' outputs ("mid" images)
-  std::int64_t max_mid_bytes = 0;    // the largest single one
+  // Sum of the first passes' outputs ("mid" images) from packed RGB sources (CUDA's scratch).
+  std::int64_t scratch_bytes = 0;
   std::int64_t crop_h = 0, crop_w = 0;
   // Normalised value of every (channel, uint8) pair, as the output dtype's bits (float16 and
   // bfloat16 in the low 16 bits).
   std::uint32_t lut[3][256] = {};
 };
+
+// One source image's pixels: rows `row_stride` bytes apart, pixels `pixel_stride` bytes apart
+// (3: packed RGB; 4: RGB plus one ignored byte, the layout Pillow keeps RGB images in), the three
+// channels adjacent. Its last byte in use is (height - 1) * row_stride + (width - 1) *
+// pixel_stride + 2: no kernel reads past it.
+struct ImageSource {
+  const std::uint8_t* pixels = nullptr;
+  std::int64_t row_stride = 0;
+  std::int32_t pixel_stride = 3;
+};
+
+// The source of a uint8 [H, W, 3] CPU view; throws ValueError (naming it `name`) unless its
+// channels are adjacent, its pixels 3 or 4 bytes apart and its rows at least a row of pixels
+// apart (a size-1 dimension may have any stride).
+ImageSource image_source(const TensorView& image, const char* name);
+
+// Copies a height x width source into `dst` as packed RGB rows (height * width * 3 bytes).
+void pack_rgb(const ImageSource& source, std::int64_t height, std::int64_t width,
+              std::uint8_t* dst);
 
 // Validates the arguments and plans every image (host work, no pixel is read).
 PreprocessPlan plan_preprocess(const std::vector<TensorView>& images, const TensorView& out,
@@ -64,13 +83,14 @@ void bicubic_coeffs(int in_size, int out_size, int first, int count, int ksize,
                     std::int32_t* bounds, std::int32_t* coeffs);
 
 // The CPU execution of a plan; `sources[i]` is image i's pixels.
-void preprocess_images_cpu(const PreprocessPlan& plan,
-                           const std::vector<const std::uint8_t*>& sources, const TensorView& out);
+void preprocess_images_cpu(const PreprocessPlan& plan, const std::vector<ImageSource>& sources,
+                           const TensorView& out);
 
 // Horizontal and vertical stages for one row, scalar and AVX2 (identical results).
-// Horizontal: `src` is one source row (3 bytes per pixel), writes `count` pixels to `dst`.
-void resample_row_horizontal_scalar(const std::uint8_t* src, std::uint8_t* dst, int count,
-                                    int ksize, const std::int32_t* bounds,
+// Horizontal: `src` is one source row (`pixel_stride` = 3 or 4 bytes per pixel), writes `count`
+// packed RGB pixels to `dst`.
+void resample_row_horizontal_scalar(const std::uint8_t* src, int pixel_stride, std::uint8_t* dst,
+                                    int count, int ksize, const std::int32_t* bounds,
                                     const std::int32_t* coeffs);
 // Vertical: reads taps rows `mid + (ymin + t) * mid_stride`, writes `bytes` bytes to `dst`.
 void resample_row_vertical_scalar(const std::uint8_t* mid, std::int64_t mid_stride, int ymin,
@@ -87,20 +107,19 @@ inline std::int64_t packed_stride(int ksize) { return 32 * packed_tap_groups(ksi
 void pack_horizontal_coeffs(int count, int ksize, const std::int32_t* coeffs, std::int16_t* packed);
 #if defined(__x86_64__) || defined(_M_X64)
 // `src_end` bounds the source buffer: no load reads at or past it.
-void resample_row_horizontal_avx2(const std::uint8_t* src, const std::uint8_t* src_end,
-                                  std::uint8_t* dst, int count, int ksize,
-                                  const std::int32_t* bounds, const std::int32_t* coeffs,
+void resample_row_horizontal_avx2(const std::uint8_t* src, int pixel_stride,
+                                  const std::uint8_t* src_end, std::uint8_t* dst, int count,
+                                  int ksize, const std::int32_t* bounds, const std::int32_t* coeffs,
                                   const std::int16_t* packed);
 void resample_row_vertical_avx2(const std::uint8_t* mid, std::int64_t mid_stride, int ymin,
                                 int taps, const std::int32_t* coeffs, std::uint8_t* dst, int bytes);
 #endif
 
 #ifdef APHRODITE_WITH_CUDA
-// Uploads the sources once and runs the plan on `stream` into `out` (a CUDA tensor).
-void preprocess_images_cuda(const PreprocessPlan& plan,
-                            const std::vector<const std::uint8_t*>& sources,
-                            const std::vector<std::int64_t>& source_bytes, const TensorView& out,
-                            StreamHandle stream);
+// Uploads the sources once (packed as RGB) and runs the plan on `stream` into `out` (a CUDA
+// tensor).
+void preprocess_images_cuda(const PreprocessPlan& plan, const std::vector<ImageSource>& sources,
+                            const TensorView& out, StreamHandle stream);
 #endif
 
 }  // namespace aphrodite::detail

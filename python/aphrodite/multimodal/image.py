@@ -4,6 +4,7 @@ processors apply), and content hashing. Loading images from URLs and paths is
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import inspect
@@ -67,6 +68,125 @@ def to_rgb_array(image: Any) -> np.ndarray:
             f"image (got {rgb.dtype} {rgb.shape}); HF's image processor cannot take it either"
         )
     return np.ascontiguousarray(rgb)
+
+
+class _ArrowSchema(ctypes.Structure):
+    pass
+
+
+_ArrowSchema._fields_ = [
+    ("format", ctypes.c_char_p),
+    ("name", ctypes.c_char_p),
+    ("metadata", ctypes.c_char_p),
+    ("flags", ctypes.c_int64),
+    ("n_children", ctypes.c_int64),
+    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowSchema))),
+    ("dictionary", ctypes.c_void_p),
+    ("release", ctypes.c_void_p),
+    ("private_data", ctypes.c_void_p),
+]
+
+
+class _ArrowArray(ctypes.Structure):
+    pass
+
+
+_ArrowArray._fields_ = [
+    ("length", ctypes.c_int64),
+    ("null_count", ctypes.c_int64),
+    ("offset", ctypes.c_int64),
+    ("n_buffers", ctypes.c_int64),
+    ("n_children", ctypes.c_int64),
+    ("buffers", ctypes.POINTER(ctypes.c_void_p)),
+    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowArray))),
+    ("dictionary", ctypes.c_void_p),
+    ("release", ctypes.c_void_p),
+    ("private_data", ctypes.c_void_p),
+]
+
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+class _PillowPixels:
+    """Numpy's view of a Pillow image's exported Arrow array: holding the array's capsules keeps
+    the image's memory alive (their release runs when the capsules are collected), so arrays
+    made from this object own that reference through their ``base``."""
+
+    __slots__ = ("__array_interface__", "_capsules")
+
+    def __init__(self, interface: dict[str, Any], capsules: tuple[object, object]) -> None:
+        self.__array_interface__ = interface
+        self._capsules = capsules
+
+
+def pil_rgb_view(image: Image.Image) -> np.ndarray | None:
+    """The pixels of an RGB PIL image as a read-only ``[H, W, 3]`` uint8 view of Pillow's own
+    memory (no copy), or None where Pillow cannot lend it (no Arrow export, i.e. Pillow before
+    11.2; rows not in one block, as in images over Pillow's 16 MiB block size; another mode, or
+    a transparency key that HF's RGB conversion would apply). Pillow keeps RGB as 4 bytes per
+    pixel, so the view's pixels are 4 bytes apart (:func:`aphrodite.ops.preprocess_images`
+    reads that layout in place). It shows the image's current pixels: it is for use while the
+    image is not modified, such as within one call."""
+    if image.mode != "RGB" or image.info.get("transparency") is not None:
+        return None
+    export = getattr(image, "__arrow_c_array__", None)
+    if export is None:
+        return None
+    try:
+        capsules = export()
+    except ValueError:  # "Image rows are not contiguous in memory."
+        return None
+    schema = _ArrowSchema.from_address(_capsule_pointer(capsules[0], b"arrow_schema"))
+    array = _ArrowArray.from_address(_capsule_pointer(capsules[1], b"arrow_array"))
+    width, height = image.size
+    # A fixed-size list of 4 uint8 per pixel: one child array holding every byte.
+    if (
+        schema.format != b"+w:4"
+        or schema.n_children != 1
+        or schema.children[0].contents.format != b"C"
+        or array.length != width * height
+        or array.offset != 0
+        or array.n_children != 1
+    ):
+        return None
+    child = array.children[0].contents
+    if child.offset != 0 or child.n_buffers != 2 or child.length != 4 * width * height:
+        return None
+    data = child.buffers[1]
+    if not data:
+        return None
+    interface = {
+        "shape": (height, width, 3),
+        "typestr": "|u1",
+        "strides": (4 * width, 4, 1),
+        "data": (data, True),
+        "version": 3,
+    }
+    return np.asarray(_PillowPixels(interface, capsules))
+
+
+def rgb_pixels(images: Sequence[Any]) -> list[np.ndarray]:
+    """RGB uint8 ``[H, W, 3]`` pixels of each image for immediate use, in order: RGB PIL images
+    and RGB uint8 arrays as they are (:func:`pil_rgb_view`, no copy), everything else through
+    :func:`to_rgb_arrays`. The results may share memory with the inputs, so they are for use
+    before the inputs change (:func:`to_rgb_array` copies, for keeping)."""
+    views: list[np.ndarray | None] = []
+    for image in images:
+        view = None
+        if isinstance(image, Image.Image):
+            view = pil_rgb_view(image)
+        elif (
+            isinstance(image, np.ndarray)
+            and image.dtype == np.uint8
+            and image.ndim == 3
+            and image.shape[-1] == 3
+        ):
+            view = image
+        views.append(view)
+    converted = iter(to_rgb_arrays([im for im, view in zip(images, views) if view is None]))
+    return [view if view is not None else next(converted) for view in views]
 
 
 _pool: ThreadPoolExecutor | None = None

@@ -10,7 +10,7 @@ import PIL
 import torch
 
 from aphrodite import _C
-from aphrodite.multimodal.image import to_rgb_arrays
+from aphrodite.multimodal.image import rgb_pixels
 from aphrodite.ops._stream import stream_of
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -52,10 +52,10 @@ def preprocess_images(
     each its own size) into ``out`` ``[N, 3, crop_h, crop_w]`` (float32/float16/bfloat16, CPU or
     CUDA; on CUDA it runs on the current stream). Returns ``out``. The resize equals
     ``Image.resize(BICUBIC)`` of the installed Pillow, or of the release whose rule
-    ``pass_order`` names."""
-    arrays = [
-        np.ascontiguousarray(im) if isinstance(im, np.ndarray) else im.contiguous() for im in images
-    ]
+    ``pass_order`` names. Images whose pixels are 4 bytes apart (the RGB channels of an RGBX
+    buffer, as :func:`aphrodite.multimodal.image.pil_rgb_view` gives) or whose rows are padded
+    are read in place; other layouts are copied to contiguous ones first."""
+    arrays = [_readable_layout(im) for im in images]
     _C.ops.preprocess_images(
         arrays,
         out,
@@ -70,6 +70,24 @@ def preprocess_images(
         stream=stream_of(out),
     )
     return out
+
+
+def _readable_layout(image: Any) -> Any:
+    """``image`` itself where the op reads its layout in place (channels adjacent, pixels 3 or 4
+    bytes apart, rows not overlapping), else a contiguous copy."""
+    if isinstance(image, np.ndarray):
+        strides = image.strides
+        shape = image.shape
+    else:
+        strides = image.stride()
+        shape = tuple(image.shape)
+    if len(shape) == 3 and shape[2] == 3 and strides[2] == 1:
+        height, width = shape[0], shape[1]
+        pixel = 3 if width == 1 else strides[1]
+        row = width * pixel if height == 1 else strides[0]
+        if pixel in (3, 4) and row >= width * pixel:
+            return image
+    return np.ascontiguousarray(image) if isinstance(image, np.ndarray) else image.contiguous()
 
 
 def check_image_size(
@@ -117,7 +135,7 @@ def clip_preprocess(
     std = cfg.get("image_std", OPENAI_CLIP_STD) if cfg.get("do_normalize", True) else (1, 1, 1)
     rescale = cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale", True) else 1.0
     if cfg.get("do_convert_rgb", True):
-        arrays = to_rgb_arrays(images)
+        arrays = rgb_pixels(images)
     else:
         arrays = [np.asarray(im) for im in images]
     out = torch.empty(len(arrays), 3, crop_h, crop_w, dtype=dtype, device=device)
