@@ -441,8 +441,10 @@ class ModelConfig:
     image_processor: dict[str, Any]
     tokenizer: Any
     chat_template: str | None
-    eos_token_id: int | None
+    eos_token_id: int | None  # the primary end-of-sequence id
     tokenizer_path: Path | None = None
+    # Every id that ends a sequence, the primary one first (_eos_token_ids).
+    eos_token_ids: tuple[int, ...] = ()
 
     @classmethod
     def load(
@@ -491,7 +493,7 @@ class ModelConfig:
         if chat_template is None and tok_folder is not None and tok_folder != folder:
             chat_template = _find_chat_template(tok_folder, None)
 
-        eos = _eos_token_id(folder, hf_config, tok)
+        eos = _eos_token_ids(folder, hf_config, tok)
         return cls(
             model=folder,
             hf_config=hf_config,
@@ -501,7 +503,8 @@ class ModelConfig:
             image_processor=image_processor,
             tokenizer=tok,
             chat_template=chat_template,
-            eos_token_id=eos,
+            eos_token_id=eos[0] if eos else None,
+            eos_token_ids=eos,
             tokenizer_path=tok_folder,
         )
 
@@ -557,15 +560,18 @@ class ModelConfig:
             )
 
 
-def _eos_token_id(folder: Path, config: LlavaConfig, tokenizer: Any) -> int | None:
-    """The generation config's eos id first (what HF generate stops on), then config.json's,
-    then the tokenizer's; with a list, the first."""
+def _eos_token_ids(folder: Path, config: LlavaConfig, tokenizer: Any) -> tuple[int, ...]:
+    """Every end-of-sequence id, the primary one first. The primary one is what HF generate
+    stops on first: the generation config's (the first of a list), else config.json's, else the
+    tokenizer's. The others: the rest of the generation config's list (Llama 3 lists
+    end_of_text, eom and eot) and the tokenizer's own EOS, which vLLM stops on too."""
     gen = _load_json(folder / "generation_config.json") or {}
+    ids: list[int] = []
     for candidate in (gen.get("eos_token_id"), config.text.eos_token_id):
-        if isinstance(candidate, list):
-            candidate = candidate[0] if candidate else None
-        if candidate is not None:
-            return int(candidate)
+        if candidate is None or candidate == []:
+            continue
+        ids.extend(int(i) for i in (candidate if isinstance(candidate, list) else [candidate]))
+        break
     if tokenizer is not None and tokenizer.eos_token_id is not None:
-        return int(tokenizer.eos_token_id)
-    return None
+        ids.append(int(tokenizer.eos_token_id))
+    return tuple(dict.fromkeys(ids))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from aphrodite import LLM, SamplingParams
@@ -397,3 +398,48 @@ def test_mistral_text_model_with_sliding_window_matches_hf(tmp_path):
         cached.append(out[0].num_cached_tokens)
     assert cached[0] == 0 and cached[1] >= 16
     assert llm.llm_engine.model_config.hf_config.text.sliding_window == 12
+
+
+def test_every_eos_id_of_the_generation_config_stops_like_hf(checkpoint, tmp_path):
+    """A generation config listing several EOS ids (Llama 3's end_of_text, eom, eot): each one
+    ends a completion, as in HF generate (vLLM: the extra ids act as stop_token_ids, reported as
+    stop_reason), none is sampled before min_tokens (even with ignore_eos, as vLLM)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "eos_list"
+    shutil.copytree(checkpoint, folder)
+    prompt = {"prompt": QUESTION, "multi_modal_data": {"image": _image(41)}}
+    plain = LLM(model=checkpoint, **SMALL_STEPS, kv_cache_memory_gb=0.01)
+    greedy = plain.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    second = greedy[1]
+    assert second not in greedy[:1]
+    gen_path = folder / "generation_config.json"
+    gen = json.loads(gen_path.read_text())
+    primary = gen["eos_token_id"]
+    gen["eos_token_id"] = [primary, second]
+    gen_path.write_text(json.dumps(gen))
+
+    llm = LLM(model=folder, **SMALL_STEPS, kv_cache_memory_gb=0.01)
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+    completion = out[0].outputs[0]
+    assert completion.token_ids == greedy[:2]
+    assert completion.finish_reason == "stop" and completion.stop_reason == second
+
+    model, processor = hf_llava_model(folder), hf_llava_processor(folder)
+    inputs = processor(images=[prompt["multi_modal_data"]["image"]], text=QUESTION,
+                       return_tensors="pt")
+    with torch.inference_mode():
+        theirs = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert theirs[0, inputs["input_ids"].shape[1]:].tolist() == greedy[:2]
+
+    ignoring = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    assert llm.generate(prompt, ignoring, use_tqdm=False)[0].outputs[0].token_ids == greedy[:8]
+    # The extra EOS id strongly favoured: never before min_tokens, then it stops (or, ignoring
+    # EOS, goes on).
+    for ignore_eos in (False, True):
+        params = SamplingParams(temperature=0.0, max_tokens=5, min_tokens=3,
+                                logit_bias={second: 100.0}, ignore_eos=ignore_eos)
+        ids = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+        assert second not in ids[:3] and ids[3] == second
+        assert len(ids) == (5 if ignore_eos else 4)

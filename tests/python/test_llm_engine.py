@@ -378,13 +378,15 @@ def test_add_request_errors_leave_nothing_behind():
     engine.abort_request("c")
     assert not engine.has_unfinished_requests()
     assert engine.step() == []
-    # With ignore_eos the EOS token is an ordinary token.
+    # With ignore_eos the EOS token is an ordinary token, except that min_tokens still keeps it
+    # from being sampled (as in vLLM): then nothing could be.
+    with pytest.raises(ValueError, match="only stop"):
+        engine.add_request("e", "hi", SamplingParams(
+            allowed_token_ids=[TOKENIZER.eos_token_id], min_tokens=1, ignore_eos=True))
     engine.add_request(
         "e",
         "hi",
-        SamplingParams(
-            allowed_token_ids=[TOKENIZER.eos_token_id], min_tokens=1, ignore_eos=True, max_tokens=2
-        ),
+        SamplingParams(allowed_token_ids=[TOKENIZER.eos_token_id], ignore_eos=True, max_tokens=2),
     )
     outputs = []
     while engine.has_unfinished_requests():
@@ -456,5 +458,54 @@ def test_async_engine_survives_a_failed_step_but_not_a_broken_device():
         with pytest.raises(EngineDeadError):
             await collect(engine, "d")
         engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_async_engine_aborts_streams_closed_or_dropped_before_reading():
+    """A stream closed before it was ever read, or dropped unread (a response that was never
+    sent), aborts its request; a finished one aborts nothing; a refused duplicate id does not
+    abort the request that holds it."""
+    import asyncio
+    import gc
+
+    from aphrodite.engine.async_llm_engine import AsyncLLMEngine
+
+    sync_engine = _engine()
+    long = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    finished: list[tuple[str, int]] = []  # (reason, tokens generated) of each request
+
+    async def wait_for(count: int) -> None:
+        for _ in range(1000):
+            if len(finished) >= count:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"finished: {finished}, stats {sync_engine.stats()}")
+
+    async def main():
+        engine = AsyncLLMEngine(sync_engine)
+        engine.on_finished = lambda reason, prompt, generated, *timing: finished.append(
+            (reason, generated))
+        engine.start()
+        closed = await engine.add_request("closed", "hi", long)
+        await closed.aclose()
+        await wait_for(1)
+        dropped = await engine.add_request("dropped", "hi", long)
+        del dropped
+        gc.collect()
+        await wait_for(2)
+        assert [reason for reason, _ in finished] == ["abort", "abort"]
+        assert all(generated < 100 for _, generated in finished)
+        kept = await engine.add_request("kept", "hi", GREEDY)
+        with pytest.raises(ValueError, match="already in use"):
+            await engine.add_request("kept", "hi", GREEDY)
+        gc.collect()
+        outputs = [o async for o in kept]
+        assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 12
+        await kept.aclose()  # after the end: nothing to abort
+        await wait_for(3)
+        assert finished[2] == ("length", 12)
+        assert sync_engine.stats()["num_running"] == 0
+        await asyncio.to_thread(engine.shutdown)
 
     asyncio.run(main())

@@ -604,6 +604,29 @@ def test_disconnect_while_waiting_for_a_full_response(server):
     assert metric(httpx.get(f"{server}/metrics").text, "aphrodite:kv_cache_usage_perc") == 0.0
 
 
+def test_refused_multi_prompt_request_leaves_nothing_running(server, http):
+    """A completions request whose later prompt is refused is a 400, and the prompts admitted
+    before it are aborted, not left generating for nobody."""
+    def scrape() -> str:
+        return httpx.get(f"{server}/metrics").text
+
+    aborted_before = metric(scrape(), "aphrodite:request_success_total", finished_reason="abort")
+    body = {"model": MODEL, "prompt": [[1, 53], [1, 53], [1, 10**6]], "n": 3,
+            "max_tokens": None, "ignore_eos": True}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 400 and "out of range" in r.json()["error"]["message"]
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        now = scrape()
+        if metric(now, "aphrodite:num_requests_running") == 0:
+            break
+        time.sleep(0.05)
+    assert metric(now, "aphrodite:num_requests_running") == 0
+    assert metric(now, "aphrodite:request_success_total", finished_reason="abort") == (
+        aborted_before + 2)
+    assert metric(now, "aphrodite:kv_cache_usage_perc") == 0.0
+
+
 def test_metrics(server, client, http, images):
     def scrape() -> str:
         return httpx.get(f"{server}/metrics").text

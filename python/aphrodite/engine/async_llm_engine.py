@@ -31,6 +31,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -62,7 +63,7 @@ class _Pending:
     request_id: str
     processed: Any  # the LLMEngine's ProcessedPrompt
     params: SamplingParams
-    stream: RequestStream
+    sink: _Sink
     accepted: asyncio.Future
     arrival: float = field(default_factory=time.perf_counter)
 
@@ -77,52 +78,74 @@ class _RequestTiming:
     inter_token: list[float] = field(default_factory=list)
 
 
+class _Sink:
+    """The engine thread's end of a request's stream: hands outputs over to the consumer's
+    event loop. The engine holds this, not the :class:`RequestStream`, so that a stream its
+    consumer dropped can be collected (and its request aborted)."""
+
+    FINISHED = object()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    # Called from the engine thread.
+    def put_threadsafe(self, item: Any) -> None:
+        self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def finish_threadsafe(self, error: BaseException | None = None) -> None:
+        self._loop.call_soon_threadsafe(
+            self.queue.put_nowait, error if error is not None else self.FINISHED
+        )
+
+
 class RequestStream:
     """The outputs of one request, filled from the engine thread, read by one coroutine.
 
-    Iterating yields outputs until the request finishes; leaving the iteration early (the
-    consumer was cancelled or closed the iterator) aborts the request.
+    Iterating yields outputs until the request finishes. The request is aborted when its
+    consumer stops before the end: leaving the iteration early (cancelled, or the iterator
+    closed), :meth:`aclose` (whether or not iteration ever started), or dropping the stream
+    unfinished (when it is garbage-collected: a response that was never sent, say).
     """
-
-    _FINISHED = object()
 
     def __init__(
         self, request_id: str, loop: asyncio.AbstractEventLoop, abort: Callable[[str], None]
     ):
         self.request_id = request_id
-        self._loop = loop
+        self.sink = _Sink(loop)
         self._abort = abort
-        self._queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
+        # Holds neither the stream nor the sink: runs once the stream is collected unfinished.
+        self._abort_when_dropped = weakref.finalize(self, abort, request_id)
+        self._abort_when_dropped.atexit = False
 
-    # Called from the engine thread.
-    def put_threadsafe(self, item: Any) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-
-    def finish_threadsafe(self, error: BaseException | None = None) -> None:
-        self._loop.call_soon_threadsafe(
-            self._queue.put_nowait, error if error is not None else self._FINISHED
-        )
+    def _set_finished(self) -> None:
+        self.finished = True
+        self._abort_when_dropped.detach()
 
     async def __aiter__(self) -> AsyncGenerator[RequestOutput, None]:
         try:
             while True:
-                item = await self._queue.get()
-                if item is self._FINISHED:
-                    self.finished = True
+                item = await self.sink.queue.get()
+                if item is _Sink.FINISHED:
+                    self._set_finished()
                     return
                 if isinstance(item, BaseException):
-                    self.finished = True
+                    self._set_finished()
                     raise item
                 if item.finished:
-                    self.finished = True
+                    self._set_finished()
                 yield item
                 if self.finished:
                     return
         finally:
-            if not self.finished:
-                self.finished = True
-                self._abort(self.request_id)
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Aborts the request unless it finished (a no-op after the end)."""
+        if not self.finished:
+            self._set_finished()
+            self._abort(self.request_id)
 
 
 class AsyncLLMEngine:
@@ -150,7 +173,7 @@ class AsyncLLMEngine:
         self._aborts: deque[str] = deque()
         self._wakeup = threading.Event()
         self._stop = False
-        self._streams: dict[str, RequestStream] = {}
+        self._streams: dict[str, _Sink] = {}  # of the admitted, unfinished requests
         self._timings: dict[str, _RequestTiming] = {}
         self._thread: threading.Thread | None = None
         # A few threads, so that a long prompt does not hold up the short ones behind it (the
@@ -219,7 +242,9 @@ class AsyncLLMEngine:
                 self._check_accepting()  # the executor refused: shut down meanwhile
             raise
         stream = RequestStream(request_id, loop, self.abort)
-        pending = _Pending(request_id, processed, params, stream, loop.create_future(), arrival)
+        pending = _Pending(
+            request_id, processed, params, stream.sink, loop.create_future(), arrival
+        )
         with self._lock:
             # Checked again under the lock: the engine thread drains the queue under it when it
             # stops or dies.
@@ -230,7 +255,10 @@ class AsyncLLMEngine:
             await pending.accepted
         except asyncio.CancelledError:
             # The caller went away while the request was queued: it may be admitted anyway.
-            self.abort(request_id)
+            await stream.aclose()
+            raise
+        except BaseException:
+            stream._set_finished()  # refused: nothing to abort (the id may be another's)
             raise
         return stream
 
@@ -252,12 +280,12 @@ class AsyncLLMEngine:
         self, prompt: Any, params: SamplingParams, request_id: str
     ) -> AsyncGenerator[RequestOutput, None]:
         """Yields the request's outputs as they grow; aborts it when the consumer stops early."""
-        outputs = (await self.add_request(request_id, prompt, params)).__aiter__()
+        stream = await self.add_request(request_id, prompt, params)
         try:
-            async for output in outputs:
+            async for output in stream:
                 yield output
         finally:
-            await outputs.aclose()  # aborts the request unless it finished
+            await stream.aclose()  # aborts the request unless it finished
 
     # ------------------------------------------------------------------ engine thread
 
@@ -358,7 +386,7 @@ class AsyncLLMEngine:
             # the other requests carry on.
             self._resolve(p.accepted, e)
             return
-        self._streams[p.request_id] = p.stream
+        self._streams[p.request_id] = p.sink
         self._timings[p.request_id] = _RequestTiming(
             arrival=p.arrival, num_prompt_tokens=len(p.processed.prompt_token_ids)
         )

@@ -128,6 +128,14 @@ class LLMEngine:
         self.device = torch.device(config.device)
         self.max_model_len = config.max_model_len
         self.eos_token_id = config.eos_token_id
+        # The model's other end-of-sequence ids stop a request as its stop_token_ids do (as in
+        # vLLM, with the id as stop_reason); with the primary one they are never sampled before
+        # min_tokens, even with ignore_eos.
+        eos_ids = tuple(getattr(config, "eos_token_ids", ()) or ())
+        self.extra_eos_token_ids = tuple(t for t in eos_ids if t != self.eos_token_id)
+        self.all_eos_token_ids = frozenset(
+            ([] if self.eos_token_id is None else [self.eos_token_id]) + list(eos_ids)
+        )
         self.max_num_batched_tokens = args.resolve_max_num_batched_tokens(self.max_model_len)
         self.preprocessor = InputPreprocessor(
             self.tokenizer,
@@ -261,9 +269,7 @@ class LLMEngine:
                     f"got {bad[:5]}"
                 )
         if params.allowed_token_ids is not None and params.min_tokens > 0:
-            stops = set(params.stop_token_ids)
-            if self.eos_token_id is not None and not params.ignore_eos:
-                stops.add(self.eos_token_id)
+            stops = set(params.stop_token_ids) | self.all_eos_token_ids
             if set(params.allowed_token_ids) <= stops:
                 raise ValueError(
                     "allowed_token_ids holds only stop tokens, which min_tokens="
@@ -292,8 +298,7 @@ class LLMEngine:
             child = params.clone()
             if child.seed is not None:
                 child.seed += index
-            if self.eos_token_id is not None and not child.ignore_eos:
-                child.all_stop_token_ids.add(self.eos_token_id)
+            child.all_stop_token_ids.update(self.all_eos_token_ids)  # masked before min_tokens
             generator = None
             if child.seed is not None:
                 generator = torch.Generator(self.device).manual_seed(child.seed)
@@ -331,7 +336,7 @@ class LLMEngine:
                     min_tokens=min(seq.params.min_tokens, max_tokens),
                     ignore_eos=seq.params.ignore_eos,
                     eos_token_id=-1 if self.eos_token_id is None else self.eos_token_id,
-                    stop_token_ids=list(seq.params.stop_token_ids),
+                    stop_token_ids=self._stop_token_ids(seq.params),
                     # Prompt logprobs need every prompt position computed: a unique salt keeps
                     # this request out of other requests' cached blocks.
                     cache_salt=f"prompt_logprobs:{uuid.uuid4().hex}"
@@ -364,6 +369,13 @@ class LLMEngine:
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._requests)
+
+    def _stop_token_ids(self, params: SamplingParams) -> list[int]:
+        """The ids that stop a sequence besides the primary EOS: its stop_token_ids, and the
+        model's other EOS ids unless it ignores EOS."""
+        if params.ignore_eos or not self.extra_eos_token_ids:
+            return list(params.stop_token_ids)
+        return list(dict.fromkeys([*params.stop_token_ids, *self.extra_eos_token_ids]))
 
     def stats(self) -> dict:
         return dict(self.core.stats())
@@ -630,7 +642,7 @@ class LLMEngine:
             # when stop_token_ids lists it too.
             eos = stop_token == self.eos_token_id and not seq.params.ignore_eos
             seq.stop_reason = (
-                None if eos or stop_token not in seq.params.stop_token_ids else (stop_token)
+                None if eos or stop_token not in self._stop_token_ids(seq.params) else stop_token
             )
         if seq.detokenizer is not None:
             text_ids = new_token_ids

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
@@ -32,6 +32,7 @@ from aphrodite.endpoints.openai.serving_engine import (
     sampling_params_from,
     unless_disconnected,
 )
+from aphrodite.engine.async_llm_engine import RequestStream
 from aphrodite.outputs import RequestOutput
 
 logger = logging.getLogger("aphrodite.server")
@@ -133,7 +134,7 @@ class OpenAIServingChat:
 
     async def _stream(
         self, request: ChatCompletionRequest, request_id: str, created: int,
-        outputs: AsyncGenerator[RequestOutput, None],
+        outputs: RequestStream,
     ) -> AsyncIterator[str]:
         n = request.n
         streamed = StreamedChoices(n)

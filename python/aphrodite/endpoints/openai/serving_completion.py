@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import Request
 
@@ -28,6 +28,7 @@ from aphrodite.endpoints.openai.serving_engine import (
     sampling_params_from,
     unless_disconnected,
 )
+from aphrodite.engine.async_llm_engine import RequestStream
 from aphrodite.outputs import RequestOutput
 
 logger = logging.getLogger("aphrodite.server")
@@ -61,7 +62,7 @@ class OpenAIServingCompletion:
             params.prompt_logprobs = request.logprobs  # the echoed prompt gets logprobs too
         request_id = random_id("cmpl")
         created = int(time.time())
-        streams: list[AsyncGenerator[RequestOutput, None]] = []
+        streams: list[RequestStream] = []
         try:
             for i, prompt in enumerate(prompts):
                 streams.append(
@@ -136,7 +137,7 @@ class OpenAIServingCompletion:
 
     async def _stream(
         self, request: CompletionRequest, request_id: str, created: int,
-        streams: list[AsyncGenerator[RequestOutput, None]],
+        streams: list[RequestStream],
     ) -> AsyncIterator[str]:
         n = request.n
         streamed = StreamedChoices(n * len(streams))
@@ -186,7 +187,7 @@ class OpenAIServingCompletion:
         yield "data: [DONE]\n\n"
 
 
-async def _collect(streams: list[AsyncGenerator[RequestOutput, None]]) -> list[RequestOutput]:
+async def _collect(streams: list[RequestStream]) -> list[RequestOutput]:
     finals: list[RequestOutput | None] = [None] * len(streams)
     merged = merge_async_iterators(*streams)
     try:

@@ -4,7 +4,7 @@ request -> SamplingParams, logprob formatting, streamed deltas and disconnect ha
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -18,7 +18,8 @@ from aphrodite.endpoints.openai.protocol import (
     ErrorResponse,
     SamplingFields,
 )
-from aphrodite.outputs import CompletionOutput, Logprob, RequestOutput, SampleLogprobs
+from aphrodite.engine.async_llm_engine import RequestStream
+from aphrodite.outputs import CompletionOutput, Logprob, SampleLogprobs
 from aphrodite.sampling_params import SamplingParams
 
 T = TypeVar("T")
@@ -110,17 +111,16 @@ class ServingContext:
 
     async def admit(
         self, request_id: str, prompt: Any, params: SamplingParams, add_special_tokens: bool
-    ) -> AsyncGenerator[RequestOutput, None]:
+    ) -> RequestStream:
         """Adds the request to the engine; returns its outputs. Requests the engine refuses
-        (a prompt longer than the model allows, ...) are 400s. Closing the returned iterator
-        before the request finished aborts it."""
+        (a prompt longer than the model allows, ...) are 400s. Closing the stream (or dropping
+        it) before the request finished aborts it, whether or not it was read."""
         try:
-            stream = await self.engine.add_request(
+            return await self.engine.add_request(
                 request_id, prompt, params, add_special_tokens=add_special_tokens
             )
         except (ValueError, TypeError) as e:
             raise APIError(str(e), code="invalid_prompt") from None
-        return stream.__aiter__()
 
 
 def sampling_params_from(
