@@ -294,6 +294,10 @@ def test_chat_logprobs(client):
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
 
 
+def choice_text(response) -> str:
+    return response.choices[0].text
+
+
 def test_completions_and_tokenizer_endpoints(client, http):
     r = client.completions.create(model=MODEL, prompt="USER: hello ASSISTANT:", max_tokens=5,
                                   temperature=0, logprobs=2, n=2)
@@ -320,6 +324,33 @@ def test_completions_and_tokenizer_endpoints(client, http):
     assert choice.logprobs.token_logprobs[0] is None
     assert all(v is not None for v in choice.logprobs.token_logprobs[1:])
     assert "".join(choice.logprobs.tokens) == choice.text
+    # top_logprobs always hold the chosen token (OpenAI: up to logprobs + 1 entries), also
+    # with logprobs=0.
+    for k in (0, 1):
+        sampled = client.completions.create(model=MODEL, prompt="USER: hi", max_tokens=6,
+                                            temperature=2.0, seed=3, logprobs=k)
+        lp = sampled.choices[0].logprobs
+        for token, logprob, tops in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+            assert tops[token] == logprob and k <= len(tops) <= k + 1
+    # Echo without generation (prompt scoring, as lm-eval asks for it): only the prompt.
+    scored = client.completions.create(model=MODEL, prompt="USER: hi", max_tokens=0, echo=True,
+                                       logprobs=1)
+    choice = scored.choices[0]
+    assert choice.text == "USER: hi" and scored.usage.completion_tokens == 0
+    assert len(choice.logprobs.tokens) == prompt_len
+    assert choice.logprobs.token_logprobs[1:] == echo.choices[0].logprobs.token_logprobs[
+        1:prompt_len]
+    # Echo of a token-id prompt: its text without the BOS, which the tokens add up to.
+    ids = http.post("/v1/tokenize", json={"model": MODEL, "prompt": "USER: hi"}).json()["tokens"]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, echo=True,
+                                       temperature=0, logprobs=1, extra_body={"ignore_eos": True})
+    assert by_ids.choices[0].text == choice_text(echo)
+    lp = by_ids.choices[0].logprobs
+    assert "".join(lp.tokens) == by_ids.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    # The model may be left out (the served one answers, under its name).
+    unnamed = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+    assert unnamed.status_code == 200 and unnamed.json()["model"] == MODEL
     # Token-id prompts, and several prompts in one request.
     ids = http.post("/v1/tokenize", json={"model": MODEL, "prompt": "USER: hello ASSISTANT:"}
                     ).json()["tokens"]
@@ -399,8 +430,12 @@ def test_fetch_timeout(http, images):
 
 def test_request_validation_errors(http, images):
     ok = user(text("hi"))
+    # An unknown model is a 404 (OpenAI, vLLM: the client's NotFoundError).
+    assert_error(http.post("/v1/chat/completions", json={"model": "nope", "messages": ok}),
+                 404, "model_not_found", "does not exist")
+    assert_error(http.post("/v1/completions", json={"model": "nope", "prompt": "hi"}),
+                 404, "model_not_found", "does not exist")
     cases = [
-        ({"model": "nope", "messages": ok}, "model_not_found", "does not exist"),
         ({"model": MODEL, "messages": ok, "temperature": 5}, None, "temperature"),
         ({"model": MODEL, "messages": ok, "n": 0}, None, "n"),
         ({"model": MODEL, "messages": ok, "top_logprobs": 2}, None, "logprobs"),
@@ -414,9 +449,19 @@ def test_request_validation_errors(http, images):
             "/rgb.png")))}, "invalid_messages", "placeholder"),
         ({"model": MODEL, "messages": user(text("word " * (MAX_MODEL_LEN * 2)))},
          "invalid_prompt", "max_model_len"),
+        # The prompt fits but not with max_tokens on top (vLLM's 400, not a shorter answer).
+        ({"model": MODEL, "messages": ok, "max_tokens": MAX_MODEL_LEN}, "invalid_prompt",
+         f"maximum context length is {MAX_MODEL_LEN} tokens"),
     ]
     for body, code, words in cases:
         assert_error(http.post("/v1/chat/completions", json=body), 400, code, words)
+    # A validator's message comes without pydantic's "Value error, " prefix.
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": ok,
+                                               "logit_bias": {"-1": 3}})
+    assert_error(r, 400, None, "logit_bias")
+    assert "Value error" not in r.json()["error"]["message"]
+    assert_error(http.post("/v1/completions", json={"model": MODEL, "prompt": "hi",
+                                                    "max_tokens": 0}), 400, None, "echo")
     bad_json = http.post("/v1/chat/completions", content=b"{not json",
                          headers={"Content-Type": "application/json"})
     assert_error(bad_json, 400, None, "json")
@@ -602,6 +647,23 @@ def test_disconnect_while_waiting_for_a_full_response(server):
         time.sleep(0.1)
     assert aborted() == before + 1
     assert metric(httpx.get(f"{server}/metrics").text, "aphrodite:kv_cache_usage_perc") == 0.0
+
+
+def test_cors_preflight_and_headers(server):
+    """Browsers may call the API (vLLM's defaults: any origin); the preflight needs no key, the
+    request itself still does."""
+    origin = {"Origin": "http://example.com"}
+    pre = httpx.options(f"{server}/v1/chat/completions", headers={
+        **origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert pre.status_code == 200
+    assert pre.headers["access-control-allow-origin"] == "*"
+    assert "POST" in pre.headers["access-control-allow-methods"]
+    models = httpx.get(f"{server}/v1/models",
+                       headers={**origin, "Authorization": f"Bearer {API_KEY}"})
+    assert models.status_code == 200 and models.headers["access-control-allow-origin"] == "*"
+    no_key = httpx.get(f"{server}/v1/models", headers=origin)
+    assert no_key.status_code == 401 and no_key.headers["access-control-allow-origin"] == "*"
 
 
 def test_refused_multi_prompt_request_leaves_nothing_running(server, http):

@@ -223,11 +223,14 @@ class AsyncLLMEngine:
         prompt: Any,
         params: SamplingParams,
         add_special_tokens: bool = True,
+        max_tokens_must_fit: bool = False,
     ) -> RequestStream:
         """Queues a request; returns its stream once the engine accepted it. Raises the
         engine's ValueError when the request can never run (e.g. the prompt is too long).
         ``add_special_tokens=False`` for prompts rendered by a chat template, which already
-        carry the BOS token."""
+        carry the BOS token. With ``max_tokens_must_fit`` a prompt whose max_tokens would run
+        past the model's length is refused (the OpenAI server's rule) instead of stopping
+        early with finish_reason "length"."""
         with self._lock:
             self._check_accepting()
         loop = asyncio.get_running_loop()
@@ -241,6 +244,17 @@ class AsyncLLMEngine:
             with self._lock:
                 self._check_accepting()  # the executor refused: shut down meanwhile
             raise
+        prompt_len = len(processed.prompt_token_ids)
+        limit = self.engine.max_model_len
+        if max_tokens_must_fit and params.max_tokens is not None and (
+            prompt_len + params.max_tokens > limit
+        ):
+            raise ValueError(
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {prompt_len + params.max_tokens} tokens ({prompt_len} in the "
+                f"prompt, {params.max_tokens} in the completion). Please reduce the length "
+                "of the prompt or of the completion."
+            )
         stream = RequestStream(request_id, loop, self.abort)
         pending = _Pending(
             request_id, processed, params, stream.sink, loop.create_future(), arrival

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
+import PIL
 import torch
 from PIL import Image
 from transformers.image_transforms import convert_to_rgb as hf_convert_to_rgb
@@ -121,15 +122,25 @@ class _PillowPixels:
         self._capsules = capsules
 
 
+# Pillow 13 exports an image through Arrow only when its rows are packed in one block (it
+# refuses otherwise); Pillow 11.2-12.x also exports images with aligned, padded rows
+# (PILLOW_ALIGNMENT) without saying so, which a packed view would read shifted.
+_PILLOW_EXPORTS_PACKED_ROWS = int(PIL.__version__.split(".")[0]) >= 13
+
+
 def pil_rgb_view(image: Image.Image) -> np.ndarray | None:
     """The pixels of an RGB PIL image as a read-only ``[H, W, 3]`` uint8 view of Pillow's own
-    memory (no copy), or None where Pillow cannot lend it (no Arrow export, i.e. Pillow before
-    11.2; rows not in one block, as in images over Pillow's 16 MiB block size; another mode, or
-    a transparency key that HF's RGB conversion would apply). Pillow keeps RGB as 4 bytes per
-    pixel, so the view's pixels are 4 bytes apart (:func:`aphrodite.ops.preprocess_images`
-    reads that layout in place). It shows the image's current pixels: it is for use while the
-    image is not modified, such as within one call."""
-    if image.mode != "RGB" or image.info.get("transparency") is not None:
+    memory (no copy), or None where Pillow cannot lend it: before Pillow 13 (whose Arrow export
+    can hide padded rows), rows not in one block (images over Pillow's 16 MiB block size),
+    another mode, or a transparency key that HF's RGB conversion would apply. Pillow keeps RGB
+    as 4 bytes per pixel, so the view's pixels are 4 bytes apart
+    (:func:`aphrodite.ops.preprocess_images` reads that layout in place). It shows the image's
+    current pixels: it is for use while the image is not modified, such as within one call."""
+    if (
+        not _PILLOW_EXPORTS_PACKED_ROWS
+        or image.mode != "RGB"
+        or image.info.get("transparency") is not None
+    ):
         return None
     export = getattr(image, "__arrow_c_array__", None)
     if export is None:

@@ -21,6 +21,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
@@ -187,6 +188,8 @@ def _validation_message(errors: list[dict]) -> str:
     for e in errors[:5]:
         loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body",))
         msg = e.get("msg", "invalid value")
+        # A validator's ValueError comes back as pydantic's "Value error, <message>".
+        msg = msg.removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts) or "invalid request"
 
@@ -207,6 +210,7 @@ def build_app(
     response_role: str = "assistant",
     log_requests: bool = True,
     trust_request_chat_template: bool = False,
+    cors: dict[str, Any] | None = None,
 ) -> FastAPI:
     metrics = ServerMetrics(served_model_names[0], engine.stats)
     engine.on_finished = metrics.observe_finished
@@ -371,6 +375,10 @@ def build_app(
     app.add_middleware(_BodyLimitMiddleware, limit=max_request_bytes)
     if api_keys:
         app.add_middleware(_AuthMiddleware, keys=api_keys)
+    # CORS answers browsers' preflight requests before the key check (a preflight carries no
+    # key), then adds its headers to every response.
+    cors = {"allow_origins": ["*"], "allow_methods": ["*"], "allow_headers": ["*"]} | (cors or {})
+    app.add_middleware(CORSMiddleware, **cors)
     app.add_middleware(_StatusMetricsMiddleware, metrics=metrics)
     return app
 
@@ -448,6 +456,12 @@ def run_server_from_args(args: argparse.Namespace, parser: argparse.ArgumentPars
         max_images=engine_args.limit_mm_per_prompt["image"], api_keys=keys,
         response_role=args.response_role, log_requests=not args.disable_log_requests,
         trust_request_chat_template=args.trust_request_chat_template,
+        cors={
+            "allow_origins": args.allowed_origins,
+            "allow_methods": args.allowed_methods,
+            "allow_headers": args.allowed_headers,
+            "allow_credentials": args.allow_credentials,
+        },
     )
     block_size = engine_args.block_size
     logger.info("model %s on %s (%s), max model length %d", args.model, engine.device,

@@ -56,6 +56,17 @@ def add_server_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      help="Require 'Authorization: Bearer KEY' on /v1/* with one of these keys "
                      "(401 otherwise). Also read from APHRODITE_API_KEY. /health, /version "
                      "and /metrics stay open.")
+    srv.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN", default=["*"],
+                     help="Origins (scheme://host[:port]) whose browser pages may call the API "
+                     "(CORS; default: any). Browser requests still need an API key when keys "
+                     "are set.")
+    srv.add_argument("--allowed-methods", nargs="+", metavar="METHOD", default=["*"],
+                     help="HTTP methods allowed for cross-origin requests (default: any).")
+    srv.add_argument("--allowed-headers", nargs="+", metavar="HEADER", default=["*"],
+                     help="Request headers allowed for cross-origin requests (default: any).")
+    srv.add_argument("--allow-credentials", action="store_true",
+                     help="Allow cross-origin requests to send cookies and HTTP "
+                     "authentication (CORS credentials; off by default).")
     srv.add_argument("--served-model-name", nargs="+", metavar="NAME", default=None,
                      help="Name(s) clients use in the 'model' field; the first is reported by "
                      "/v1/models (default: the MODEL argument).")

@@ -157,7 +157,7 @@ class ChatMessage(OpenAIBaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    model: str
+    model: str | None = None  # the served model when left out (vLLM)
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -265,17 +265,24 @@ class ChatCompletionStreamResponse(OpenAIBaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    model: str
+    model: str | None = None  # the served model when left out (vLLM)
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    # 0 only with echo: the prompt and its logprobs, nothing generated (prompt scoring).
+    max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20, strict=True)
     suffix: str | None = None
     best_of: int | None = None
     add_special_tokens: bool = True
 
+    @property
+    def echo_only(self) -> bool:
+        return self.echo and self.max_tokens == 0
+
     @model_validator(mode="after")
     def _check_unsupported(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: must be at least 1 (0 only with echo)")
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:

@@ -76,7 +76,7 @@ class OpenAIServingChat:
 
     async def create(self, request: ChatCompletionRequest, raw: Request):
         ctx = self.ctx
-        ctx.check_model(request.model)
+        request.model = ctx.check_model(request.model)
         text, urls = await self.render_prompt_async(request)
         images = await ctx.fetcher.fetch_images(urls) if urls else []
         prompt = ctx.engine_prompt(text, images)

@@ -50,14 +50,17 @@ class OpenAIServingCompletion:
 
     async def create(self, request: CompletionRequest, raw: Request):
         ctx = self.ctx
-        ctx.check_model(request.model)
+        request.model = ctx.check_model(request.model)
         try:
             prompts = request.prompts()
         except ValueError as e:
             raise APIError(str(e), param="prompt") from None
         if request.echo and request.stream:
             raise APIError("echo is not supported with stream", param="echo")
-        params = sampling_params_from(request, request.max_tokens, request.logprobs)
+        # echo with max_tokens 0 runs one step for the prompt's logprobs and drops its token.
+        params = sampling_params_from(
+            request, 1 if request.echo_only else request.max_tokens, request.logprobs
+        )
         if request.echo and request.logprobs is not None:
             params.prompt_logprobs = request.logprobs  # the echoed prompt gets logprobs too
         request_id = random_id("cmpl")
@@ -89,8 +92,9 @@ class OpenAIServingCompletion:
     ):
         if request.logprobs is None:
             return None
+        token_ids = [] if request.echo_only else c.token_ids
         generated = completion_logprobs(
-            self.ctx.tokenizer, c.token_ids, c.logprobs or [], request.logprobs, text_offset
+            self.ctx.tokenizer, token_ids, c.logprobs or [], request.logprobs, text_offset
         )
         if prompt is None:
             return generated
@@ -114,14 +118,17 @@ class OpenAIServingCompletion:
             num_prompt += len(out.prompt_token_ids)
             prefix = ""
             if request.echo:
+                # A token-id prompt echoes as its text (special tokens left out, as in the
+                # logprob tokens, which then add up to the text).
                 prefix = out.prompt if out.prompt is not None else self.ctx.tokenizer.decode(
-                    out.prompt_token_ids)
+                    out.prompt_token_ids, skip_special_tokens=True)
             for c in out.outputs:
-                num_gen += len(c.token_ids)
+                generated = "" if request.echo_only else c.text
+                num_gen += 0 if request.echo_only else len(c.token_ids)
                 choices.append(
                     CompletionResponseChoice(
                         index=p * request.n + c.index,
-                        text=prefix + c.text,
+                        text=prefix + generated,
                         logprobs=self._choice_logprobs(
                             request, c, len(prefix), out if request.echo else None
                         ),

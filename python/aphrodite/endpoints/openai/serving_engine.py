@@ -75,12 +75,17 @@ class ServingContext:
     def model_name(self) -> str:
         return self.served_model_names[0]
 
-    def check_model(self, name: str | None) -> None:
-        if name is None or name in self.served_model_names or name == self.model_path:
-            return
+    def check_model(self, name: str | None) -> str:
+        """The model name a response reports: the request's, or the served one when it named
+        none. An unknown name is a 404, as OpenAI and vLLM answer it."""
+        if name is None:
+            return self.model_name
+        if name in self.served_model_names or name == self.model_path:
+            return name
         raise APIError(
             f"the model {name!r} does not exist; this server serves "
             f"{', '.join(repr(n) for n in self.served_model_names)}",
+            status_code=404,
             code="model_not_found",
             param="model",
         )
@@ -117,7 +122,8 @@ class ServingContext:
         it) before the request finished aborts it, whether or not it was read."""
         try:
             return await self.engine.add_request(
-                request_id, prompt, params, add_special_tokens=add_special_tokens
+                request_id, prompt, params, add_special_tokens=add_special_tokens,
+                max_tokens_must_fit=True,
             )
         except (ValueError, TypeError) as e:
             raise APIError(str(e), code="invalid_prompt") from None
@@ -214,14 +220,18 @@ def completion_logprobs(
         )
         result.tokens.append(text)
         result.token_logprobs.append(max(lp.logprob, -9999.0) if lp else None)
-        result.top_logprobs.append(
-            {
+        tops = None
+        if position:
+            # The top_k most likely tokens and the chosen one, which OpenAI always includes
+            # (up to logprobs + 1 entries).
+            entries = _top_entries(position, top_k)
+            if lp is not None and all(tid != token_id for tid, _ in entries):
+                entries.append((token_id, lp))
+            tops = {
                 _token_text(tokenizer, tid, tlp): max(tlp.logprob, -9999.0)
-                for tid, tlp in _top_entries(position, top_k)
+                for tid, tlp in entries
             }
-            if position
-            else None
-        )
+        result.top_logprobs.append(tops)
         result.text_offset.append(offset)
         offset += len(text)
     return result
