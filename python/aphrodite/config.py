@@ -445,6 +445,9 @@ class ModelConfig:
     tokenizer_path: Path | None = None
     # Every id that ends a sequence, the primary one first (_eos_token_ids).
     eos_token_ids: tuple[int, ...] = ()
+    # The sampling defaults of the checkpoint's generation_config.json, as SamplingParams
+    # keywords (_generation_defaults): what a request that does not set them gets.
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -506,6 +509,7 @@ class ModelConfig:
             eos_token_id=eos[0] if eos else None,
             eos_token_ids=eos,
             tokenizer_path=tok_folder,
+            generation_defaults=_generation_defaults(folder),
         )
 
     # Flat views of the parsed config (the names RUNTIME_API.md promises).
@@ -558,6 +562,38 @@ class ModelConfig:
                 f"the image processor crops to {crop_h}x{crop_w} but the vision tower takes "
                 f"{size}x{size} images"
             )
+
+
+# generation_config.json keys that set a sampling default, and the SamplingParams field each
+# sets (vLLM's --generation-config auto reads the same ones).
+_GENERATION_DEFAULT_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def _generation_defaults(folder: Path) -> dict[str, Any]:
+    """The sampling defaults the checkpoint's generation config sets (SamplingParams keywords),
+    e.g. Llama 3's {"temperature": 0.6, "top_p": 0.9}; {} without one. A value of the wrong
+    type is a ValueError naming it."""
+    gen = _load_json(folder / "generation_config.json") or {}
+    defaults: dict[str, Any] = {}
+    for key, name in _GENERATION_DEFAULT_KEYS.items():
+        value = gen.get(key)
+        if value is None:
+            continue
+        integral = name in ("top_k", "max_tokens")
+        if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
+            raise ValueError(
+                f"{folder / 'generation_config.json'}: {key} must be "
+                f"{'an integer' if integral else 'a number'}, got {value!r}"
+            )
+        defaults[name] = value if integral else float(value)
+    return defaults
 
 
 def _eos_token_ids(folder: Path, config: LlavaConfig, tokenizer: Any) -> tuple[int, ...]:

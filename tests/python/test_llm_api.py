@@ -443,3 +443,34 @@ def test_every_eos_id_of_the_generation_config_stops_like_hf(checkpoint, tmp_pat
         ids = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
         assert second not in ids[:3] and ids[3] == second
         assert len(ids) == (5 if ignore_eos else 4)
+
+
+def test_generation_config_sampling_defaults_apply_without_sampling_params(checkpoint, tmp_path):
+    """A checkpoint's generation config sets the defaults (vLLM and HF generate do): top_k=1
+    makes the default sampling greedy, max_new_tokens the default length; explicit
+    SamplingParams are left alone; a value of the wrong type is an error at load."""
+    import json
+    import shutil
+
+    folder = tmp_path / "gen_defaults"
+    shutil.copytree(checkpoint, folder)
+    gen_path = folder / "generation_config.json"
+    gen = json.loads(gen_path.read_text())
+    gen.update({"do_sample": True, "top_k": 1, "temperature": 0.7, "max_new_tokens": 5})
+    gen_path.write_text(json.dumps(gen))
+    llm = LLM(model=folder, **SMALL_STEPS, kv_cache_memory_gb=0.01)
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.top_k, defaults.temperature, defaults.max_tokens) == (1, 0.7, 5)
+    prompt = {"prompt": QUESTION, "multi_modal_data": {"image": _image(42)}}
+    greedy = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
+                          use_tqdm=False)[0].outputs[0].token_ids
+    for _ in range(2):
+        out = llm.generate(prompt, use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == greedy[: len(out.token_ids)] and len(out.token_ids) <= 5
+    explicit = llm.generate(prompt, SamplingParams(max_tokens=7, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0]
+    assert len(explicit.token_ids) == 7
+    gen["top_k"] = "one"
+    gen_path.write_text(json.dumps(gen))
+    with pytest.raises(ValueError, match="top_k must be an integer"):
+        LLM(model=folder, **SMALL_STEPS, kv_cache_memory_gb=0.01)

@@ -765,3 +765,20 @@ def test_still_serving_after_all_error_cases(client, images):
     r = client.chat.completions.create(model=MODEL, max_tokens=2, messages=user(
         text("still there?"), image(images.url("/rgb.png"))))
     assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_fields_left_out_take_the_generation_config_defaults():
+    from aphrodite.endpoints.openai.protocol import ChatCompletionRequest
+    from aphrodite.endpoints.openai.serving_engine import sampling_params_from
+
+    defaults = {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1,
+                "max_tokens": 30}
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], top_p=0.5,
+                                temperature=0.3)
+    p = sampling_params_from(req, None, None, defaults)
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.max_tokens) == (
+        0.3, 0.5, 20, 1.1, 30)
+    assert sampling_params_from(req, 4, None, defaults).max_tokens == 4
+    plain = sampling_params_from(ChatCompletionRequest(messages=[{"role": "user",
+                                                                  "content": "hi"}]), None, None)
+    assert (plain.temperature, plain.top_p, plain.top_k, plain.max_tokens) == (1.0, 1.0, 0, None)

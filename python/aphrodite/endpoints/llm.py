@@ -85,6 +85,12 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.llm_engine.get_tokenizer()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What generate and chat use without sampling_params: SamplingParams' defaults with
+        those the checkpoint's generation_config.json sets (temperature, top_p, top_k, min_p,
+        repetition_penalty, max_new_tokens), as vLLM and HF generate apply them."""
+        return SamplingParams(**self.llm_engine.model_config.generation_defaults)
+
     def generate(
         self,
         prompts: PromptInputs | Sequence[PromptInputs],
@@ -92,7 +98,8 @@ class LLM:
         use_tqdm: bool | Callable[..., Any] = True,
     ) -> list[RequestOutput]:
         """Completes one prompt or a list of them; returns one RequestOutput per prompt, in the
-        order of the prompts. Every prompt is validated before any is scheduled."""
+        order of the prompts. Every prompt is validated before any is scheduled. Without
+        sampling_params: :meth:`get_default_sampling_params`."""
         if isinstance(prompts, (str, Mapping)):
             prompts = [prompts]
         return self._run(list(prompts), sampling_params, use_tqdm, add_special_tokens=True)
@@ -154,7 +161,7 @@ class LLM:
         add_special_tokens: bool,
     ) -> list[RequestOutput]:
         if sampling_params is None:
-            params_list = [SamplingParams()] * len(prompts)
+            params_list = [self.get_default_sampling_params()] * len(prompts)
         elif isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
         else:

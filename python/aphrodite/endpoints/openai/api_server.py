@@ -222,7 +222,11 @@ def build_app(
         image_placeholder=image_placeholder, max_images=max_images, fetcher=fetcher,
         metrics=metrics, log_requests=log_requests,
         trust_request_chat_template=trust_request_chat_template,
+        generation_defaults=dict(engine.engine.model_config.generation_defaults),
     )
+    if ctx.generation_defaults:
+        logger.info("sampling defaults from the model's generation config: %s",
+                    ctx.generation_defaults)
     chat = OpenAIServingChat(ctx, chat_template, response_role) if chat_template else None
     completion = OpenAIServingCompletion(ctx)
 

@@ -81,8 +81,9 @@ class OpenAIServingChat:
         images = await ctx.fetcher.fetch_images(urls) if urls else []
         prompt = ctx.engine_prompt(text, images)
         top = request.top_logprobs or 0
+        max_tokens = request.requested_max_tokens()
         params = sampling_params_from(
-            request, request.requested_max_tokens(), top if request.logprobs else None
+            request, max_tokens, top if request.logprobs else None, ctx.generation_defaults
         )
         request_id = random_id("chatcmpl")
         if ctx.log_requests:
@@ -90,8 +91,10 @@ class OpenAIServingChat:
         created = int(time.time())
         # Admission errors (prompt too long for the model, ...) surface here, before any byte
         # of a stream is sent, so they can still be 400s.
+        # Only a max_tokens the client asked for must fit; a default is capped by the model.
         stream = await ctx.admit(request_id, prompt, params,
-                                 add_special_tokens=ctx.chat_needs_bos(text))
+                                 add_special_tokens=ctx.chat_needs_bos(text),
+                                 max_tokens_must_fit=max_tokens is not None)
         if request.stream:
             return self._stream(request, request_id, created, stream)
         final = await unless_disconnected(_last(stream), raw)

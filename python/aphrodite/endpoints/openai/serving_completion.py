@@ -58,8 +58,9 @@ class OpenAIServingCompletion:
         if request.echo and request.stream:
             raise APIError("echo is not supported with stream", param="echo")
         # echo with max_tokens 0 runs one step for the prompt's logprobs and drops its token.
+        max_tokens = 1 if request.echo_only else request.max_tokens
         params = sampling_params_from(
-            request, 1 if request.echo_only else request.max_tokens, request.logprobs
+            request, max_tokens, request.logprobs, ctx.generation_defaults
         )
         if request.echo and request.logprobs is not None:
             params.prompt_logprobs = request.logprobs  # the echoed prompt gets logprobs too
@@ -70,7 +71,8 @@ class OpenAIServingCompletion:
             for i, prompt in enumerate(prompts):
                 streams.append(
                     await ctx.admit(f"{request_id}-{i}", self._engine_prompt(prompt), params,
-                                    add_special_tokens=request.add_special_tokens)
+                                    add_special_tokens=request.add_special_tokens,
+                                    max_tokens_must_fit=max_tokens is not None)
                 )
         except BaseException:
             for s in streams:

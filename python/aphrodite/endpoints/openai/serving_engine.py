@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -70,6 +70,9 @@ class ServingContext:
     # Whether requests may bring their own chat template (--trust-request-chat-template): a
     # template is code the server runs, with no time limit.
     trust_request_chat_template: bool = False
+    # The checkpoint's sampling defaults (ModelConfig.generation_defaults): what a request gets
+    # for the fields it leaves out.
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_name(self) -> str:
@@ -115,44 +118,56 @@ class ServingContext:
         return {"prompt": text, "multi_modal_data": {"image": images}}
 
     async def admit(
-        self, request_id: str, prompt: Any, params: SamplingParams, add_special_tokens: bool
+        self,
+        request_id: str,
+        prompt: Any,
+        params: SamplingParams,
+        add_special_tokens: bool,
+        max_tokens_must_fit: bool = True,
     ) -> RequestStream:
         """Adds the request to the engine; returns its outputs. Requests the engine refuses
-        (a prompt longer than the model allows, ...) are 400s. Closing the stream (or dropping
-        it) before the request finished aborts it, whether or not it was read."""
+        (a prompt longer than the model allows, or, with ``max_tokens_must_fit``, one whose
+        max_tokens would run past it) are 400s. Closing the stream (or dropping it) before the
+        request finished aborts it, whether or not it was read."""
         try:
             return await self.engine.add_request(
                 request_id, prompt, params, add_special_tokens=add_special_tokens,
-                max_tokens_must_fit=True,
+                max_tokens_must_fit=max_tokens_must_fit,
             )
         except (ValueError, TypeError) as e:
             raise APIError(str(e), code="invalid_prompt") from None
 
 
 def sampling_params_from(
-    request: SamplingFields, max_tokens: int | None, logprobs: int | None
+    request: SamplingFields,
+    max_tokens: int | None,
+    logprobs: int | None,
+    defaults: dict[str, Any] | None = None,
 ) -> SamplingParams:
     """Maps OpenAI request fields (and our extensions) onto SamplingParams; a bad combination is
-    a 400 naming the parameter."""
-    temperature = 1.0 if request.temperature is None else request.temperature
+    a 400 naming the parameter. A field the request leaves out takes the model's default
+    (``defaults``: its generation config), else the OpenAI one."""
+    defaults = defaults or {}
+
+    def pick(value: Any, name: str, fallback: Any) -> Any:
+        return defaults.get(name, fallback) if value is None else value
+
     try:
         return SamplingParams(
             n=request.n,
-            temperature=temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
-            top_k=0 if request.top_k is None else request.top_k,
-            min_p=0.0 if request.min_p is None else request.min_p,
+            temperature=pick(request.temperature, "temperature", 1.0),
+            top_p=pick(request.top_p, "top_p", 1.0),
+            top_k=pick(request.top_k, "top_k", 0),
+            min_p=pick(request.min_p, "min_p", 0.0),
             seed=request.seed,
             stop=request.stop_list(),
             stop_token_ids=request.stop_token_ids,
             include_stop_str_in_output=request.include_stop_str_in_output,
             presence_penalty=request.presence_penalty or 0.0,
             frequency_penalty=request.frequency_penalty or 0.0,
-            repetition_penalty=(
-                1.0 if request.repetition_penalty is None else request.repetition_penalty
-            ),
+            repetition_penalty=pick(request.repetition_penalty, "repetition_penalty", 1.0),
             ignore_eos=request.ignore_eos,
-            max_tokens=max_tokens,
+            max_tokens=pick(max_tokens, "max_tokens", None),
             min_tokens=request.min_tokens,
             logprobs=logprobs,
             skip_special_tokens=request.skip_special_tokens,
