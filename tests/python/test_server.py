@@ -251,6 +251,25 @@ def test_stream_equals_non_stream(client, images):
     plain = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4,
                                                 temperature=0, stream=True))
     assert all(c.usage is None for c in plain)
+    # continuous_usage_stats (vLLM): the usage so far in every chunk, chat and completions.
+    for stream in (
+        client.chat.completions.create(
+            model=MODEL, messages=msgs, max_tokens=24, temperature=0, stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True}),
+        client.completions.create(
+            model=MODEL, prompt=["a b", "c"], n=2, max_tokens=6, temperature=0, stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+            extra_body={"ignore_eos": True}),
+    ):
+        chunks = list(stream)
+        usages = [c.usage for c in chunks]
+        assert all(u is not None for u in usages)
+        assert len({u.prompt_tokens for u in usages}) == 1 and usages[0].prompt_tokens > 0
+        done = [u.completion_tokens for u in usages]
+        assert done == sorted(done) and all(
+            u.total_tokens == u.prompt_tokens + u.completion_tokens for u in usages)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 2 * 2 * 6
+    assert usages[-1].model_dump() == chunks[-1].usage.model_dump()
 
 
 def test_sampling_parameters(client, images):

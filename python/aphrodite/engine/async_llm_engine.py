@@ -112,6 +112,7 @@ class RequestStream:
         self, request_id: str, loop: asyncio.AbstractEventLoop, abort: Callable[[str], None]
     ):
         self.request_id = request_id
+        self.num_prompt_tokens = 0  # the processed prompt's, images expanded
         self.sink = _Sink(loop)
         self._abort = abort
         self.finished = False
@@ -256,6 +257,7 @@ class AsyncLLMEngine:
                 "of the prompt or of the completion."
             )
         stream = RequestStream(request_id, loop, self.abort)
+        stream.num_prompt_tokens = prompt_len
         pending = _Pending(
             request_id, processed, params, stream.sink, loop.create_future(), arrival
         )

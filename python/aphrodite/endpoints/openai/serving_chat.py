@@ -141,10 +141,19 @@ class OpenAIServingChat:
     ) -> AsyncIterator[str]:
         n = request.n
         streamed = StreamedChoices(n)
-        num_prompt = 0
+        num_prompt = outputs.num_prompt_tokens
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        # vLLM's extension: the usage so far in every chunk.
+        continuous = include_usage and bool(request.stream_options.continuous_usage_stats)
+
+        def usage_so_far() -> UsageInfo:
+            num_gen = streamed.num_tokens_sent
+            return UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_gen,
+                             total_tokens=num_prompt + num_gen)
 
         def chunk(choices, usage: UsageInfo | None = None) -> str:
+            if usage is None and continuous:
+                usage = usage_so_far()
             body = ChatCompletionStreamResponse(
                 id=request_id, created=created, model=request.model, choices=choices, usage=usage
             )
@@ -158,7 +167,6 @@ class OpenAIServingChat:
                 for i in range(n)
             ])
             async for out in outputs:
-                num_prompt = len(out.prompt_token_ids)
                 for c in out.outputs:
                     delta = streamed.advance(c.index, c)
                     if delta is None:
@@ -183,11 +191,7 @@ class OpenAIServingChat:
                         )
                     ])
             if include_usage:
-                num_gen = streamed.num_tokens_sent
-                yield chunk([], UsageInfo(
-                    prompt_tokens=num_prompt, completion_tokens=num_gen,
-                    total_tokens=num_prompt + num_gen,
-                ))
+                yield chunk([], usage_so_far())
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
         except Exception as e:  # the engine died mid-stream: tell the client in-band

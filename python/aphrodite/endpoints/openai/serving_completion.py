@@ -150,10 +150,19 @@ class OpenAIServingCompletion:
     ) -> AsyncIterator[str]:
         n = request.n
         streamed = StreamedChoices(n * len(streams))
-        num_prompt = [0] * len(streams)
+        num_prompt = sum(s.num_prompt_tokens for s in streams)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        # vLLM's extension: the usage so far in every chunk.
+        continuous = include_usage and bool(request.stream_options.continuous_usage_stats)
+
+        def usage_so_far() -> UsageInfo:
+            num_gen = streamed.num_tokens_sent
+            return UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_gen,
+                             total_tokens=num_prompt + num_gen)
 
         def chunk(choices, usage: UsageInfo | None = None) -> str:
+            if usage is None and continuous:
+                usage = usage_so_far()
             body = CompletionStreamResponse(
                 id=request_id, created=created, model=request.model, choices=choices, usage=usage
             )
@@ -162,7 +171,6 @@ class OpenAIServingCompletion:
         merged = merge_async_iterators(*streams)
         try:
             async for p, out in merged:
-                num_prompt[p] = len(out.prompt_token_ids)
                 for c in out.outputs:
                     i = p * n + c.index
                     delta = streamed.advance(i, c)
@@ -181,10 +189,7 @@ class OpenAIServingCompletion:
                         finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
                     )])
             if include_usage:
-                prompt_tokens = sum(num_prompt)
-                gen = streamed.num_tokens_sent
-                yield chunk([], UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=gen,
-                                          total_tokens=prompt_tokens + gen))
+                yield chunk([], usage_so_far())
         except Exception as e:
             logger.exception("stream %s failed", request_id)
             err = APIError(f"internal error: {e}", status_code=500, type="internal_error")
