@@ -474,6 +474,9 @@ def test_request_validation_errors(http, images):
     ]
     for body, code, words in cases:
         assert_error(http.post("/v1/chat/completions", json=body), 400, code, words)
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": ok, "top_p": 7})
+    assert_error(r, 400, "invalid_parameter", "top_p")
+    assert r.json()["error"]["param"] == "top_p"
     # A validator's message comes without pydantic's "Value error, " prefix.
     r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": ok,
                                                "logit_bias": {"-1": 3}})

@@ -261,7 +261,11 @@ def build_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError):
-        return error_response(APIError(_validation_message(e.errors()), code="invalid_parameter"))
+        errors = e.errors()
+        # OpenAI's `param`: the first invalid field ("messages.0.content", "temperature").
+        loc = [str(x) for x in (errors[0].get("loc", ()) if errors else ()) if x != "body"]
+        return error_response(APIError(_validation_message(errors), code="invalid_parameter",
+                                       param=".".join(loc) or None))
 
     @app.exception_handler(MediaFetchError)
     async def _media(_: Request, e: MediaFetchError):

@@ -196,7 +196,7 @@ class OpenAIServingChat:
             yield f"data: {json.dumps(e.body())}\n\n"
         except Exception as e:  # the engine died mid-stream: tell the client in-band
             logger.exception("stream %s failed", request_id)
-            err = APIError(f"internal error: {e}", status_code=500, type="internal_error")
+            err = APIError(f"internal error: {e}", status_code=500, type="server_error")
             yield f"data: {json.dumps(err.body())}\n\n"
         finally:
             await outputs.aclose()  # aborts the request when the client went away
@@ -208,5 +208,5 @@ async def _last(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
     async for out in outputs:
         final = out
     if final is None:
-        raise APIError("the request was aborted", status_code=500, type="internal_error")
+        raise APIError("the request was aborted", status_code=500, type="server_error")
     return final

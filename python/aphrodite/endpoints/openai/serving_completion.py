@@ -192,7 +192,7 @@ class OpenAIServingCompletion:
                 yield chunk([], usage_so_far())
         except Exception as e:
             logger.exception("stream %s failed", request_id)
-            err = APIError(f"internal error: {e}", status_code=500, type="internal_error")
+            err = APIError(f"internal error: {e}", status_code=500, type="server_error")
             yield f"data: {json.dumps(err.body())}\n\n"
         finally:
             await merged.aclose()
@@ -212,5 +212,5 @@ async def _collect(streams: list[RequestStream]) -> list[RequestOutput]:
         for s in streams:
             await s.aclose()
     if any(f is None for f in finals):
-        raise APIError("the request was aborted", status_code=500, type="internal_error")
+        raise APIError("the request was aborted", status_code=500, type="server_error")
     return finals
