@@ -351,6 +351,16 @@ def test_completions_and_tokenizer_endpoints(client, http):
         lp = sampled.choices[0].logprobs
         for token, logprob, tops in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
             assert tops[token] == logprob and k <= len(tops) <= k + 1
+    # Streamed echo: the same text and logprobs, the prompt in each choice's first chunk.
+    chunks = list(client.completions.create(
+        model=MODEL, prompt="USER: hi", max_tokens=2, echo=True, temperature=0, logprobs=1,
+        stream=True, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].text.startswith("USER: hi")
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    streamed_lp = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    for field in ("tokens", "token_logprobs", "text_offset", "top_logprobs"):
+        assert sum((getattr(lp, field) for lp in streamed_lp), []) == getattr(
+            choice.logprobs, field)
     # Echo without generation (prompt scoring, as lm-eval asks for it): only the prompt.
     scored = client.completions.create(model=MODEL, prompt="USER: hi", max_tokens=0, echo=True,
                                        logprobs=1)

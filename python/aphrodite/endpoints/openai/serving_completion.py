@@ -55,8 +55,8 @@ class OpenAIServingCompletion:
             prompts = request.prompts()
         except ValueError as e:
             raise APIError(str(e), param="prompt") from None
-        if request.echo and request.stream:
-            raise APIError("echo is not supported with stream", param="echo")
+        if request.echo_only and request.stream:
+            raise APIError("echo with max_tokens 0 is not supported with stream", param="echo")
         # echo with max_tokens 0 runs one step for the prompt's logprobs and drops its token.
         max_tokens = 1 if request.echo_only else request.max_tokens
         params = sampling_params_from(
@@ -85,6 +85,20 @@ class OpenAIServingCompletion:
         finals = await unless_disconnected(_collect(streams), raw)
         return self._full_response(request, request_id, created, finals)
 
+    def _echo_text(self, out: RequestOutput) -> str:
+        """The echoed prompt: its text, or for a token-id prompt the decoded ids (special
+        tokens left out, as in the logprob tokens, which then add up to the text)."""
+        if out.prompt is not None:
+            return out.prompt
+        return self.ctx.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=True)
+
+    def _echo_logprobs(self, request: CompletionRequest, out: RequestOutput) -> CompletionLogProbs:
+        """The echoed prompt's logprobs (its first token has none), as OpenAI gives them."""
+        return completion_logprobs(
+            self.ctx.tokenizer, out.prompt_token_ids,
+            out.prompt_logprobs or [None] * len(out.prompt_token_ids), request.logprobs, 0,
+        )
+
     def _choice_logprobs(
         self,
         request: CompletionRequest,
@@ -100,30 +114,14 @@ class OpenAIServingCompletion:
         )
         if prompt is None:
             return generated
-        # echo: the prompt's tokens first (the first one has no logprob), as OpenAI does.
-        echoed = completion_logprobs(
-            self.ctx.tokenizer, prompt.prompt_token_ids,
-            prompt.prompt_logprobs or [None] * len(prompt.prompt_token_ids),
-            request.logprobs, 0,
-        )
-        return CompletionLogProbs(
-            text_offset=echoed.text_offset + generated.text_offset,
-            token_logprobs=echoed.token_logprobs + generated.token_logprobs,
-            tokens=echoed.tokens + generated.tokens,
-            top_logprobs=echoed.top_logprobs + generated.top_logprobs,
-        )
+        return _concat(self._echo_logprobs(request, prompt), generated)
 
     def _full_response(self, request, request_id, created, finals) -> CompletionResponse:
         choices = []
         num_prompt = num_gen = 0
         for p, out in enumerate(finals):
             num_prompt += len(out.prompt_token_ids)
-            prefix = ""
-            if request.echo:
-                # A token-id prompt echoes as its text (special tokens left out, as in the
-                # logprob tokens, which then add up to the text).
-                prefix = out.prompt if out.prompt is not None else self.ctx.tokenizer.decode(
-                    out.prompt_token_ids, skip_special_tokens=True)
+            prefix = self._echo_text(out) if request.echo else ""
             for c in out.outputs:
                 generated = "" if request.echo_only else c.text
                 num_gen += 0 if request.echo_only else len(c.token_ids)
@@ -168,9 +166,12 @@ class OpenAIServingCompletion:
             )
             return f"data: {body.model_dump_json()}\n\n"
 
+        # With echo, each choice's first chunk starts with the prompt (and its logprobs).
+        echoed = [not request.echo] * (n * len(streams))
         merged = merge_async_iterators(*streams)
         try:
             async for p, out in merged:
+                prefix = self._echo_text(out) if request.echo else ""
                 for c in out.outputs:
                     i = p * n + c.index
                     delta = streamed.advance(i, c)
@@ -180,12 +181,20 @@ class OpenAIServingCompletion:
                     if request.logprobs is not None and delta.token_ids:
                         logprobs = completion_logprobs(
                             self.ctx.tokenizer, delta.token_ids, delta.logprobs,
-                            request.logprobs, delta.text_offset,
+                            request.logprobs, len(prefix) + delta.text_offset,
                         )
-                    if not delta.text and logprobs is None and delta.finish_reason is None:
+                    text = delta.text
+                    # (Once the prompt is done: its logprobs are complete with the first token.)
+                    if not echoed[i] and (delta.token_ids or delta.finish_reason is not None):
+                        echoed[i] = True
+                        text = prefix + text
+                        if request.logprobs is not None:
+                            logprobs = _concat(self._echo_logprobs(request, out),
+                                               logprobs or CompletionLogProbs())
+                    if not text and logprobs is None and delta.finish_reason is None:
                         continue
                     yield chunk([CompletionResponseStreamChoice(
-                        index=i, text=delta.text, logprobs=logprobs,
+                        index=i, text=text, logprobs=logprobs,
                         finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
                     )])
             if include_usage:
@@ -199,6 +208,15 @@ class OpenAIServingCompletion:
             for s in streams:
                 await s.aclose()  # aborts the requests when the client went away
         yield "data: [DONE]\n\n"
+
+
+def _concat(first: CompletionLogProbs, second: CompletionLogProbs) -> CompletionLogProbs:
+    return CompletionLogProbs(
+        text_offset=first.text_offset + second.text_offset,
+        token_logprobs=first.token_logprobs + second.token_logprobs,
+        tokens=first.tokens + second.tokens,
+        top_logprobs=first.top_logprobs + second.top_logprobs,
+    )
 
 
 async def _collect(streams: list[RequestStream]) -> list[RequestOutput]:
