@@ -34,13 +34,12 @@ OwnedTensor OwnedTensor::empty(std::initializer_list<std::int64_t> shape, DType 
 }
 
 OwnedTensor OwnedTensor::empty(int ndim, const std::int64_t* shape, DType dtype, Device device) {
-  std::int64_t numel = 1;
-  for (int i = 0; i < ndim; ++i) {
-    if (shape[i] < 0) throw ValueError("tensor sizes must be non-negative");
-    numel *= shape[i];
+  if (ndim < 0 || ndim > TensorView::kMaxDims) {
+    throw ValueError("tensor must have 0 to 8 dimensions, got " + std::to_string(ndim));
   }
+  const std::int64_t bytes = checked_nbytes(ndim, shape, dtype);
   OwnedTensor t;
-  t.buffer = Buffer::allocate(static_cast<std::size_t>(numel) * dtype_size(dtype), device);
+  t.buffer = Buffer::allocate(static_cast<std::size_t>(bytes), device);
   t.view = TensorView(t.buffer->data(), dtype, device, ndim, shape, nullptr);
   return t;
 }

@@ -4,6 +4,8 @@
 #include <sstream>
 #include <string>
 
+#include "aphrodite/error.h"
+
 namespace aphrodite {
 
 std::size_t dtype_size(DType dtype) {
@@ -40,6 +42,31 @@ const char* dtype_name(DType dtype) {
   return "unknown";
 }
 
+std::int64_t checked_nbytes(int ndim, const std::int64_t* shape, DType dtype) {
+  auto describe = [&] {
+    std::string text = "[";
+    for (int i = 0; i < ndim; ++i) text += (i ? ", " : "") + std::to_string(shape[i]);
+    return text + "]";
+  };
+  std::int64_t bytes = static_cast<std::int64_t>(dtype_size(dtype));
+  bool overflow = false;
+  for (int i = 0; i < ndim; ++i) {
+    if (shape[i] < 0) {
+      throw ValueError("tensor sizes must be non-negative, got shape " + describe());
+    }
+    overflow = overflow || __builtin_mul_overflow(bytes, shape[i], &bytes);
+  }
+  // (A zero size anywhere makes the tensor empty, whatever the other sizes.)
+  for (int i = 0; i < ndim; ++i) {
+    if (shape[i] == 0) return 0;
+  }
+  if (overflow) {
+    throw ValueError("a " + std::string(dtype_name(dtype)) + " tensor of shape " + describe() +
+                     " is too large: its byte count overflows 64 bits");
+  }
+  return bytes;
+}
+
 std::string device_name(Device device) {
   if (device.is_cpu()) return "cpu";
   return "cuda:" + std::to_string(device.index);
@@ -49,6 +76,7 @@ TensorView::TensorView(void* data, DType dtype, Device device,
                        std::initializer_list<std::int64_t> shape)
     : data_(data), dtype_(dtype), device_(device), ndim_(static_cast<int>(shape.size())) {
   if (ndim_ > kMaxDims) throw ValueError("tensor has more than 8 dimensions");
+  checked_nbytes(ndim_, shape.begin(), dtype);
   int d = 0;
   for (std::int64_t s : shape) shape_[d++] = s;
   std::int64_t stride = 1;
@@ -64,6 +92,7 @@ TensorView::TensorView(void* data, DType dtype, Device device, int ndim, const s
   if (ndim < 0 || ndim > kMaxDims) {
     throw ValueError("tensor must have 0 to 8 dimensions, got " + std::to_string(ndim));
   }
+  checked_nbytes(ndim, shape, dtype);
   std::int64_t stride = 1;
   for (int i = ndim - 1; i >= 0; --i) {
     shape_[i] = shape[i];
@@ -191,7 +220,7 @@ void check_same_device(const TensorView& a, const char* a_name, const TensorView
 void check_same_dtype(const TensorView& t, const char* name, const TensorView& ref,
                       const char* ref_name) {
   if (t.dtype() != ref.dtype()) {
-    throw TypeError(std::string(name) + " must have the dtype of " + ref_name + " (" +
+    throw TypeError(std::string("'") + name + "' must have the dtype of '" + ref_name + "' (" +
                     dtype_name(ref.dtype()) + "), got " + t.describe());
   }
 }
@@ -200,15 +229,15 @@ void check_token_major(const TensorView& t, const char* name) {
   check_dim(t, name, 3);
   if (t.size(0) > 1 || t.size(1) > 1) {
     if (t.stride(2) != 1 || (t.size(1) > 1 && t.stride(1) != t.size(2))) {
-      throw ValueError(std::string(name) +
-                       " must be dense in its [heads, head_size] dimensions, got " + t.describe());
+      throw ValueError(std::string("'") + name +
+                       "' must be dense in its [heads, head_size] dimensions, got " + t.describe());
     }
   } else if (t.stride(2) != 1 && t.size(2) > 1) {
-    throw ValueError(std::string(name) + " must be dense in its last dimension, got " +
+    throw ValueError(std::string("'") + name + "' must be dense in its last dimension, got " +
                      t.describe());
   }
   if (t.size(0) > 1 && t.stride(0) < t.size(1) * t.size(2)) {
-    throw ValueError(std::string(name) + " rows overlap: token stride " +
+    throw ValueError(std::string("'") + name + "' rows overlap: token stride " +
                      std::to_string(t.stride(0)) + " is below heads * head_size in " +
                      t.describe());
   }

@@ -176,6 +176,9 @@ TEST(ImagePreprocess, RejectsBadArguments) {
     EXPECT_THROW(aphrodite::preprocess_images({strided}, out.view, params), aphrodite::ValueError);
   }
   EXPECT_THROW(aphrodite::preprocess_images({img, img}, out.view, params), aphrodite::ValueError);
+  // An image in out's own memory (it would be overwritten while it is read).
+  TensorView in_out(out.view.data(), DType::kUInt8, aphrodite::Device::cpu(), {6, 6, 3});
+  EXPECT_THROW(aphrodite::preprocess_images({in_out}, out.view, params), aphrodite::ValueError);
   EXPECT_THROW(aphrodite::preprocess_images({img}, out_int.view, params), aphrodite::TypeError);
   params.shortest_edge = 0;
   EXPECT_THROW(aphrodite::preprocess_images({img}, out.view, params), aphrodite::ValueError);

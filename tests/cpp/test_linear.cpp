@@ -311,6 +311,17 @@ TEST(LlavaProjector, MatchesReferenceWithAndWithoutWorkspace) {
   const TensorView ov(out.data(), DType::kFloat32, cpu, {t, d_out});
   EXPECT_THROW(llava_projector(ov, xv, w1v, b1v, w2v, b2v, Activation::kNone), ValueError);
   EXPECT_THROW(llava_projector(ov, xv, w2v, b1v, w2v, b2v), ValueError);
+  // A workspace over the first GEMM's inputs is refused under its own name.
+  std::vector<float> shared(static_cast<std::size_t>(t * h + t * d_in));
+  const TensorView x_in_shared(shared.data(), DType::kFloat32, cpu, {t, d_in});
+  const TensorView ws_over_x(shared.data(), DType::kFloat32, cpu, {t, h});
+  try {
+    llava_projector(ov, x_in_shared, w1v, b1v, w2v, b2v, Activation::kGeluErf, ws_over_x);
+    ADD_FAILURE() << "an overlapping workspace was accepted";
+  } catch (const ValueError& e) {
+    EXPECT_NE(std::string(e.what()).find("workspace"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(parse_activation(nullptr), ValueError);
 }
 
 }  // namespace

@@ -82,5 +82,20 @@ TEST(Buffer, OwnedTensorIsAlignedAndFreed) {
   EXPECT_THROW(OwnedTensor::empty({-1}, DType::kFloat32), ValueError);
 }
 
+TEST(TensorView, NegativeOrOverflowingShapesAreRefused) {
+  // A shape whose byte count wraps would get a buffer far smaller than it describes.
+  float x[4] = {};
+  const std::int64_t negative[] = {-2, 2};
+  EXPECT_THROW(TensorView(x, DType::kFloat32, Device::cpu(), {-2, 2}), ValueError);
+  EXPECT_THROW(TensorView(x, DType::kFloat32, Device::cpu(), 2, negative, nullptr), ValueError);
+  EXPECT_THROW(OwnedTensor::empty({std::int64_t{1} << 62}, DType::kInt64), ValueError);
+  EXPECT_THROW(OwnedTensor::empty({std::int64_t{1} << 40, std::int64_t{1} << 40}, DType::kFloat32),
+               ValueError);
+  const std::int64_t two_by_one[] = {2, 1};
+  EXPECT_EQ(checked_nbytes(2, two_by_one, DType::kFloat32), 8);
+  // An empty tensor is empty whatever its other sizes.
+  EXPECT_EQ(OwnedTensor::empty({std::int64_t{1} << 62, 0, 1 << 30}, DType::kInt64).view.numel(), 0);
+}
+
 }  // namespace
 }  // namespace aphrodite

@@ -48,7 +48,8 @@ std::size_t paged_attention_workspace_bytes(const TensorView& query, const Tenso
 // out [num_tokens, num_heads, head_size] = attention of query [num_tokens, num_heads, head_size]
 // over each sequence's cached context. `workspace` (optional, a CUDA uint8 tensor on the query's
 // device) enables split contexts when it holds at least paged_attention_workspace_bytes(); without
-// it (or with a smaller one) each (tokens, head) tile is computed by one thread block.
+// it (or with a smaller one) each (tokens, head) tile is computed by one thread block. The CPU
+// kernels need none and ignore it.
 // `max_query_len` > 0 promises that no sequence has more query tokens (the scheduler knows it on
 // the host; 0: unknown). On CUDA it spares the launches of the kernels for longer queries, e.g. a
 // decode-only batch (max_query_len 1) runs the decode kernel alone; like the rest of the

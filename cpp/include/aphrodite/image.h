@@ -65,9 +65,10 @@ void check_image_size(std::int64_t height, std::int64_t width, const ImagePrepro
 // Preprocesses `images` into `out` (float32/float16/bfloat16 [N, 3, crop_h, crop_w], contiguous,
 // on the CPU or a CUDA device; the crop size is out's last two dimensions). Each image is a uint8
 // [H, W, 3] view on the CPU with adjacent channels, its pixels 3 bytes apart or 4 (RGB and an
-// ignored byte: how Pillow keeps RGB images, read in place) and its rows any non-overlapping
-// distance apart. On CUDA the images are uploaded once and the kernels
-// run on `stream` without synchronising; the result equals the CPU op's bit for bit.
+// ignored byte: how Pillow keeps RGB images, read in place) and its rows top to bottom, at least
+// a row of pixels apart. `out` must not overlap an image (ValueError). On CUDA the images are
+// uploaded once and the kernels run on `stream` without synchronising; the result equals the CPU
+// op's bit for bit.
 void preprocess_images(const std::vector<TensorView>& images, const TensorView& out,
                        const ImagePreprocessParams& params, StreamHandle stream = 0);
 

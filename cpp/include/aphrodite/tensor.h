@@ -50,7 +50,8 @@ class TensorView {
   static constexpr int kMaxDims = 8;
 
   TensorView() = default;
-  // Contiguous (row-major) view.
+  // Both constructors throw ValueError for a negative size or a shape whose byte count
+  // overflows int64 (checked_nbytes). Contiguous (row-major) view:
   TensorView(void* data, DType dtype, Device device, std::initializer_list<std::int64_t> shape);
   // General view; strides are in elements.
   TensorView(void* data, DType dtype, Device device, int ndim, const std::int64_t* shape,
@@ -85,6 +86,10 @@ class TensorView {
   std::int64_t shape_[kMaxDims] = {};
   std::int64_t strides_[kMaxDims] = {};
 };
+
+// The byte count of a dense tensor of this shape; throws ValueError when a size is negative
+// or the count does not fit in int64 (TensorView's constructors check every shape this way).
+std::int64_t checked_nbytes(int ndim, const std::int64_t* shape, DType dtype);
 
 // Argument checks shared by every op. Each names the argument in its message and throws
 // TypeError (dtype) or ValueError (everything else).

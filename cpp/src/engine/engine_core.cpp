@@ -775,7 +775,10 @@ bool EngineCore::finish_request(const std::string& request_id, FinishReason reas
 }
 
 bool EngineCore::has_unfinished_requests() const {
-  return !impl_->requests.empty() || !impl_->externally_finished.empty();
+  // Finished requests count until the loop has heard of them: their events (next update())
+  // and the image embeddings they leave to free (next schedule()).
+  return !impl_->requests.empty() || !impl_->externally_finished.empty() ||
+         !impl_->pending_freed.empty();
 }
 std::int32_t EngineCore::num_waiting() const {
   return static_cast<std::int32_t>(impl_->waiting.size());

@@ -215,6 +215,7 @@ PreprocessPlan plan_preprocess(const std::vector<TensorView>& images, const Tens
     check_shape(img, name.c_str(), {-1, -1, 3});
     check_device(img, name.c_str(), Device::cpu());
     (void)image_source(img, name.c_str());
+    check_no_overlap(out, "out", img, name.c_str());
     const std::int64_t h = img.size(0);
     const std::int64_t w = img.size(1);
     check_image_size(h, w, params, plan.crop_h, plan.crop_w, name);

@@ -67,6 +67,9 @@ const char* activation_name(Activation act) {
 }
 
 Activation parse_activation(const char* name) {
+  if (name == nullptr) {
+    throw ValueError("activation must be one of 'none', 'gelu', 'gelu_tanh', 'swiglu', got null");
+  }
   for (Activation act :
        {Activation::kNone, Activation::kGeluErf, Activation::kGeluTanh, Activation::kSwiGlu}) {
     if (std::strcmp(name, activation_name(act)) == 0) return act;

@@ -47,7 +47,11 @@ void llava_projector(const TensorView& out, const TensorView& x, const TensorVie
     check_shape(*workspace, "workspace", {tokens, hidden});
     check_dtype(*workspace, "workspace", {x.dtype()});
     check_same_device(*workspace, "workspace", x, "x");
-    // Written by the first GEMM before the second reads these.
+    // Written by the first GEMM, which reads these...
+    check_no_overlap(*workspace, "workspace", x, "x");
+    check_no_overlap(*workspace, "workspace", w1, "w1");
+    check_no_overlap(*workspace, "workspace", b1, "b1");
+    // ...before the second reads these.
     check_no_overlap(*workspace, "workspace", w2, "w2");
     check_no_overlap(*workspace, "workspace", b2, "b2");
     check_no_overlap(*workspace, "workspace", out, "out");

@@ -53,6 +53,8 @@ namespace aphrodite::engine {
 
 struct EngineConfig {
   std::int32_t num_blocks = 0;  // KV blocks, block 0 included (reserved as the null block)
+  // Any size in [1, kMaxBlockSize] for the core; the attention kernels (attention.h) take 8,
+  // 16 or 32, so a model executor built on them needs one of those.
   std::int32_t block_size = 16;
   std::int32_t max_num_seqs = 256;
   std::int32_t max_num_batched_tokens = 2048;
@@ -180,6 +182,9 @@ class EngineCore {
   // Same as abort_request with the given reason (the runtime uses kStop for stop strings).
   bool finish_request(const std::string& request_id, FinishReason reason);
 
+  // True while any request is unfinished, and after that until the loop has been told
+  // everything about finished ones: their events (update()) and the image embeddings they
+  // leave to free (schedule()'s freed_encoder_outputs), e.g. after an abort mid-prefill.
   bool has_unfinished_requests() const;
   std::int32_t num_waiting() const;
   std::int32_t num_running() const;
