@@ -234,6 +234,11 @@ def parse_llava_config(cfg: dict[str, Any]) -> LlavaConfig:
     )
     if text_config.num_attention_heads % text_config.num_key_value_heads:
         raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+    if text_config.head_dim <= 0 or text_config.head_dim % 8:
+        raise ValueError(
+            f"head_dim {text_config.head_dim} is not supported: the attention kernels take "
+            "multiples of 8 (64, 80, 96, 112, 128 and 256 on CUDA)"
+        )
 
     vision_act = _get(vision, "hidden_act", "quick_gelu")
     if vision_act not in VISION_ACTIVATIONS:
@@ -429,6 +434,10 @@ def _find_chat_template(folder: Path, tokenizer: Any) -> str | None:
     return None
 
 
+# Head sizes of the CUDA attention kernels (cpp/src/attention/attention.cpp checks the same).
+CUDA_HEAD_SIZES = (64, 80, 96, 112, 128, 256)
+
+
 @dataclass
 class ModelConfig:
     """Everything the runner and the engine need to know about a model (see RUNTIME_API.md)."""
@@ -468,6 +477,11 @@ class ModelConfig:
         hf_config = parse_llava_config(raw)
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, hf_config.torch_dtype, dev)
+        if dev.type == "cuda" and hf_config.text.head_dim not in CUDA_HEAD_SIZES:
+            raise ValueError(
+                f"head_dim {hf_config.text.head_dim} is not supported on CUDA (the attention "
+                f"kernels take {', '.join(map(str, CUDA_HEAD_SIZES))})"
+            )
 
         limit = hf_config.text.max_position_embeddings
         if max_model_len is None:

@@ -130,6 +130,7 @@ def test_mistral_text_config():
         (lambda c: c.update(projector_hidden_act="relu"), "relu"),
         (lambda c: c.update(vision_feature_layer=-30), "out of range"),
         (lambda c: c["text_config"].update(num_key_value_heads=5), "multiple"),
+        (lambda c: c["text_config"].update(head_dim=12), "head_dim 12"),
         (lambda c: c.update(model_type="llama", architectures=["LlamaForCausalLM"]), "LLaVA"),
     ],
 )
@@ -289,3 +290,36 @@ def test_bfloat16_matches_hf_on_device(tiny64, device):
         worst = max(worst, (mine[top] - theirs[top]).abs().max().item())
         planner.update(plan, [ref.token_ids[step]])
     assert worst < 0.15, f"bf16 logprobs differ from HF's by up to {worst}"
+
+
+@pytest.mark.parametrize("where", ["top", "text_config"])
+def test_tie_flag_with_a_stored_head_uses_it_like_hf(tiny, tmp_path, where):
+    """A config that ties the LM head to the embeddings while the checkpoint stores a different
+    head: transformers uses the stored head (and warns), so do we; a stored head equal to the
+    embeddings is tied (one matrix)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(tiny, tmp_path / "tie_flag")
+    cfg = json.loads((folder / "config.json").read_text())
+    (cfg if where == "top" else cfg["text_config"])["tie_word_embeddings"] = True
+    (folder / "config.json").write_text(json.dumps(cfg))
+    processor = hf_llava_processor(folder)
+    image = Image.fromarray(np.random.default_rng(7).integers(0, 256, (30, 41, 3), dtype=np.uint8))
+    prompt = "USER: <image>\nWhat is this? ASSISTANT:"
+    ref = hf_greedy(hf_llava_model(folder), processor, prompt, [image], 8)
+    from aphrodite import LLM, SamplingParams
+
+    llm = LLM(model=folder, device="cpu", dtype="float32", kv_cache_memory_gb=0.01)
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    out = llm.generate({"prompt": prompt, "multi_modal_data": {"image": image}}, greedy,
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == ref.token_ids[:8]
+    model = llm.llm_engine.runner.model
+    assert model.lm_head is not None
+    # The stored head made equal to the embeddings: tied after all.
+    tensors = load_file(folder / "model.safetensors")
+    embed = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+    tensors["lm_head.weight"] = tensors[embed].clone()
+    save_file(tensors, folder / "model.safetensors")
+    runner = ModelRunner(ModelConfig.load(folder, device="cpu"))
+    assert runner.model.lm_head is None

@@ -7,6 +7,7 @@ decoder (`language_model`) over the paged KV cache.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 
@@ -19,6 +20,8 @@ from aphrodite.config import PROJECTOR_ACTIVATIONS, LlavaConfig
 from aphrodite.modeling.clip import CLIPVisionTower
 from aphrodite.modeling.layers import Linear, empty_param, own_cuda_gemm
 from aphrodite.modeling.llama import AttentionMetadata, LlamaModel
+
+logger = logging.getLogger(__name__)
 
 _VISION_LAYER = re.compile(r"^vision_tower\.encoder\.layers\.(\d+)\.")
 # Checkpoint tensors the model has no use for.
@@ -162,6 +165,7 @@ class LlavaForConditionalGeneration(nn.Module):
                     row += rows
         loaded: set[str] = set()
         filled_rows: dict[int, int] = {}
+        stored_head_with_tie_flag = False
         num_vision_layers = len(self.vision_tower.encoder.layers)
         for name, tensor in weights:
             if _UNUSED.search(name):
@@ -170,7 +174,16 @@ class LlavaForConditionalGeneration(nn.Module):
             if m and int(m.group(1)) >= num_vision_layers:
                 continue  # past the deepest selected hidden state
             if name == "lm_head.weight" and self.lm_head is None:
-                continue  # tied: the embedding matrix serves as the head
+                # The config ties the head to the embeddings, yet the checkpoint has its own:
+                # HF then uses the stored head unless it equals the embeddings (checked once
+                # both are loaded), and so do we.
+                embedding = self.language_model.embed_tokens.weight
+                self.lm_head = nn.Module()
+                self.lm_head.weight = empty_param(
+                    *embedding.shape, dtype=embedding.dtype, device=embedding.device
+                )
+                params = dict(self.named_parameters())
+                stored_head_with_tie_flag = True
             if name in stacked:
                 param, row = stacked[name]
                 target = param[row : row + tensor.shape[0]]
@@ -193,6 +206,15 @@ class LlavaForConditionalGeneration(nn.Module):
         ]
         if missing:
             raise ValueError(f"tensors missing from the checkpoint: {missing}")
+        if stored_head_with_tie_flag:
+            if torch.equal(self.lm_head.weight, self.language_model.embed_tokens.weight):
+                self.lm_head = None  # tied after all: one matrix serves both
+            else:
+                logger.warning(
+                    "the config ties the LM head to the word embeddings, but the checkpoint "
+                    "stores a different lm_head.weight: using the stored head, as transformers "
+                    "does (set tie_word_embeddings=false to silence this)"
+                )
         self.multi_modal_projector._op_weights = None
 
 
