@@ -28,7 +28,7 @@ _DTYPES = {
 # Files the runtime needs from a hub snapshot (weights as safetensors only).
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "dynamic", "linear", "llama3")
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")
 # transformers' names for the projector activation -> the projector op's names.
 PROJECTOR_ACTIVATIONS = {
@@ -153,7 +153,9 @@ def _parse_rope(text: dict[str, Any], max_position_embeddings: int) -> RopeConfi
     if float(_get(params, "partial_rotary_factor", _get(text, "partial_rotary_factor", 1.0))) != 1:
         raise ValueError("partial_rotary_factor != 1 is not supported for Llama")
     factor = float(_get(params, "factor", 1.0))
-    if rope_type == "default":
+    if rope_type in ("default", "dynamic"):
+        # Dynamic NTK (transformers) changes the frequencies only for sequences longer than
+        # max_position_embeddings, which max_model_len never exceeds: the default ones.
         return RopeConfig(theta=theta)
     if rope_type == "linear":
         return RopeConfig(theta=theta, rope_type="linear", factor=factor)
@@ -211,8 +213,8 @@ def parse_llava_config(cfg: dict[str, Any]) -> LlavaConfig:
     hidden_act = _get(text, "hidden_act", "silu")
     if hidden_act != "silu":
         raise ValueError(f"Llama hidden_act {hidden_act!r} is not supported (only 'silu')")
-    if int(_get(text, "pretraining_tp", 1)) != 1:
-        raise ValueError("pretraining_tp != 1 is not supported")
+    # (pretraining_tp, which some Llama 2 exports carry, changes nothing in inference: ignored as
+    # transformers 5 ignores it.)
     text_config = TextConfig(
         vocab_size=int(_get(text, "vocab_size", 32000)),
         hidden_size=hidden,

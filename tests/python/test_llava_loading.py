@@ -91,6 +91,12 @@ def test_rope_layouts_agree():
     }
     # original_max_position_embeddings falls back to max_position_embeddings, as in HF.
     assert parse_llava_config(llama3).text.rope.original_max_position_embeddings == 4096
+    # Dynamic NTK is the default rope within max_position_embeddings; pretraining_tp changes
+    # nothing in inference (both as in transformers 5).
+    dynamic = json.loads(json.dumps(LLAVA_15_7B))
+    dynamic["text_config"].update(rope_scaling={"type": "dynamic", "factor": 2.0},
+                                  pretraining_tp=2)
+    assert parse_llava_config(dynamic).text.rope == parse_llava_config(LLAVA_15_7B).text.rope
 
 
 def test_mistral_text_config():

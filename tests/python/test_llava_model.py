@@ -42,6 +42,8 @@ CHECKPOINTS = {
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.25, 0.3, 0.35],
         shortest_edge=32,
+        # Dynamic NTK rope: the default frequencies up to max_position_embeddings (HF).
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0},
         seed=1,
     ),
     # 'full' strategy (keeps CLS), tanh projector without bias, tied embeddings, linear rope,
