@@ -424,15 +424,21 @@ def _load_json(path: Path) -> dict[str, Any] | None:
 
 
 def _find_chat_template(folder: Path, tokenizer: Any) -> str | None:
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, str) and template:
-        return template
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text()
+    """The processor's template first, then the tokenizer's: the order of HF's LlavaProcessor
+    and of vLLM for multimodal models (some llava-hf repos keep a text-only template in
+    tokenizer_config.json). Like transformers 5's processor, the legacy chat_template.json wins
+    over chat_template.jinja."""
     data = _load_json(folder / "chat_template.json")
     if data and data.get("chat_template"):
         return data["chat_template"]
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates: the default one
+        template = template.get("default")
+    if isinstance(template, str) and template:
+        return template
     return None
 
 

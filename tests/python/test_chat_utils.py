@@ -109,3 +109,81 @@ def test_chat_errors():
     with pytest.raises(ValueError, match="cannot load image"):
         missing = {"type": "image_url", "image_url": {"url": "/nope.png"}}
         _chat([{"role": "user", "content": [missing]}], STRING_TEMPLATE)
+
+
+def test_template_text_of_any_length_is_a_template_not_a_path():
+    """A long template (any real one) was taken for a file name: too long for the OS."""
+    from aphrodite.endpoints.chat_utils import load_chat_template
+
+    long_template = "{# " + "x/" * 300 + " #}" + STRING_TEMPLATE
+    assert load_chat_template(long_template) == long_template
+    prompt, _ = _chat([{"role": "user", "content": "hi"}], long_template)
+    assert prompt == "USER: hi\nASSISTANT:"
+
+
+@pytest.mark.parametrize(
+    "loop",
+    [
+        # Filters after the content, and a variable set from it through a filter, then chained.
+        "{% for c in m['content'] | selectattr('type', 'equalto', 'text') | list %}"
+        "{{ c['text'] }}{% endfor %}",
+        "{% set parts = m['content'] | default([]) %}{% set p2 = parts %}"
+        "{% for c in p2 %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}",
+        "{% for c in m.content %}{{ c.text }}{% endfor %}",
+    ],
+)
+def test_content_loops_through_filters_and_variables_are_openai_format(loop):
+    template = "{% for m in messages %}" + loop + "{% endfor %}"
+    assert ChatTemplate(template).content_format == "openai"
+    prompt, _ = _chat([{"role": "user", "content": [{"type": "text", "text": "What is it?"}]}],
+                      template)
+    assert prompt == "What is it?"
+
+
+def test_tojson_and_special_tokens_are_transformers():
+    """tojson is transformers' (plain json.dumps, no HTML or ASCII escaping) and every special
+    token of the tokenizer is a template variable."""
+    import json
+
+    template = "{{ pad_token }}|{{ unk_token }}|{{ messages[0]['content'] | tojson }}"
+    text = "Is 2 < 3 & 'x' café?"
+    prompt, _ = _chat([{"role": "user", "content": text}], template)
+    assert prompt == "|<unk>|" + json.dumps(text, ensure_ascii=False)
+
+
+def test_tool_messages_and_calls_are_refused():
+    from aphrodite.endpoints.chat_utils import ChatInputError
+
+    for messages in (
+        [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}],
+        [{"role": "user", "content": "hi"},
+         {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}],
+    ):
+        with pytest.raises(ChatInputError, match="tool"):
+            _chat(messages, STRING_TEMPLATE)
+
+
+def test_continue_final_message_matches_transformers():
+    """transformers' rule: the last text part continues, the spaces the template keeps stay,
+    and the cut is where the final message ends, not at a later copy of its text."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    tokenizer = _tokenizer()
+    cases = [
+        (LLAVA_HF_TEMPLATE, [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                             {"role": "assistant", "content": [
+                                 {"type": "text", "text": "A red"},
+                                 {"type": "text", "text": "dog is"}]}]),
+        (STRING_TEMPLATE, [{"role": "user", "content": "hi"},
+                           {"role": "assistant", "content": "A red "}]),
+        (STRING_TEMPLATE + "{{ 's' }}", [{"role": "user", "content": "hi"},
+                                        {"role": "assistant", "content": "s"}]),
+    ]
+    for template, messages in cases:
+        ours, _ = render_chat(ChatTemplate(template), messages, image_placeholder="<image>",
+                              tokenizer=tokenizer, add_generation_prompt=False,
+                              continue_final_message=True)
+        theirs = render_jinja_template(conversations=[messages], chat_template=template,
+                                       continue_final_message=True, add_generation_prompt=False,
+                                       **tokenizer.special_tokens_map)[0][0]
+        assert ours == theirs, (ours, theirs)

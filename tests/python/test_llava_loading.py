@@ -329,3 +329,13 @@ def test_tie_flag_with_a_stored_head_uses_it_like_hf(tiny, tmp_path, where):
     save_file(tensors, folder / "model.safetensors")
     runner = ModelRunner(ModelConfig.load(folder, device="cpu"))
     assert runner.model.lm_head is None
+
+
+def test_the_processor_chat_template_comes_before_the_tokenizer_one(tmp_path):
+    """A checkpoint with both (some llava-hf repos keep a text-only template in
+    tokenizer_config.json): the processor's, as HF's LlavaProcessor and vLLM take it; its
+    legacy chat_template.json before chat_template.jinja, as transformers 5 reads them."""
+    folder = build_tiny_llava(tmp_path / "two_templates", chat_template_location="tokenizer")
+    assert "ASSISTANT" in ModelConfig.load(folder, device="cpu").chat_template
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": "PROCESSOR {{ 1 }}"}))
+    assert ModelConfig.load(folder, device="cpu").chat_template == "PROCESSOR {{ 1 }}"

@@ -474,3 +474,40 @@ def test_generation_config_sampling_defaults_apply_without_sampling_params(check
     gen_path.write_text(json.dumps(gen))
     with pytest.raises(ValueError, match="top_k must be an integer"):
         LLM(model=folder, **SMALL_STEPS, kv_cache_memory_gb=0.01)
+
+
+def test_chat_bos_is_decided_per_conversation_and_kwargs_reach_the_template(llm):
+    """A template that writes the BOS token for some conversations only: each one gets one BOS
+    (the batch used to decide for all); chat_template_kwargs are template variables."""
+    template = ("{% if messages[0]['role'] == 'system' %}{{ bos_token }}{% endif %}"
+                "{% for m in messages %}{{ m['content'] }} {% endfor %}{{ greeting }}")
+    with_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    plain = [{"role": "user", "content": "hi"}]
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    outs = llm.chat([with_system, plain], params, use_tqdm=False, chat_template=template,
+                    chat_template_kwargs={"greeting": "hello"})
+    bos = llm.get_tokenizer().bos_token_id
+    for out in outs:
+        ids = out.prompt_token_ids
+        assert ids[0] == bos and ids[1] != bos
+    tokenizer = llm.get_tokenizer()
+    assert tokenizer.decode(outs[1].prompt_token_ids, skip_special_tokens=True).endswith("hello")
+
+
+def test_llava_example_template_refuses_what_it_would_drop(llm):
+    """examples/llava.jinja: a developer prompt is the system prompt; a system (or any other
+    role) message later in the conversation is an error instead of vanishing."""
+    from pathlib import Path
+
+    template = str(Path(__file__).resolve().parents[2] / "examples" / "llava.jinja")
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    as_developer = llm.chat([{"role": "developer", "content": "Be brief."},
+                             {"role": "user", "content": "hi"}], params, use_tqdm=False,
+                            chat_template=template)[0]
+    as_system = llm.chat([{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "hi"}], params, use_tqdm=False,
+                         chat_template=template)[0]
+    assert as_developer.prompt_token_ids == as_system.prompt_token_ids
+    with pytest.raises(ValueError, match="only user and assistant"):
+        llm.chat([{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}],
+                 params, use_tqdm=False, chat_template=template)

@@ -43,7 +43,8 @@ def text(t: str) -> dict:
 def render(template: ChatTemplate, messages, **kw) -> tuple[str, list[str]]:
     parsed = parse_chat_messages(messages, image_placeholder="<image>",
                                  content_format=template.content_format, **kw)
-    return template.render(parsed.conversation, bos_token="<s>", eos_token="</s>"), (
+    return template.render(parsed.conversation,
+                           special_tokens={"bos_token": "<s>", "eos_token": "</s>"}), (
         parsed.images)
 
 
@@ -100,7 +101,7 @@ def test_continue_final_message():
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I am"}],
         image_placeholder="<image>", content_format="string")
     out = t.render(parsed.conversation, add_generation_prompt=False,
-                   continue_final_message=True, bos_token="", eos_token="</s>")
+                   continue_final_message=True, special_tokens={"eos_token": "</s>"})
     assert out == "USER: Hi\nASSISTANT: Hello, I am"
 
 

@@ -26,6 +26,7 @@ the same here as in ``tokenizer.apply_chat_template``.
 from __future__ import annotations
 
 import datetime
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -61,14 +62,15 @@ def load_chat_template(value: str | None) -> str | None:
     """
     if value is None:
         return None
+    if any(c in value for c in "{}\n\0"):
+        # Template text (checked first: a long one is not even a valid file name).
+        return value
     path = Path(value).expanduser()
     try:
         if path.is_file():
             return path.read_text(encoding="utf-8")
     except OSError as e:
         raise ChatTemplateError(f"cannot read chat template file {value!r}: {e}") from None
-    if any(c in value for c in "{}\n"):
-        return value
     raise ChatTemplateError(
         f"chat template file {value!r} not found (pass a path to a .jinja file or the template "
         "text itself)"
@@ -81,6 +83,14 @@ def _raise_exception(message: str):
 
 def _strftime_now(fmt: str) -> str:
     return datetime.datetime.now().strftime(fmt)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    """transformers' tojson: plain json.dumps (Jinja's own escapes HTML characters and
+    non-ASCII text, which would give the model other tokens)."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
 
 
 class _GenerationTag(jinja2.ext.Extension):
@@ -102,6 +112,7 @@ def _compile(source: str) -> tuple[jinja2.Template, ContentFormat]:
     )
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
+    env.filters["tojson"] = _tojson
     try:
         ast = env.parse(source)
         template = env.from_string(source)
@@ -118,21 +129,36 @@ def _is_content_access(node: jinja2.nodes.Node) -> bool:
     return False
 
 
+def _unwrap(node: jinja2.nodes.Node) -> jinja2.nodes.Node:
+    """The expression under filters and tests: ``m['content'] | selectattr(...) | list`` ->
+    ``m['content']``."""
+    while isinstance(node, (jinja2.nodes.Filter, jinja2.nodes.Test)) and node.node is not None:
+        node = node.node
+    return node
+
+
 def _detect_content_format(ast: jinja2.nodes.Template) -> ContentFormat:
     """"openai" when the template loops over a message's content (``for x in m['content']``),
-    directly or through a variable set from it; "string" otherwise."""
-    content_vars = {
-        a.target.name
-        for a in ast.find_all(jinja2.nodes.Assign)
-        if isinstance(a.target, jinja2.nodes.Name) and _is_content_access(a.node)
-    }
+    through filters (``m['content'] | selectattr(...) | list``) or variables set from it
+    (``set parts = m['content'] | default([])``, also chained); "string" otherwise."""
+
+    def is_content(node: jinja2.nodes.Node, names: set[str]) -> bool:
+        node = _unwrap(node)
+        return _is_content_access(node) or (
+            isinstance(node, jinja2.nodes.Name) and node.name in names
+        )
+
+    assigns = [
+        a for a in ast.find_all(jinja2.nodes.Assign) if isinstance(a.target, jinja2.nodes.Name)
+    ]
+    content_vars: set[str] = set()
+    while True:  # to a fixed point: a variable set from one set from the content, ...
+        found = {a.target.name for a in assigns if is_content(a.node, content_vars)}
+        if found <= content_vars:
+            break
+        content_vars |= found
     for loop in ast.find_all(jinja2.nodes.For):
-        it = loop.iter
-        if isinstance(it, jinja2.nodes.Filter) and it.node is not None:
-            it = it.node
-        if _is_content_access(it):
-            return "openai"
-        if isinstance(it, jinja2.nodes.Name) and it.name in content_vars:
+        if is_content(loop.iter, content_vars):
             return "openai"
     return "string"
 
@@ -144,23 +170,29 @@ class ChatTemplate:
         self.source = source
         self._template, self.content_format = _compile(source)
 
+    # Marks where the final message ends when continuing it (transformers' method).
+    _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
     def render(
         self,
         conversation: list[dict[str, Any]],
         *,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
-        bos_token: str | None = None,
-        eos_token: str | None = None,
+        special_tokens: Mapping[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> str:
-        variables = dict(extra or {})
-        variables.update(
-            messages=conversation,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token or "",
-            eos_token=eos_token or "",
-        )
+        """The prompt text. ``special_tokens`` (the tokenizer's special_tokens_map: bos_token,
+        eos_token, pad_token, ...) and then ``extra`` (chat_template_kwargs) are the
+        template's variables besides ``messages`` and ``add_generation_prompt``, as in
+        transformers."""
+        variables: dict[str, Any] = {"bos_token": "", "eos_token": ""}
+        variables.update(special_tokens or {})
+        variables.update(extra or {})
+        final_text = ""
+        if continue_final_message:
+            conversation, final_text = self._tag_final_message(conversation)
+        variables.update(messages=conversation, add_generation_prompt=add_generation_prompt)
         try:
             text = self._template.render(**variables)
         except jinja2.TemplateError as e:
@@ -174,17 +206,43 @@ class ChatTemplate:
                 f"chat template failed on the messages: {type(e).__name__}: {e}"
             ) from None
         if continue_final_message:
-            final = conversation[-1]["content"]
-            if not isinstance(final, str):
-                final = "".join(p.get("text", "") for p in final if p.get("type") == "text")
-            end = text.rfind(final.strip()) if final.strip() else -1
-            if end < 0:
+            tag = self._CONTINUE_TAG
+            if final_text.strip() not in text or tag.strip() not in text:
                 raise ChatInputError(
                     "continue_final_message: the final message's text is not in the rendered "
-                    "prompt"
+                    "prompt (the chat template drops or rewrites it)"
                 )
-            text = text[: end + len(final.strip())]
+            at = text.rindex(tag.strip())
+            # Cut at the tag: with the final message's trailing spaces where the template kept
+            # them, without them where it trimmed them (transformers' rule).
+            text = text[:at] if text[at : at + len(tag)] == tag else text[:at].rstrip()
         return text
+
+    def _tag_final_message(
+        self, conversation: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], str]:
+        """A copy of the conversation whose final message's (last) text ends with the continue
+        tag, and that text."""
+        if not conversation:
+            raise ChatInputError("continue_final_message: the conversation is empty")
+        final = dict(conversation[-1])
+        content = final.get("content")
+        if isinstance(content, str):
+            text = content
+            final["content"] = content + self._CONTINUE_TAG
+        elif isinstance(content, list):
+            parts = [dict(p) for p in content]
+            texts = [p for p in parts if isinstance(p.get("text"), str)]
+            if not texts:
+                raise ChatInputError(
+                    "continue_final_message: the final message has no text to continue"
+                )
+            text = texts[-1]["text"]
+            texts[-1]["text"] = text + self._CONTINUE_TAG
+            final["content"] = parts
+        else:
+            raise ChatInputError("continue_final_message: the final message has no content")
+        return [*conversation[:-1], final], text
 
 
 _SERVER_TEMPLATE_HINT = (
@@ -214,12 +272,18 @@ class ParsedChat:
     images: list[ImageSource]  # in prompt order: the i-th placeholder is the i-th image
 
 
-def _message_fields(raw: Any) -> Mapping[str, Any]:
+def _message_fields(raw: Any, index: int) -> Mapping[str, Any]:
     # The server hands validated pydantic messages, LLM.chat plain dicts.
     if not isinstance(raw, Mapping) and hasattr(raw, "model_dump"):
         raw = raw.model_dump(exclude_none=True)
     if not isinstance(raw, Mapping) or not isinstance(raw.get("role"), str):
         raise ChatInputError(f"a chat message must be a dict with a 'role', got {raw!r}")
+    if raw["role"] == "tool" or raw.get("tool_calls"):
+        # Tool calling is not implemented (requests with `tools` are refused too): a tool
+        # result or call would otherwise be rendered wrongly or dropped by the template.
+        raise ChatInputError(
+            f"messages[{index}]: tool messages and tool_calls are not supported"
+        )
     return raw
 
 
@@ -266,7 +330,7 @@ def parse_chat_messages(
     conversation: list[dict[str, Any]] = []
     images: list[ImageSource] = []
     for index, raw in enumerate(messages):
-        msg = _message_fields(raw)
+        msg = _message_fields(raw, index)
         content = msg.get("content")
         texts: list[str] = []
         parts_out: list[dict[str, Any]] = []
@@ -323,8 +387,8 @@ def render_chat(
     max_images: int | None = None,
     extra: dict[str, Any] | None = None,
 ) -> tuple[str, list[ImageSource]]:
-    """(prompt text, images in placeholder order) of one conversation; the tokenizer gives the
-    template its ``bos_token`` and ``eos_token``."""
+    """(prompt text, images in placeholder order) of one conversation; the tokenizer's special
+    tokens (``bos_token``, ``eos_token``, ``pad_token``, ...) are template variables."""
     parsed = parse_chat_messages(
         messages,
         image_placeholder=image_placeholder,
@@ -335,8 +399,7 @@ def render_chat(
         parsed.conversation,
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
-        bos_token=getattr(tokenizer, "bos_token", None),
-        eos_token=getattr(tokenizer, "eos_token", None),
+        special_tokens=getattr(tokenizer, "special_tokens_map", None) or {},
         extra=extra,
     )
     return text, parsed.images

@@ -112,6 +112,7 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Answers one conversation (a list of OpenAI-style messages) or a list of them.
 
@@ -119,7 +120,8 @@ class LLM:
         {"type": "image_url", "image_url": {"url": ...}}, {"type": "image", "image": img},
         {"type": "image_pil", "image_pil": img}); images are PIL images, http(s)/data:/file:
         URLs or local paths. The model's chat template (or chat_template: the template text or
-        a path to a .jinja file) renders the prompt, exactly as the server does."""
+        a path to a .jinja file) renders the prompt, exactly as the server does;
+        chat_template_kwargs are extra template variables."""
         if not messages:
             raise ValueError("chat() needs at least one message")
         conversations = [messages] if isinstance(messages[0], Mapping) else list(messages)
@@ -142,15 +144,17 @@ class LLM:
                 tokenizer=tokenizer,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
                 continue_final_message=continue_final_message,
+                extra=chat_template_kwargs,
             )
             prompt: dict[str, Any] = {"prompt": text}
             if sources:
                 images = load_images(sources)
                 prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
             prompts.append(prompt)
-        # A template that writes the BOS token itself must not get a second one.
+        # A prompt whose template wrote the BOS token itself must not get a second one (decided
+        # per conversation: a template may write it for some conversations only).
         bos = getattr(tokenizer, "bos_token", None)
-        add_special = not (bos and all(p["prompt"].startswith(bos) for p in prompts))
+        add_special = [not (bos and p["prompt"].startswith(bos)) for p in prompts]
         return self._run(prompts, sampling_params, use_tqdm, add_special_tokens=add_special)
 
     def _run(
@@ -158,8 +162,10 @@ class LLM:
         prompts: list[PromptInputs],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None,
         use_tqdm: bool | Callable[..., Any],
-        add_special_tokens: bool,
+        add_special_tokens: bool | Sequence[bool],
     ) -> list[RequestOutput]:
+        if isinstance(add_special_tokens, bool):
+            add_special_tokens = [add_special_tokens] * len(prompts)
         if sampling_params is None:
             params_list = [self.get_default_sampling_params()] * len(prompts)
         elif isinstance(sampling_params, SamplingParams):
@@ -175,7 +181,7 @@ class LLM:
         processed = []
         for i, p in enumerate(prompts):
             with _naming_prompt(i, len(prompts)):
-                processed.append(engine.process_prompt(p, add_special_tokens))
+                processed.append(engine.process_prompt(p, add_special_tokens[i]))
         order: dict[str, int] = {}
         try:
             for i, (prompt, params) in enumerate(zip(processed, params_list)):

@@ -154,6 +154,8 @@ class ChatMessage(OpenAIBaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # Kept so that they can be refused (tool calling is not implemented) instead of dropped.
+    tool_calls: list[Any] | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
