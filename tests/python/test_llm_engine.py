@@ -509,3 +509,19 @@ def test_async_engine_aborts_streams_closed_or_dropped_before_reading():
         await asyncio.to_thread(engine.shutdown)
 
     asyncio.run(main())
+
+
+def test_default_max_tokens_fits_a_kv_cache_smaller_than_the_model_length():
+    """Without max_tokens a request gets what both the model length and the KV cache allow
+    (the cache held fewer tokens than max_model_len: every such request was refused)."""
+    engine = _engine(max_model_len=128, num_kv_blocks=5, block_size=8)
+    assert engine.max_cached_len == 4 * 8 + 1 < 128
+    engine.add_request("a", "hi", SamplingParams(temperature=0.0, max_tokens=None,
+                                                 ignore_eos=True))
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    final = outputs[-1]
+    assert len(final.prompt_token_ids) + len(final.outputs[0].token_ids) == engine.max_cached_len
+    with pytest.raises(ValueError, match="KV blocks"):
+        engine.add_request("b", "hi", SamplingParams(max_tokens=100))

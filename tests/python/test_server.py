@@ -497,6 +497,7 @@ def test_request_validation_errors(http, images):
     bad_json = http.post("/v1/chat/completions", content=b"{not json",
                          headers={"Content-Type": "application/json"})
     assert_error(bad_json, 400, None, "json")
+    assert bad_json.json()["error"]["param"] is None
     assert_error(http.post("/v1/completions", json={"model": MODEL, "prompt": [10**9]}),
                  400, None, "out of range")
 
@@ -696,6 +697,22 @@ def test_cors_preflight_and_headers(server):
     assert models.status_code == 200 and models.headers["access-control-allow-origin"] == "*"
     no_key = httpx.get(f"{server}/v1/models", headers=origin)
     assert no_key.status_code == 401 and no_key.headers["access-control-allow-origin"] == "*"
+
+
+def test_leaving_while_an_image_downloads_runs_nothing(server, images):
+    """A client that disconnects while its image is being fetched: the fetch stops and the
+    request is never admitted (no prompt tokens prefilled for nobody)."""
+    def prompt_tokens() -> float:
+        return metric(httpx.get(f"{server}/metrics").text, "aphrodite:prompt_tokens_total")
+
+    before = prompt_tokens()
+    body = {"model": MODEL, "messages": user(text("slow"), image(images.url("/slow.png?s=2")))}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server}/v1/chat/completions", json=body, timeout=0.3,
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    time.sleep(2.5)  # past the image's delay: an unstopped fetch would have been admitted
+    assert prompt_tokens() == before
+    assert metric(httpx.get(f"{server}/metrics").text, "aphrodite:num_requests_running") == 0
 
 
 def test_refused_multi_prompt_request_leaves_nothing_running(server, http):

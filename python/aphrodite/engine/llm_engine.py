@@ -156,6 +156,16 @@ class LLMEngine:
         encoder_budget = max(self.max_num_batched_tokens, config.num_image_tokens)
         self.num_kv_blocks = self._num_kv_blocks(encoder_budget)
         self.runner.allocate_kv_cache(self.num_kv_blocks, args.block_size)
+        # The longest sequence the cache can hold (block 0 is the core's null block; the last
+        # sampled token needs no KV).
+        self.max_cached_len = (self.num_kv_blocks - 1) * args.block_size + 1
+        if self.max_cached_len < self.max_model_len:
+            logger.warning(
+                "the KV cache holds %d tokens, fewer than max_model_len %d: a request can use at "
+                "most %d tokens (prompt and output); give the cache more memory or lower "
+                "max_model_len", self.max_cached_len - 1, self.max_model_len,
+                self.max_cached_len,
+            )
         if self._decode_graph_batch():
             self.runner.capture_cuda_graphs(args.max_num_seqs)
         self.core = _C.EngineCore(
@@ -278,7 +288,17 @@ class LLMEngine:
         processed = prompt if isinstance(prompt, ProcessedPrompt) else self.process_prompt(prompt)
         prompt_len = len(processed.prompt_token_ids)
         room = self.max_model_len - prompt_len
-        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        # Without max_tokens: as many as the model length and the KV cache allow.
+        max_tokens = (
+            min(room, self.max_cached_len - prompt_len)
+            if params.max_tokens is None
+            else min(params.max_tokens, room)
+        )
+        if max_tokens < 1:
+            raise ValueError(
+                f"the prompt ({prompt_len} tokens) leaves no room in the KV cache, which holds "
+                f"{self.max_cached_len - 1} tokens"
+            )
 
         request = _Request(
             request_id=request_id,

@@ -188,6 +188,8 @@ def _validation_message(errors: list[dict]) -> str:
     for e in errors[:5]:
         loc = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body",))
         msg = e.get("msg", "invalid value")
+        if e.get("type") == "json_invalid":
+            loc, msg = "", f"invalid JSON at byte {loc}: {e.get('ctx', {}).get('error', msg)}"
         # A validator's ValueError comes back as pydantic's "Value error, <message>".
         msg = msg.removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
@@ -263,9 +265,12 @@ def build_app(
     async def _invalid(_: Request, e: RequestValidationError):
         errors = e.errors()
         # OpenAI's `param`: the first invalid field ("messages.0.content", "temperature").
-        loc = [str(x) for x in (errors[0].get("loc", ()) if errors else ()) if x != "body"]
+        # (A JSON syntax error's location is a byte offset, not a field.)
+        loc = [x for x in (errors[0].get("loc", ()) if errors else ()) if x != "body"]
+        if errors and errors[0].get("type") == "json_invalid":
+            loc = []
         return error_response(APIError(_validation_message(errors), code="invalid_parameter",
-                                       param=".".join(loc) or None))
+                                       param=".".join(str(x) for x in loc) or None))
 
     @app.exception_handler(MediaFetchError)
     async def _media(_: Request, e: MediaFetchError):

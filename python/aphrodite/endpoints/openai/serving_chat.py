@@ -78,7 +78,9 @@ class OpenAIServingChat:
         ctx = self.ctx
         request.model = ctx.check_model(request.model)
         text, urls = await self.render_prompt_async(request)
-        images = await ctx.fetcher.fetch_images(urls) if urls else []
+        # A client that leaves while its images download (or its prompt is admitted) stops
+        # both: nothing is fetched, encoded or prefilled for nobody.
+        images = await unless_disconnected(ctx.fetcher.fetch_images(urls), raw) if urls else []
         prompt = ctx.engine_prompt(text, images)
         top = request.top_logprobs or 0
         max_tokens = request.requested_max_tokens()
@@ -92,9 +94,11 @@ class OpenAIServingChat:
         # Admission errors (prompt too long for the model, ...) surface here, before any byte
         # of a stream is sent, so they can still be 400s.
         # Only a max_tokens the client asked for must fit; a default is capped by the model.
-        stream = await ctx.admit(request_id, prompt, params,
-                                 add_special_tokens=ctx.chat_needs_bos(text),
-                                 max_tokens_must_fit=max_tokens is not None)
+        stream = await unless_disconnected(
+            ctx.admit(request_id, prompt, params, add_special_tokens=ctx.chat_needs_bos(text),
+                      max_tokens_must_fit=max_tokens is not None),
+            raw,
+        )
         if request.stream:
             return self._stream(request, request_id, created, stream)
         final = await unless_disconnected(_last(stream), raw)

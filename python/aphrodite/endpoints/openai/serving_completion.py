@@ -69,11 +69,10 @@ class OpenAIServingCompletion:
         streams: list[RequestStream] = []
         try:
             for i, prompt in enumerate(prompts):
-                streams.append(
-                    await ctx.admit(f"{request_id}-{i}", self._engine_prompt(prompt), params,
-                                    add_special_tokens=request.add_special_tokens,
-                                    max_tokens_must_fit=max_tokens is not None)
-                )
+                admitted = ctx.admit(f"{request_id}-{i}", self._engine_prompt(prompt), params,
+                                     add_special_tokens=request.add_special_tokens,
+                                     max_tokens_must_fit=max_tokens is not None)
+                streams.append(await unless_disconnected(admitted, raw))
         except BaseException:
             for s in streams:
                 await s.aclose()
