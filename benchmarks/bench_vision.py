@@ -3,9 +3,11 @@ on the same images (llava-1.5 settings: shortest edge 336, crop 336, CLIP mean/s
 
     python benchmarks/bench_vision.py [--images 64] [--repeats 3]
 
-Two inputs: PIL RGB images (ours includes the PIL -> numpy conversion, clip_preprocess), and
-RGB uint8 numpy arrays (the form the engine's image loader already holds for hashing; ours is the
-op alone). Output: float32 pixel values [N, 3, 336, 336]. HF's processor is single-threaded.
+Two inputs: PIL RGB images (ours: clip_preprocess, which reads Pillow's memory in place), and
+RGB uint8 numpy arrays (the form the engine's image loader already holds for hashing; ours: the
+op into a freshly allocated output, as the engine's runner calls it). Both sides allocate their
+output on every call. Output: float32 pixel values [N, 3, 336, 336]. HF's processor is
+single-threaded.
 """
 
 from __future__ import annotations
@@ -57,9 +59,9 @@ def main() -> None:
     arrays = [np.asarray(im) for im in images]
     want = torch.from_numpy(np.stack(proc(images=images, return_tensors="np")["pixel_values"]))
     identical = torch.equal(ops.clip_preprocess(images, CONFIG), want)
-    out = torch.empty(len(images), 3, 336, 336)
-
     def ours_arrays() -> None:
+        # A fresh output each call, as the engine's runner (and HF) allocate theirs.
+        out = ops.empty_pixels(len(images), (336, 336), torch.float32, "cpu")
         ops.preprocess_images(arrays, out, 336, (336, 336), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
     n = len(images)

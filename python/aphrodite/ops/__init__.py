@@ -9,6 +9,7 @@ from aphrodite.ops.image import (
     PilPassOrder,
     check_image_size,
     clip_preprocess,
+    empty_pixels,
     pil_pass_order,
     preprocess_images,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "PilPassOrder",
     "check_image_size",
     "clip_preprocess",
+    "empty_pixels",
     "fused_add_rms_norm",
     "linear",
     "linear_cpu_isa",

@@ -72,6 +72,20 @@ def preprocess_images(
     return out
 
 
+def empty_pixels(
+    n: int, crop_size: tuple[int, int], dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """An uninitialised ``[n, 3, crop_h, crop_w]`` output for :func:`preprocess_images`. On the
+    CPU it comes from the core's allocator, which backs large buffers with transparent huge
+    pages: the op's first writes then fault 2 MiB pages instead of 4 KiB ones (64 llava-1.5
+    images, 86 MB: about 11 instead of 32 ms, as long as the op's own work on a third of
+    them)."""
+    shape = [int(n), 3, int(crop_size[0]), int(crop_size[1])]
+    if torch.device(device).type == "cpu" and n > 0:
+        return torch.from_dlpack(_C.empty(shape, dtype))
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _readable_layout(image: Any) -> Any:
     """``image`` itself where the op reads its layout in place (channels adjacent, pixels 3 or 4
     bytes apart, rows not overlapping), else a contiguous copy."""
@@ -138,7 +152,7 @@ def clip_preprocess(
         arrays = rgb_pixels(images)
     else:
         arrays = [np.asarray(im) for im in images]
-    out = torch.empty(len(arrays), 3, crop_h, crop_w, dtype=dtype, device=device)
+    out = empty_pixels(len(arrays), (crop_h, crop_w), dtype, device)
     return preprocess_images(
         arrays,
         out,

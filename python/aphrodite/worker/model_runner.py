@@ -163,7 +163,7 @@ class ModelRunner:
         dtype on its device (one preprocessing op call for the batch)."""
         p = self.model_config.image_processor
         crop_h, crop_w = p["crop_size"]
-        out = torch.empty(len(images), 3, crop_h, crop_w, dtype=self.dtype, device=self.device)
+        out = ops.empty_pixels(len(images), (crop_h, crop_w), self.dtype, self.device)
         return ops.preprocess_images(
             images,
             out,
