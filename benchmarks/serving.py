@@ -91,21 +91,28 @@ async def _one_request(
             max_tokens=max_tokens or args.output_len,
             temperature=0.0,
             stream=True,
-            stream_options={"include_usage": True},
+            # continuous_usage_stats: every chunk says how many tokens were generated so far,
+            # so a chunk that carries several tokens (tokens without text of their own ride
+            # with the next text) counts as that many inter-token gaps, not one.
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
             extra_body=extra_body,
         )
+        tokens_seen = 0
         async for chunk in stream:
             now = time.perf_counter()
+            tokens_now = None
             if chunk.usage is not None:
                 timing.prompt_tokens = chunk.usage.prompt_tokens
-                timing.output_tokens = chunk.usage.completion_tokens
+                timing.output_tokens = tokens_now = chunk.usage.completion_tokens
             if not chunk.choices or not chunk.choices[0].delta.content:
                 continue
             chunks += 1
+            new_tokens = 1 if tokens_now is None else max(1, tokens_now - tokens_seen)
+            tokens_seen = tokens_now if tokens_now is not None else tokens_seen + 1
             if last is None:
                 timing.ttft_s = now - start
             else:
-                timing.itl_s.append(now - last)
+                timing.itl_s.extend([(now - last) / new_tokens] * new_tokens)
             last = now
         timing.latency_s = time.perf_counter() - start
         if last is None:

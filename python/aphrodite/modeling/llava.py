@@ -105,9 +105,10 @@ class LlavaForConditionalGeneration(nn.Module):
         """After loading, on CPU in float32: moves the decoder's projections (qkv, o, fused
         gate/up as SwiGLU, down), the LM head and the vision tower's projections into the core
         GEMM's packed layout. Measured against torch's CPU ``F.linear`` (BENCHMARKS.md, "CPU
-        linear") it is on par at 1 row and ahead from 4 rows up per core, and 3.5x faster per
-        decode step end to end, so no layer falls back to torch. The torch copies are freed,
-        except the embedding matrix, which a tied LM head shares with the token lookup."""
+        linear") it is on par at 1 row (a decode step of one sequence is bound by streaming
+        the weights either way) and ahead from 4 rows up per core, so no layer falls back to
+        torch. The torch copies are freed, except the embedding matrix, which a tied LM head
+        shares with the token lookup."""
         head = self.lm_head_weight
         if head.device.type != "cpu" or head.dtype != torch.float32:
             return
