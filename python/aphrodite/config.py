@@ -337,20 +337,23 @@ def parse_image_processor(pp: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def resolve_model_path(model: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local folder as is; otherwise a hub id through the HF cache, then a download attempt."""
+def resolve_model_path(
+    model: str | os.PathLike, revision: str | None = None, what: str = "model"
+) -> Path:
+    """A local folder as is; otherwise a hub id through the HF cache, then a download attempt.
+    ``what`` names the argument in errors ("model", "tokenizer")."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
     model = str(model)
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ValueError(f"model path {model!r} is not a folder")
+        raise ValueError(f"{what} path {model!r} is not a folder")
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.constants import HF_HUB_CACHE
     except ImportError as e:  # pragma: no cover - huggingface_hub is a dependency
         raise ValueError(
-            f"model {model!r} is not a local folder and huggingface_hub is missing"
+            f"{what} {model!r} is not a local folder and huggingface_hub is missing"
         ) from e
     try:
         return Path(
@@ -363,7 +366,7 @@ def resolve_model_path(model: str | os.PathLike, revision: str | None = None) ->
             return Path(snapshot_download(model, revision=revision, allow_patterns=_HUB_PATTERNS))
         except Exception as download_error:
             raise ValueError(
-                f"model {model!r} is not a local folder, is not in the Hugging Face cache "
+                f"{what} {model!r} is not a local folder, is not in the Hugging Face cache "
                 f"({HF_HUB_CACHE}) and could not be downloaded "
                 f"({type(download_error).__name__}: {download_error}). Download it where a "
                 f"network exists (huggingface-cli download {model}) or pass a local folder."
@@ -509,7 +512,9 @@ class ModelConfig:
         tok_folder = None
         if load_tokenizer:
             tok_folder = (
-                folder if tokenizer is None else resolve_model_path(tokenizer, tokenizer_revision)
+                folder
+                if tokenizer is None
+                else resolve_model_path(tokenizer, tokenizer_revision, what="tokenizer")
             )
             from transformers import AutoTokenizer
 

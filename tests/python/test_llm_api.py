@@ -511,3 +511,30 @@ def test_llava_example_template_refuses_what_it_would_drop(llm):
     with pytest.raises(ValueError, match="only user and assistant"):
         llm.chat([{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}],
                  params, use_tqdm=False, chat_template=template)
+
+
+def test_constructor_and_generate_arguments_of_the_wrong_type_are_named(checkpoint, llm):
+    """Wrong types fail at once with the argument's name (not deep in loading, or as another
+    argument's error); seed=None means no seed, as in vLLM."""
+    from aphrodite.engine.args import EngineArgs
+
+    for kwargs, words in [
+        ({"max_model_len": 100.0}, "max_model_len must be an int"),
+        ({"max_num_seqs": "8"}, "max_num_seqs must be an int"),
+        ({"limit_mm_per_prompt": {"image": True}}, "limit_mm_per_prompt"),
+        ({"seed": "1"}, "seed must be an int"),
+    ]:
+        with pytest.raises((TypeError, ValueError), match=words):
+            EngineArgs(model=str(checkpoint), **kwargs)
+    with pytest.raises(ValueError, match="max_logprobs must be >= 0"):
+        EngineArgs(model=str(checkpoint), max_logprobs=-1)
+    with pytest.raises(ValueError, match="tokenizer path"):
+        LLM(model=checkpoint, tokenizer="/nonexistent/tokenizer", device="cpu")
+    unseeded = LLM(model=checkpoint, **SMALL_STEPS, kv_cache_memory_gb=0.01, seed=None)
+    out = unseeded.generate("hi", SamplingParams(max_tokens=2), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 2
+    with pytest.raises(TypeError, match="sampling_params must be a SamplingParams"):
+        llm.generate("hi", {"max_tokens": 2}, use_tqdm=False)
+    with pytest.raises(TypeError, match="prompts must be"):
+        llm.generate(None, use_tqdm=False)
+    assert llm.generate("hi", SamplingParams(max_tokens=1), use_tqdm=False)[0].finished

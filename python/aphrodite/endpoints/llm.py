@@ -102,6 +102,11 @@ class LLM:
         sampling_params: :meth:`get_default_sampling_params`."""
         if isinstance(prompts, (str, Mapping)):
             prompts = [prompts]
+        elif not isinstance(prompts, Sequence):
+            raise TypeError(
+                "prompts must be a prompt (a string or a dict) or a list of them, got "
+                f"{type(prompts).__name__}"
+            )
         return self._run(list(prompts), sampling_params, use_tqdm, add_special_tokens=True)
 
     def chat(
@@ -170,6 +175,13 @@ class LLM:
             params_list = [self.get_default_sampling_params()] * len(prompts)
         elif isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
+        elif isinstance(sampling_params, (Mapping, str)) or not isinstance(
+            sampling_params, Sequence
+        ):
+            raise TypeError(
+                "sampling_params must be a SamplingParams or a list of them (one per prompt), "
+                f"got {type(sampling_params).__name__}"
+            )
         else:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):

@@ -46,7 +46,7 @@ class EngineArgs:
     revision: str | None = None
     dtype: str = "auto"
     device: str = "auto"
-    seed: int = 0
+    seed: int | None = 0  # None: no seed (the sampler's generator is seeded from entropy)
     max_model_len: int | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
@@ -61,6 +61,28 @@ class EngineArgs:
     enforce_eager: bool = False
 
     def __post_init__(self) -> None:
+        # Types first, so that a wrong one is named here instead of failing deep in loading.
+        for name in ("seed", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                     "block_size", "num_kv_blocks", "max_logprobs"):
+            value = getattr(self, name)
+            optional = name not in ("max_num_seqs", "block_size", "max_logprobs")
+            if (value is None and optional) or (
+                isinstance(value, int) and not isinstance(value, bool)
+            ):
+                continue
+            raise TypeError(
+                f"{name} must be an int{' or None' if optional else ''}, got {value!r}"
+            )
+        for name in ("gpu_memory_utilization", "kv_cache_memory_gb"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+            ):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.block_size not in SUPPORTED_BLOCK_SIZES:
@@ -80,7 +102,7 @@ class EngineArgs:
         unknown = set(limits) - {"image"}
         if unknown:
             raise ValueError(f"limit_mm_per_prompt: unsupported modalities {sorted(unknown)}")
-        if any(not isinstance(v, int) or v < 0 for v in limits.values()):
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in limits.values()):
             raise ValueError(f"limit_mm_per_prompt values must be ints >= 0, got {limits}")
         self.limit_mm_per_prompt = {"image": 1, **limits}
 

@@ -181,7 +181,12 @@ class LLMEngine:
                 enable_chunked_prefill=args.enable_chunked_prefill,
             )
         )
-        self.sampler = Sampler(torch.Generator(self.device).manual_seed(args.seed))
+        generator = torch.Generator(self.device)
+        if args.seed is None:
+            generator.seed()  # from the system's entropy, as vLLM without a seed
+        else:
+            generator.manual_seed(args.seed)
+        self.sampler = Sampler(generator)
         self._requests: dict[str, _Request] = {}
         self._seqs: dict[str, _Sequence] = {}
         self._token_text: dict[tuple[int, bool], str] = {}
