@@ -103,9 +103,14 @@ def test_string_template_gets_placeholders_before_text():
 def test_chat_errors():
     with pytest.raises(ValueError, match="chat template"):
         _chat([{"role": "user", "content": "hi"}], None)
-    with pytest.raises(ValueError, match="unsupported chat content part"):
+    with pytest.raises(ValueError, match="unsupported chat content part 'audio_url'"):
         audio = {"type": "audio_url", "audio_url": "x"}
         _chat([{"role": "user", "content": [audio]}], STRING_TEMPLATE)
+    # The message names the part's type, not its payload (a tensor of embeddings, say).
+    with pytest.raises(ValueError, match="'image_embeds' \\(supported") as err:
+        embeds = {"type": "image_embeds", "image_embeds": "x" * 10000}
+        _chat([{"role": "user", "content": [embeds]}], STRING_TEMPLATE)
+    assert len(str(err.value)) < 200
     with pytest.raises(ValueError, match="cannot load image"):
         missing = {"type": "image_url", "image_url": {"url": "/nope.png"}}
         _chat([{"role": "user", "content": [missing]}], STRING_TEMPLATE)

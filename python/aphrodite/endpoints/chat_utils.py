@@ -309,7 +309,12 @@ def _parse_part(part: Any, index: int) -> tuple[Literal["text", "image"], Any]:
                 "or a URL"
             )
         return "image", value
-    raise ChatInputError(f"messages[{index}]: unsupported chat content part {part!r}")
+    # (The part's type only: its payload may be a large tensor or a long string.)
+    described = repr(kind) if kind is not None else f"of type {type(part).__name__}"
+    raise ChatInputError(
+        f"messages[{index}]: unsupported chat content part {described} (supported: 'text', "
+        "'image_url', 'image', 'image_pil')"
+    )
 
 
 def parse_chat_messages(
