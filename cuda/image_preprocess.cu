@@ -164,8 +164,8 @@ int blocks_for(std::int64_t work) {
 
 }  // namespace
 
-void preprocess_images_cuda(const PreprocessPlan& plan, const std::vector<ImageSource>& sources,
-                            const TensorView& out, StreamHandle stream_handle) {
+void preprocess_images_cuda(const PreprocessPlan& plan, const TensorView& out,
+                            StreamHandle stream_handle) {
   const auto n = static_cast<int>(plan.images.size());
   if (n == 0) return;
   DeviceGuard guard(out.device().index);
@@ -195,7 +195,7 @@ void preprocess_images_cuda(const PreprocessPlan& plan, const std::vector<ImageS
   // that stages the images anyway.
   for (int i = 0; i < n; ++i) {
     const ImagePlan& ip = plan.images[static_cast<std::size_t>(i)];
-    pack_rgb(sources[static_cast<std::size_t>(i)], ip.height, ip.width,
+    pack_rgb(plan.sources[static_cast<std::size_t>(i)], ip.height, ip.width,
              host.data() + images_at + ip.src_offset);
   }
 

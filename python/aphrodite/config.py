@@ -523,7 +523,8 @@ class ModelConfig:
         if chat_template is None and tok_folder is not None and tok_folder != folder:
             chat_template = _find_chat_template(tok_folder, None)
 
-        eos = _eos_token_ids(folder, hf_config, tok)
+        generation_config = _load_json(folder / "generation_config.json") or {}
+        eos = _eos_token_ids(generation_config, hf_config, tok)
         return cls(
             model=folder,
             hf_config=hf_config,
@@ -536,7 +537,7 @@ class ModelConfig:
             eos_token_id=eos[0] if eos else None,
             eos_token_ids=eos,
             tokenizer_path=tok_folder,
-            generation_defaults=_generation_defaults(folder),
+            generation_defaults=_generation_defaults(generation_config, folder),
         )
 
     # Flat views of the parsed config (the names RUNTIME_API.md promises).
@@ -603,11 +604,10 @@ _GENERATION_DEFAULT_KEYS = {
 }
 
 
-def _generation_defaults(folder: Path) -> dict[str, Any]:
+def _generation_defaults(gen: dict[str, Any], folder: Path) -> dict[str, Any]:
     """The sampling defaults the checkpoint's generation config sets (SamplingParams keywords),
     e.g. Llama 3's {"temperature": 0.6, "top_p": 0.9}; {} without one. A value of the wrong
-    type is a ValueError naming it."""
-    gen = _load_json(folder / "generation_config.json") or {}
+    type is a ValueError naming it. ``gen``: the parsed generation_config.json of ``folder``."""
     defaults: dict[str, Any] = {}
     for key, name in _GENERATION_DEFAULT_KEYS.items():
         value = gen.get(key)
@@ -623,12 +623,12 @@ def _generation_defaults(folder: Path) -> dict[str, Any]:
     return defaults
 
 
-def _eos_token_ids(folder: Path, config: LlavaConfig, tokenizer: Any) -> tuple[int, ...]:
+def _eos_token_ids(gen: dict[str, Any], config: LlavaConfig, tokenizer: Any) -> tuple[int, ...]:
     """Every end-of-sequence id, the primary one first. The primary one is what HF generate
     stops on first: the generation config's (the first of a list), else config.json's, else the
     tokenizer's. The others: the rest of the generation config's list (Llama 3 lists
-    end_of_text, eom and eot) and the tokenizer's own EOS, which vLLM stops on too."""
-    gen = _load_json(folder / "generation_config.json") or {}
+    end_of_text, eom and eot) and the tokenizer's own EOS, which vLLM stops on too. ``gen``: the
+    parsed generation_config.json."""
     ids: list[int] = []
     for candidate in (gen.get("eos_token_id"), config.text.eos_token_id):
         if candidate is None or candidate == []:

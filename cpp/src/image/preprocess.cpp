@@ -207,6 +207,7 @@ PreprocessPlan plan_preprocess(const std::vector<TensorView>& images, const Tens
   plan.crop_h = out.size(2);
   plan.crop_w = out.size(3);
   plan.images.reserve(images.size());
+  plan.sources.reserve(images.size());
   std::int64_t src_offset = 0;
   for (std::size_t i = 0; i < images.size(); ++i) {
     const std::string name = "images[" + std::to_string(i) + "]";
@@ -214,7 +215,7 @@ PreprocessPlan plan_preprocess(const std::vector<TensorView>& images, const Tens
     check_dtype(img, name.c_str(), {DType::kUInt8});
     check_shape(img, name.c_str(), {-1, -1, 3});
     check_device(img, name.c_str(), Device::cpu());
-    (void)image_source(img, name.c_str());
+    plan.sources.push_back(image_source(img, name.c_str()));
     check_no_overlap(out, "out", img, name.c_str());
     const std::int64_t h = img.size(0);
     const std::int64_t w = img.size(1);
@@ -315,18 +316,13 @@ void check_image_size(std::int64_t height, std::int64_t width, const ImagePrepro
 void preprocess_images(const std::vector<TensorView>& images, const TensorView& out,
                        const ImagePreprocessParams& params, StreamHandle stream) {
   const detail::PreprocessPlan plan = detail::plan_preprocess(images, out, params);
-  std::vector<detail::ImageSource> sources;
-  sources.reserve(images.size());
-  for (std::size_t i = 0; i < images.size(); ++i) {
-    sources.push_back(detail::image_source(images[i], "images"));
-  }
   if (out.device().is_cpu()) {
-    detail::preprocess_images_cpu(plan, sources, out);
+    detail::preprocess_images_cpu(plan, out);
     return;
   }
   backend_for(out.device());
 #ifdef APHRODITE_WITH_CUDA
-  detail::preprocess_images_cuda(plan, sources, out, stream);
+  detail::preprocess_images_cuda(plan, out, stream);
 #else
   (void)stream;
 #endif

@@ -235,8 +235,7 @@ void resample_row_vertical_scalar(const std::uint8_t* mid, std::int64_t mid_stri
   }
 }
 
-void preprocess_images_cpu(const PreprocessPlan& plan, const std::vector<ImageSource>& sources,
-                           const TensorView& out) {
+void preprocess_images_cpu(const PreprocessPlan& plan, const TensorView& out) {
   const std::size_t elem = dtype_size(out.dtype());
   const std::int64_t image_elems = 3 * plan.crop_h * plan.crop_w;
   auto* out_bytes = static_cast<std::uint8_t*>(out.data());
@@ -255,7 +254,7 @@ void preprocess_images_cpu(const PreprocessPlan& plan, const std::vector<ImageSo
   auto context = [&](std::int64_t i, std::uint8_t* mid, const std::int16_t* x_packed) {
     return ImageContext{plan,
                         plan.images[static_cast<std::size_t>(i)],
-                        sources[static_cast<std::size_t>(i)],
+                        plan.sources[static_cast<std::size_t>(i)],
                         mid,
                         out_bytes + i * image_elems * static_cast<std::int64_t>(elem),
                         avx2,

@@ -41,17 +41,6 @@ struct ImagePlan {
   std::int32_t vertical_first;
 };
 
-struct PreprocessPlan {
-  std::vector<ImagePlan> images;
-  std::vector<std::int32_t> tables;  // bounds (xmin, count) and coefficients, PIL's layout
-  // Sum of the first passes' outputs ("mid" images) from packed RGB sources (CUDA's scratch).
-  std::int64_t scratch_bytes = 0;
-  std::int64_t crop_h = 0, crop_w = 0;
-  // Normalised value of every (channel, uint8) pair, as the output dtype's bits (float16 and
-  // bfloat16 in the low 16 bits).
-  std::uint32_t lut[3][256] = {};
-};
-
 // One source image's pixels: rows `row_stride` bytes apart, pixels `pixel_stride` bytes apart
 // (3: packed RGB; 4: RGB plus one ignored byte, the layout Pillow keeps RGB images in), the three
 // channels adjacent. Its last byte in use is (height - 1) * row_stride + (width - 1) *
@@ -60,6 +49,18 @@ struct ImageSource {
   const std::uint8_t* pixels = nullptr;
   std::int64_t row_stride = 0;
   std::int32_t pixel_stride = 3;
+};
+
+struct PreprocessPlan {
+  std::vector<ImagePlan> images;
+  std::vector<ImageSource> sources;  // image i's pixels (image_source)
+  std::vector<std::int32_t> tables;  // bounds (xmin, count) and coefficients, PIL's layout
+  // Sum of the first passes' outputs ("mid" images) from packed RGB sources (CUDA's scratch).
+  std::int64_t scratch_bytes = 0;
+  std::int64_t crop_h = 0, crop_w = 0;
+  // Normalised value of every (channel, uint8) pair, as the output dtype's bits (float16 and
+  // bfloat16 in the low 16 bits).
+  std::uint32_t lut[3][256] = {};
 };
 
 // The source of a uint8 [H, W, 3] CPU view; throws ValueError (naming it `name`) unless its
@@ -82,9 +83,8 @@ int bicubic_ksize(int in_size, int out_size);
 void bicubic_coeffs(int in_size, int out_size, int first, int count, int ksize,
                     std::int32_t* bounds, std::int32_t* coeffs);
 
-// The CPU execution of a plan; `sources[i]` is image i's pixels.
-void preprocess_images_cpu(const PreprocessPlan& plan, const std::vector<ImageSource>& sources,
-                           const TensorView& out);
+// The CPU execution of a plan.
+void preprocess_images_cpu(const PreprocessPlan& plan, const TensorView& out);
 
 // Horizontal and vertical stages for one row, scalar and AVX2 (identical results).
 // Horizontal: `src` is one source row (`pixel_stride` = 3 or 4 bytes per pixel), writes `count`
@@ -116,10 +116,9 @@ void resample_row_vertical_avx2(const std::uint8_t* mid, std::int64_t mid_stride
 #endif
 
 #ifdef APHRODITE_WITH_CUDA
-// Uploads the sources once (packed as RGB) and runs the plan on `stream` into `out` (a CUDA
-// tensor).
-void preprocess_images_cuda(const PreprocessPlan& plan, const std::vector<ImageSource>& sources,
-                            const TensorView& out, StreamHandle stream);
+// Uploads the plan's sources once (packed as RGB) and runs the plan on `stream` into `out` (a
+// CUDA tensor).
+void preprocess_images_cuda(const PreprocessPlan& plan, const TensorView& out, StreamHandle stream);
 #endif
 
 }  // namespace aphrodite::detail

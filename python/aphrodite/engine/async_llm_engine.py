@@ -109,10 +109,14 @@ class RequestStream:
     """
 
     def __init__(
-        self, request_id: str, loop: asyncio.AbstractEventLoop, abort: Callable[[str], None]
+        self,
+        request_id: str,
+        loop: asyncio.AbstractEventLoop,
+        abort: Callable[[str], None],
+        num_prompt_tokens: int = 0,
     ):
         self.request_id = request_id
-        self.num_prompt_tokens = 0  # the processed prompt's, images expanded
+        self.num_prompt_tokens = num_prompt_tokens  # the processed prompt's, images expanded
         self.sink = _Sink(loop)
         self._abort = abort
         self.finished = False
@@ -256,8 +260,7 @@ class AsyncLLMEngine:
                 f"prompt, {params.max_tokens} in the completion). Please reduce the length "
                 "of the prompt or of the completion."
             )
-        stream = RequestStream(request_id, loop, self.abort)
-        stream.num_prompt_tokens = prompt_len
+        stream = RequestStream(request_id, loop, self.abort, prompt_len)
         pending = _Pending(
             request_id, processed, params, stream.sink, loop.create_future(), arrival
         )

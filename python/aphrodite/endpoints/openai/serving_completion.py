@@ -167,10 +167,15 @@ class OpenAIServingCompletion:
 
         # With echo, each choice's first chunk starts with the prompt (and its logprobs).
         echoed = [not request.echo] * (n * len(streams))
+        prefixes: dict[int, str] = {}  # echoed text per prompt, decoded once
         merged = merge_async_iterators(*streams)
         try:
             async for p, out in merged:
-                prefix = self._echo_text(out) if request.echo else ""
+                prefix = ""
+                if request.echo:
+                    if p not in prefixes:
+                        prefixes[p] = self._echo_text(out)
+                    prefix = prefixes[p]
                 for c in out.outputs:
                     i = p * n + c.index
                     delta = streamed.advance(i, c)
