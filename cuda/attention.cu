@@ -187,6 +187,18 @@ constexpr int kMmaKeys = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// The running max of a row moves only when a score exceeds it by more than this (log2 units):
+// exponentials are then at most 2^8, far from float32 overflow and exact in relative terms.
+constexpr float kLazyMaxSlack = 8.0f;
+
+// 2^x on the special function unit (relative error ~2^-22; 2^-inf = 0, subnormals flushed):
+// exp2f also handles inputs below -126, which the softmax's arguments do not need.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 template <typename T>
 struct Mma;
 template <>
@@ -282,24 +294,44 @@ __device__ __forceinline__ void copy_kv_tile(const PagedAttentionParams& p,
   static_assert(kMmaKeys * DV % kThreads == 0, "a tile is an exact number of copies per thread");
   const T* key_cache = static_cast<const T*>(p.key_cache);
   const T* value_cache = static_cast<const T*>(p.value_cache);
+  // A key's elements start at table[column] * block_elems + row * row_elems + head_elems: only
+  // the block's offset needs 64 bits.
+  const int row_elems = p.num_kv_heads * D;
+  const int head_elems = kv_head * D;
+  const std::int64_t block_elems = static_cast<std::int64_t>(p.block_size) * row_elems;
+  // The power-of-two test is taken once per tile: inside the unrolled copies it made every copy
+  // a branch between a shift and an integer division (the loader was a third of the kernel's
+  // instructions).
+  const auto issue = [&](auto locate) {
 #pragma unroll
-  for (int u = 0; u < kCopies; ++u) {
-    const int i = static_cast<int>(threadIdx.x) + u * kThreads;
-    const int j = i / DV;
-    const int c = i % DV;
-    const int kpos = kt0 + j;
-    const bool valid = kpos < key_hi;
-    const T* ksrc = key_cache;
-    const T* vsrc = value_cache;
-    if (valid) {
-      const std::int64_t block = table[blocks.column(kpos)];
-      const std::int64_t row =
-          ((block * p.block_size + blocks.row(kpos)) * p.num_kv_heads + kv_head) * D + c * 8;
-      ksrc += row;
-      vsrc += row;
+    for (int u = 0; u < kCopies; ++u) {
+      const int i = static_cast<int>(threadIdx.x) + u * kThreads;
+      const int j = i / DV;
+      const int c = i % DV;
+      const int kpos = kt0 + j;
+      const bool valid = kpos < key_hi;
+      int column = 0;
+      int row = 0;
+      // A key past key_hi may lie past the sequence's table row: its entry is never read.
+      if (valid) locate(kpos, column, row);
+      const std::int64_t offset =
+          valid ? static_cast<std::int64_t>(table[column]) * block_elems +
+                      (row * row_elems + head_elems + c * 8)
+                : 0;
+      cp_async16(ks + j * Pitch + c * 8, key_cache + offset, valid);
+      cp_async16(vs + j * Pitch + c * 8, value_cache + offset, valid);
     }
-    cp_async16(ks + j * Pitch + c * 8, ksrc, valid);
-    cp_async16(vs + j * Pitch + c * 8, vsrc, valid);
+  };
+  if (blocks.pow2) {
+    issue([&](int key, int& column, int& row) {
+      column = key >> blocks.shift;
+      row = key & (blocks.block_size - 1);
+    });
+  } else {
+    issue([&](int key, int& column, int& row) {
+      column = key / blocks.block_size;
+      row = key - column * blocks.block_size;
+    });
   }
 }
 
@@ -474,11 +506,16 @@ __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsig
         }
       }
 
-      // Online softmax per row (reduced over the quad's 4 lanes). A row with no visible key so
-      // far keeps m = -inf; the guards keep it at l = 0, O = 0 instead of NaN.
+      // Online softmax per row (reduced over the quad's 4 lanes), with a lazy running max: it
+      // moves only when a score passes it by more than kLazyMaxSlack (log2 units), so the
+      // exponentials stay below 2^kLazyMaxSlack and O and l, which share it, are rescaled only
+      // when it moves; the warp skips the rescale when none of its rows moved (most steps after
+      // the first). A row with no visible key so far keeps m = -inf, l = 0, O = 0 (its
+      // exponentials are taken against 0: exp2(-inf) = 0).
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         float alpha[2];
+        bool moved = false;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           float mx = neg_inf;
@@ -488,15 +525,19 @@ __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsig
           }
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          const float m_new = fmaxf(m_run[mt][h], mx);
-          alpha[h] = m_run[mt][h] == neg_inf ? 0.0f : exp2f(m_run[mt][h] - m_new);
+          alpha[h] = 1.0f;
+          if (mx > m_run[mt][h] + kLazyMaxSlack) {  // never for mx = -inf
+            alpha[h] = exp2_approx(m_run[mt][h] - mx);  // 0 for m_run = -inf
+            m_run[mt][h] = mx;
+            moved = true;
+          }
+          const float m_ref = m_run[mt][h] == neg_inf ? 0.0f : m_run[mt][h];
           float sum = 0.0f;
 #pragma unroll
           for (int nt = 0; nt < NS; ++nt) {
 #pragma unroll
             for (int e = 2 * h; e < 2 * h + 2; ++e) {
-              const float x = s[mt][nt][e];
-              const float pr = x == neg_inf ? 0.0f : exp2f(x - m_new);
+              const float pr = exp2_approx(s[mt][nt][e] - m_ref);
               s[mt][nt][e] = pr;
               sum += pr;
             }
@@ -504,14 +545,15 @@ __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsig
           sum += __shfl_xor_sync(0xffffffffu, sum, 1);
           sum += __shfl_xor_sync(0xffffffffu, sum, 2);
           l_run[mt][h] = l_run[mt][h] * alpha[h] + sum;
-          m_run[mt][h] = m_new;
         }
+        if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-          o[mt][dt][0] *= alpha[0];
-          o[mt][dt][1] *= alpha[0];
-          o[mt][dt][2] *= alpha[1];
-          o[mt][dt][3] *= alpha[1];
+          for (int dt = 0; dt < DT; ++dt) {
+            o[mt][dt][0] *= alpha[0];
+            o[mt][dt][1] *= alpha[0];
+            o[mt][dt][2] *= alpha[1];
+            o[mt][dt][3] *= alpha[1];
+          }
         }
       }
 
@@ -745,8 +787,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     const float new_a = fmaxf(m_a, mx_a);
     const float new_b = fmaxf(m_b, mx_b);
-    const float alpha_a = m_a == neg_inf ? 0.0f : exp2f(m_a - new_a);
-    const float alpha_b = m_b == neg_inf ? 0.0f : exp2f(m_b - new_b);
+    const float alpha_a = m_a == neg_inf ? 0.0f : exp2_approx(m_a - new_a);
+    const float alpha_b = m_b == neg_inf ? 0.0f : exp2_approx(m_b - new_b);
     float sum_a = 0.0f, sum_b = 0.0f;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
@@ -754,7 +796,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int e = 0; e < 4; ++e) {
         const bool second = e >= 2;
         const float x = s[nt][e];
-        const float pr = x == neg_inf ? 0.0f : exp2f(x - (second ? new_b : new_a));
+        const float pr = x == neg_inf ? 0.0f : exp2_approx(x - (second ? new_b : new_a));
         s[nt][e] = pr;
         if (second) {
           sum_b += pr;

@@ -22,6 +22,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -72,6 +73,9 @@ using WgmmaWide = WgmmaTiling<2, 256, 4>;
 // 192 x 128: LLaVA's 576 image tokens are exactly 3 row tiles (96 tiles at N = 4096: one round
 // on an H100/H200).
 using WgmmaTall = WgmmaTiling<3, 128, 5>;
+// 192 x 96: 576 rows at N = 4096 make 129 tiles, one round on an H100/H200's 132 SMs with 98%
+// of them busy (192 x 128 leaves 36 idle).
+using WgmmaTallNarrow = WgmmaTiling<3, 96, 6>;
 // 128 x 128: more, smaller tiles for small grids.
 using WgmmaSquare = WgmmaTiling<2, 128, 6>;
 
@@ -173,6 +177,32 @@ __device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], std::uint64_t de
 
 // The m64nNk16 instruction for element type ptx_type ("bf16" or "f16"), on the operands of
 // wgmma_m64k16 (scale_d as a predicate, A and B scaled by 1, neither transposed: K-major).
+#define APHRODITE_WGMMA_M64N96K16(ptx_type)                                                        \
+  asm volatile(                                                                                    \
+      "{\n"                                                                                        \
+      ".reg .pred p;\n"                                                                            \
+      "setp.ne.b32 p, %50, 0;\n"                                                                   \
+      "wgmma.mma_async.sync.aligned.m64n96k16.f32." ptx_type "." ptx_type                          \
+      " "                                                                                          \
+      "{%0, %1, %2, %3, %4, %5, %6, %7,"                                                           \
+      " %8, %9, %10, %11, %12, %13, %14, %15,"                                                     \
+      " %16, %17, %18, %19, %20, %21, %22, %23,"                                                   \
+      " %24, %25, %26, %27, %28, %29, %30, %31,"                                                   \
+      " %32, %33, %34, %35, %36, %37, %38, %39,"                                                   \
+      " %40, %41, %42, %43, %44, %45, %46, %47},"                                                  \
+      " %48, %49, p, 1, 1, 0, 0;\n"                                                                \
+      "}\n"                                                                                        \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),        \
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),    \
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),              \
+        "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),              \
+        "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),              \
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]),              \
+        "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),              \
+        "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])                                         \
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d)                                                     \
+      : "memory")
+
 #define APHRODITE_WGMMA_M64N128K16(ptx_type)                                                       \
   asm volatile(                                                                                    \
       "{\n"                                                                                        \
@@ -251,6 +281,20 @@ __device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], std::uint64_t de
       : "memory")
 
 template <>
+__device__ __forceinline__ void wgmma_m64k16<__nv_bfloat16, 96>(float (&d)[48],
+                                                                std::uint64_t desc_a,
+                                                                std::uint64_t desc_b,
+                                                                int scale_d) {
+  APHRODITE_WGMMA_M64N96K16("bf16");
+}
+
+template <>
+__device__ __forceinline__ void wgmma_m64k16<__half, 96>(float (&d)[48], std::uint64_t desc_a,
+                                                         std::uint64_t desc_b, int scale_d) {
+  APHRODITE_WGMMA_M64N96K16("f16");
+}
+
+template <>
 __device__ __forceinline__ void wgmma_m64k16<__nv_bfloat16, 128>(float (&d)[64],
                                                                  std::uint64_t desc_a,
                                                                  std::uint64_t desc_b,
@@ -278,6 +322,7 @@ __device__ __forceinline__ void wgmma_m64k16<__half, 256>(float (&d)[128], std::
   APHRODITE_WGMMA_M64N256K16("f16");
 }
 
+#undef APHRODITE_WGMMA_M64N96K16
 #undef APHRODITE_WGMMA_M64N128K16
 #undef APHRODITE_WGMMA_M64N256K16
 #endif  // APHRODITE_WGMMA_DEVICE_CODE
@@ -463,11 +508,15 @@ void dispatch(const LinearCudaArgs& a) {
              "cudaDeviceGetAttribute(multiProcessorCount)");
   const double wide = linear_kernels::tiling_cost<WgmmaWide>(a.m, a.n, sms, 1.0);
   const double tall = linear_kernels::tiling_cost<WgmmaTall>(a.m, a.n, sms, 0.95);
+  const double narrow = linear_kernels::tiling_cost<WgmmaTallNarrow>(a.m, a.n, sms, 0.9);
   const double square = linear_kernels::tiling_cost<WgmmaSquare>(a.m, a.n, sms, 0.85);
-  if (wide <= tall && wide <= square) {
+  const double best = std::min({wide, tall, narrow, square});
+  if (wide == best) {
     launch_wgmma<T, WgmmaWide>(a, stream);
-  } else if (tall <= square) {
+  } else if (tall == best) {
     launch_wgmma<T, WgmmaTall>(a, stream);
+  } else if (narrow == best) {
+    launch_wgmma<T, WgmmaTallNarrow>(a, stream);
   } else {
     launch_wgmma<T, WgmmaSquare>(a, stream);
   }

@@ -90,7 +90,8 @@ missing=$("$py" -c 'import importlib.util as u
 print(" ".join(m for m in ("fastapi", "uvicorn", "openai") if u.find_spec(m) is None))')
 if [ -n "$missing" ]; then
   # The server is CPU-side code tested in CI; this machine lacks its packages.
-  ignore=(--ignore=tests/python/test_server.py --ignore=tests/python/test_server_chat.py)
+  ignore=(--ignore=tests/python/test_server.py --ignore=tests/python/test_server_chat.py
+    --deselect tests/python/test_benchmarks.py::test_serving_benchmark_against_a_server)
   row "server tests" "NOT RUN" "missing here: $missing"
 fi
 limited 240 "$py" -m pytest tests/python -q $(timeout_opt 120) -p no:cacheprovider -rfEs \
@@ -135,15 +136,16 @@ cuda_pass() {  # label, log name, seconds, VAR=value, test files...
 # kernels' shared memory (sm_86/sm_89 at head size 128).
 cuda_pass "pytest attention, no tensor cores" attention-simt 90 \
   APHRODITE_CUDA_ATTENTION_TENSOR_CORES=0 tests/python/test_attention.py
-# The GEMM kernels (opt-in through APHRODITE_CUDA_GEMM until they have passed): "wgmma", the
-# Hopper kernel for every shape; "auto", the decode-sized kernel for M <= 16 and wgmma above,
-# also for the model's own layers (the model tests then decode, and capture CUDA graphs, on
-# these kernels instead of cuBLAS).
+# The GEMM kernels other than the default ("auto": the decode-sized kernel for M <= 16, wgmma
+# above, the projector on them; the model's layers on cuBLAS): "wgmma" for every shape, "mma"
+# (the mma.sync tiled kernel, as on GPUs before Hopper) and "auto" for the model's own layers too
+# (the model tests then decode, and capture CUDA graphs, on these kernels instead of cuBLAS).
 cuda_pass "pytest GEMM=wgmma (cuda)" gemm-wgmma 90 APHRODITE_CUDA_GEMM=wgmma \
   tests/python/test_linear.py tests/python/test_projector.py
-cuda_pass "pytest GEMM=auto (cuda)" gemm-auto 150 APHRODITE_CUDA_GEMM=auto \
-  tests/python/test_linear.py tests/python/test_projector.py tests/python/test_llava_model.py \
-  tests/python/test_cuda_graphs.py
+cuda_pass "pytest GEMM=mma (cuda)" gemm-mma 90 APHRODITE_CUDA_GEMM=mma \
+  tests/python/test_linear.py tests/python/test_projector.py
+cuda_pass "pytest GEMM=auto, layers (cuda)" gemm-auto 150 APHRODITE_CUDA_GEMM=auto \
+  tests/python/test_llava_model.py tests/python/test_cuda_graphs.py
 
 # 3. Benchmarks: ours against torch / HF on the GPU in the same process, then the host CPU's.
 bench() {  # name, time limit, command...
@@ -159,14 +161,20 @@ if [ $quick = 0 ]; then
   # The GPU's own figures first (the issues' targets), the host CPU's last.
   bench bench_attention_cuda 180 "$py" benchmarks/bench_attention.py --device cuda
   bench bench_projector_cuda 120 "$py" benchmarks/bench_projector.py --device cuda
-  bench bench_projector_cuda_gemm_auto 120 env APHRODITE_CUDA_GEMM=auto \
+  bench bench_projector_cuda_gemm_mma 120 env APHRODITE_CUDA_GEMM=mma \
     "$py" benchmarks/bench_projector.py --device cuda
   bench offline_throughput_cuda 240 "$py" benchmarks/offline_throughput.py --device cuda \
     --dtype bfloat16
   bench offline_throughput_cuda_gemm_auto 120 env APHRODITE_CUDA_GEMM=auto \
     "$py" benchmarks/offline_throughput.py --device cuda --dtype bfloat16
   for bin in "$bench_bins"/bench_*; do
-    [ -x "$bin" ] && bench "$(basename "$bin")" 120 "$bin"
+    [ -x "$bin" ] || continue
+    case $(basename "$bin") in
+      # The host scheduler's cost, one load of 1,024 sequences (its full sweep, up to 8,192
+      # sequences, takes minutes to warm up; BENCHMARKS.md has it from the development machine).
+      bench_scheduler) bench bench_scheduler 60 env BENCH_ONLY=1024 "$bin" 200 1 ;;
+      *) bench "$(basename "$bin")" 120 "$bin" ;;
+    esac
   done
   bench bench_vision_cpu 120 "$py" benchmarks/bench_vision.py --images 16 --repeats 1
 fi

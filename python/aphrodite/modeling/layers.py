@@ -16,12 +16,12 @@ from aphrodite import ops
 
 
 def own_cuda_gemm() -> bool:
-    """Whether CUDA layers run on aphrodite's GEMMs (``ops.linear``) instead of torch's (cuBLAS):
-    when APHRODITE_CUDA_GEMM asks for the kernels still being proven (``auto``: a decode-sized
-    kernel for up to 16 rows, wgmma on H100/H200; ``wgmma``), so that they run in the model
-    too. The default (``mma``) keeps cuBLAS for the layers and aphrodite's mma.sync kernel for
-    the projector."""
-    return os.environ.get("APHRODITE_CUDA_GEMM", "mma") in ("auto", "wgmma")
+    """Whether CUDA layers run on aphrodite's GEMMs (``ops.linear``) instead of torch's (cuBLAS).
+    Only when APHRODITE_CUDA_GEMM names a kernel choice (``auto``: a decode-sized kernel for up
+    to 16 rows, wgmma on H100/H200; ``wgmma``; ``mma``): cuBLAS is faster at the decoder's
+    widest decode shapes (BENCHMARKS.md), so by default the layers keep it and only the fused
+    projector runs on aphrodite's kernels."""
+    return os.environ.get("APHRODITE_CUDA_GEMM", "") in ("auto", "wgmma", "mma")
 
 
 def empty_param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
