@@ -314,10 +314,9 @@ __device__ __forceinline__ void copy_kv_tile(const PagedAttentionParams& p,
       int row = 0;
       // A key past key_hi may lie past the sequence's table row: its entry is never read.
       if (valid) locate(kpos, column, row);
-      const std::int64_t offset =
-          valid ? static_cast<std::int64_t>(table[column]) * block_elems +
-                      (row * row_elems + head_elems + c * 8)
-                : 0;
+      const std::int64_t offset = valid ? static_cast<std::int64_t>(table[column]) * block_elems +
+                                              (row * row_elems + head_elems + c * 8)
+                                        : 0;
       cp_async16(ks + j * Pitch + c * 8, key_cache + offset, valid);
       cp_async16(vs + j * Pitch + c * 8, value_cache + offset, valid);
     }
@@ -526,7 +525,7 @@ __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsig
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
           alpha[h] = 1.0f;
-          if (mx > m_run[mt][h] + kLazyMaxSlack) {  // never for mx = -inf
+          if (mx > m_run[mt][h] + kLazyMaxSlack) {      // never for mx = -inf
             alpha[h] = exp2_approx(m_run[mt][h] - mx);  // 0 for m_run = -inf
             m_run[mt][h] = mx;
             moved = true;
