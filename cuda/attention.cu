@@ -478,18 +478,14 @@ __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsig
         }
       }
 
-      // Scale into the log2 domain; mask by position only where the step crosses the warp's
-      // causal diagonal, the sliding window's edge or key_hi (rows past ntok are never stored).
+      // Mask by position only where the step crosses the warp's causal diagonal, the sliding
+      // window's edge or key_hi (rows past ntok are never stored). Scores stay unscaled: the
+      // scale (positive, checked by the op) goes into the exponent's fma below.
       const bool unmasked = ks0 + SK - 1 <= warp_pos_lo && ks0 + SK <= key_hi &&
                             (window <= 0 || ks0 > warp_pos_hi - window);
+      if (!unmasked) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        if (unmasked) {
-#pragma unroll
-          for (int nt = 0; nt < NS; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[mt][nt][e] *= scale_log2;
-        } else {
+        for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
           for (int nt = 0; nt < NS; ++nt) {
 #pragma unroll
@@ -499,7 +495,7 @@ __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsig
               const int key = ks0 + nt * 8 + 2 * t + (e & 1);
               const bool visible =
                   row < ntok && key < key_hi && key <= pos && (window <= 0 || key > pos - window);
-              s[mt][nt][e] = visible ? s[mt][nt][e] * scale_log2 : neg_inf;
+              if (!visible) s[mt][nt][e] = neg_inf;
             }
           }
         }
@@ -524,6 +520,7 @@ __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsig
           }
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          mx *= scale_log2;  // the running max is kept in the scaled log2 domain
           alpha[h] = 1.0f;
           if (mx > m_run[mt][h] + kLazyMaxSlack) {      // never for mx = -inf
             alpha[h] = exp2_approx(m_run[mt][h] - mx);  // 0 for m_run = -inf
@@ -536,7 +533,7 @@ __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsig
           for (int nt = 0; nt < NS; ++nt) {
 #pragma unroll
             for (int e = 2 * h; e < 2 * h + 2; ++e) {
-              const float pr = exp2_approx(s[mt][nt][e] - m_ref);
+              const float pr = exp2_approx(fmaf(s[mt][nt][e], scale_log2, -m_ref));
               s[mt][nt][e] = pr;
               sum += pr;
             }
