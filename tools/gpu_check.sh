@@ -2,10 +2,10 @@
 # GPU check for a fresh H100/H200 machine with no network (nvcc, cmake, ninja, pybind11,
 # scikit-build-core, torch and transformers present). Installs the package for sm_90a (a wheel
 # carried in build/gpu-wheel, else built here), runs every test on CUDA (the same tests as on the
-# CPU, parametrised by device), then again the CUDA tests of the paths not yet proven (attention
-# without tensor cores, the opt-in GEMM kernels), the Python benchmarks on the GPU and the C++
-# benchmark binaries, all within a time budget (GPU_CHECK_BUDGET_S, default 520 s), and prints
-# one compact table on any exit. Logs go to $OUT (or build/gpu-check).
+# CPU, parametrised by device), then again the CUDA tests of the paths the defaults do not take
+# (attention without tensor cores, each GEMM kernel forced, the layers on aphrodite's GEMMs), the
+# Python benchmarks on the GPU and the C++ benchmark binaries, all within a time budget
+# (GPU_CHECK_BUDGET_S, default 520 s), and prints one compact table on any exit. Logs go to $OUT (or build/gpu-check).
 # Usage: bash tools/gpu_check.sh [--quick]   (quick: tests only)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -119,7 +119,7 @@ row "  CUDA cases" "" "$(cat "$out/pytest-cuda.txt" 2>/dev/null)"
 rm -f "$out/pytest.xml" "$out/pytest-cuda.txt"
 grep -E "^(FAILED|ERROR)" "$out/pytest.log" | head -n 30
 
-# 2b. The CUDA tests of paths not yet seen passing, again, each setting in its own process (a
+# 2b. The CUDA tests of the paths the defaults do not take, each setting in its own process (a
 #     kernel that traps takes its CUDA context down with it).
 cuda_pass() {  # label, log name, seconds, VAR=value, test files...
   local label=$1 log="$out/pytest-$2.log" limit=$3 setting=$4

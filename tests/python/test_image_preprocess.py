@@ -255,8 +255,8 @@ def test_clip_preprocess_numpy_inputs() -> None:
     """Numpy images go through the same conversion as HF's processor. A one-channel image is
     repeated to RGB (some transformers versions reject it; it is then compared with its RGB
     repetition only); an RGBA one is compared with HF, or where this transformers version
-    rejects four-channel arrays (4.x), with HF on the image PIL converts to RGB (alpha dropped,
-    what later versions do)."""
+    rejects four-channel arrays (the GPU machine's did), with HF on the image PIL converts to
+    RGB (alpha dropped, what the versions that take it do)."""
     rng = fresh_rng()
     gray = rng.integers(0, 256, (40, 30, 1), dtype=np.uint8)
     rgba = rng.integers(0, 256, (40, 30, 4), dtype=np.uint8)
