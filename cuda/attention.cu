@@ -277,8 +277,10 @@ struct MmaTile {
   static constexpr int kPitch = D + 8;
   static constexpr int kQElems = kMmaRows * kPitch;
   static constexpr int kStageElems = 2 * kMmaKeys * kPitch;  // a K tile, then a V tile
-  // Q, then two stages of K/V (2-byte elements).
-  static constexpr std::size_t kSmemBytes = (kQElems + 2 * kStageElems) * 2;
+  // Q, then two stages of K/V (2-byte elements), then two tiles' K/V row offsets (int64).
+  static constexpr std::size_t kOffsetsAt = (kQElems + 2 * kStageElems) * 2;
+  static constexpr std::size_t kSmemBytes = kOffsetsAt + 2 * kMmaKeys * sizeof(std::int64_t);
+  static_assert(kOffsetsAt % alignof(std::int64_t) == 0, "the offsets are 8-byte aligned");
 };
 
 // Issues the cp.async copies of keys [kt0, kt0 + kMmaKeys) of KV head `kv_head` from the paged
@@ -334,6 +336,46 @@ __device__ __forceinline__ void copy_kv_tile(const PagedAttentionParams& p,
   }
 }
 
+// copy_kv_tile with the tile's rows located beforehand: offsets[j] is the byte offset of key
+// kt0 + j of the KV head in both caches, and the keys from `valid_keys` on (past key_hi) are
+// zero-filled. A copy is then a shared-memory load and two 64-bit adds instead of a block-table
+// lookup.
+template <typename T, int D, int Pitch>
+__device__ __forceinline__ void copy_kv_rows(const PagedAttentionParams& p,
+                                             const std::int64_t* offsets, int valid_keys, T* ks,
+                                             T* vs) {
+  constexpr int DV = D / 8;
+  constexpr int kCopies = kMmaKeys * DV / kThreads;
+  const char* key_bytes = static_cast<const char*>(p.key_cache);
+  const char* value_bytes = static_cast<const char*>(p.value_cache);
+  const int tid = static_cast<int>(threadIdx.x);
+  if constexpr (kThreads % DV == 0) {
+    // A thread copies the same chunk of every row it takes (rows tid / DV + u kThreads / DV):
+    // the chunk goes into the base pointers once, the rows' shared addresses into immediates.
+    const int c = tid % DV;
+    key_bytes += c * 16;
+    value_bytes += c * 16;
+#pragma unroll
+    for (int u = 0; u < kCopies; ++u) {
+      const int j = tid / DV + u * (kThreads / DV);
+      const std::int64_t offset = offsets[j];
+      const bool valid = j < valid_keys;
+      cp_async16(ks + j * Pitch + c * 8, key_bytes + offset, valid);
+      cp_async16(vs + j * Pitch + c * 8, value_bytes + offset, valid);
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < kCopies; ++u) {
+      const int j = (tid + u * kThreads) / DV;
+      const int c = (tid + u * kThreads) % DV;
+      const std::int64_t offset = offsets[j] + c * 16;
+      const bool valid = j < valid_keys;
+      cp_async16(ks + j * Pitch + c * 8, key_bytes + offset, valid);
+      cp_async16(vs + j * Pitch + c * 8, value_bytes + offset, valid);
+    }
+  }
+}
+
 // Query rows [tok0, tok0 + ntok) (ntok <= kMmaRows) of sequence `seq`, query head `head`.
 template <typename T, int D>
 __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsigned char* smem,
@@ -368,14 +410,32 @@ __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsig
   const std::int32_t* table =
       p.block_tables + static_cast<std::int64_t>(seq) * p.max_blocks_per_seq;
   const BlockIndexer blocks(p.block_size);
-  // Issues the copies of keys [kt0, kt0 + KT) into stage `stage` as one cp.async group.
-  const auto load_tile = [&](int kt0, int stage) {
-    T* ks = kv_s + stage * Tl::kStageElems;
-    copy_kv_tile<T, D, P>(p, table, blocks, kv_head, kt0, key_hi, ks, ks + KT * P);
-    cp_async_commit();
+  // Tile t's row byte offsets (copy_kv_rows) are in buffer t % 2. Threads 0 .. KT-1 store those
+  // of tile it + 2 during iteration it, after the barrier that follows every read of tile it's
+  // (issued in iteration it - 1); the barrier of iteration it + 1 publishes them to the
+  // copies of tile it + 2 issued after it.
+  std::int64_t* const offsets = reinterpret_cast<std::int64_t*>(smem + Tl::kOffsetsAt);
+  const int row_elems = p.num_kv_heads * D;
+  const std::int64_t block_elems = static_cast<std::int64_t>(p.block_size) * row_elems;
+  // The byte offset of key kt0 + threadIdx.x (threads below KT; 0 past key_hi, whose table
+  // entries are never read).
+  const auto locate = [&](int kt0) -> std::int64_t {
+    const int key = kt0 + static_cast<int>(threadIdx.x);
+    if (threadIdx.x >= KT || key >= key_hi) return 0;
+    const std::int64_t element =
+        static_cast<std::int64_t>(table[blocks.column(key)]) * block_elems +
+        (blocks.row(key) * row_elems + kv_head * D);
+    return element * static_cast<std::int64_t>(sizeof(T));
+  };
+  const auto store_offset = [&](int buffer, std::int64_t offset) {
+    if (threadIdx.x < KT) offsets[buffer * KT + threadIdx.x] = offset;
   };
 
-  load_tile(key_lo, 0);  // in flight while Q is staged
+  // Tile 0 locates its own rows (in flight while Q is staged); tile 1's are located for the
+  // loop's first iteration.
+  copy_kv_tile<T, D, P>(p, table, blocks, kv_head, key_lo, key_hi, kv_s, kv_s + KT * P);
+  cp_async_commit();
+  if (num_key_tiles > 1) store_offset(1, locate(key_lo + KT));
   const T* query = static_cast<const T*>(p.query);
   if (reinterpret_cast<std::uintptr_t>(query) % 16 == 0 && p.query_token_stride % 8 == 0) {
     for (int i = threadIdx.x; i < kMmaRows * DV; i += kThreads) {
@@ -434,11 +494,19 @@ __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsig
   for (int it = 0; it < num_key_tiles; ++it) {
     const int kt0 = key_lo + it * KT;
     const int stage = it % 2;
+    // Tile it + 2's block-table reads are in flight across the wait and the barrier; the
+    // offsets are stored after the barrier, when their buffer is free.
+    const std::int64_t located = it + 2 < num_key_tiles ? locate(kt0 + 2 * KT) : 0;
     cp_async_wait_all();
     // Tile `it` (and Q) are visible to every warp, and every warp is done with the other stage
     // (tile it - 1), which the next copies overwrite.
     __syncthreads();
-    if (it + 1 < num_key_tiles) load_tile(kt0 + KT, stage ^ 1);
+    if (it + 1 < num_key_tiles) {
+      T* ks = kv_s + (stage ^ 1) * Tl::kStageElems;
+      copy_kv_rows<T, D, P>(p, offsets + (stage ^ 1) * KT, key_hi - (kt0 + KT), ks, ks + KT * P);
+      cp_async_commit();
+    }
+    if (it + 2 < num_key_tiles) store_offset(stage, located);
     // No row of this warp sees the tile: past the causal limit of its last row, before the
     // window of its first one, or no rows at all.
     if (warp_pos_hi < warp_pos_lo || kt0 > warp_pos_hi ||
@@ -1440,7 +1508,7 @@ void launch_decode_mma(const PagedAttentionParams& p, const Geometry& g, float* 
   check_launch("decode_mma_kernel");
 }
 
-// Whether the tensor-core kernels for head size D run on `device`: their shared memory (102 KiB
+// Whether the tensor-core kernels for head size D run on `device`: their shared memory (103 KiB
 // at head size 128) must fit the per-block opt-in limit, which sm_86/sm_89 parts cap at 99 KiB;
 // APHRODITE_CUDA_ATTENTION_TENSOR_CORES=0 turns them off (the CUDA-core kernels then serve every
 // sequence, as for head size 256).
