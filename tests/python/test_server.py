@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,15 +49,24 @@ def start_server(checkpoint: Path, port: int, extra: list[str], env: dict | None
     ]
     full_env = {**os.environ, "APHRODITE_NUM_THREADS": "1", **(env or {})}
     full_env.pop("APHRODITE_API_KEY", None)
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=full_env)
+    # The log goes to a file, not a pipe: nobody reads a pipe until the server stops, and once
+    # its 64 KiB filled up (a hundred logged requests) the server blocked on its next log line.
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=full_env)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def server_log(proc: subprocess.Popen) -> str:
+    proc.log.seek(0)  # type: ignore[attr-defined]
+    return proc.log.read()  # type: ignore[attr-defined]
 
 
 def wait_healthy(proc: subprocess.Popen, base: str) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server_log(proc)}")
         try:
             if httpx.get(f"{base}/health", timeout=1.0).status_code == 200:
                 return
@@ -64,16 +74,18 @@ def wait_healthy(proc: subprocess.Popen, base: str) -> None:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{proc.stdout.read()}")
+    raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S} s:\n{server_log(proc)}")
 
 
 def stop(proc: subprocess.Popen) -> str:
     proc.terminate()
     try:
-        out, _ = proc.communicate(timeout=20)
+        proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, _ = proc.communicate()
+        proc.wait()
+    out = server_log(proc)
+    proc.log.close()  # type: ignore[attr-defined]
     return out
 
 
@@ -804,7 +816,8 @@ def test_startup_fails_without_chat_template(checkpoint, tmp_path):
         if f.name not in ("chat_template.jinja", "chat_template.json"):
             (bare / f.name).symlink_to(f)
     proc = start_server(bare, free_port(), [])
-    out, _ = proc.communicate(timeout=STARTUP_TIMEOUT_S)
+    proc.wait(timeout=STARTUP_TIMEOUT_S)
+    out = stop(proc)
     assert proc.returncode != 0
     assert "--chat-template" in out and "no chat template" in out
 
