@@ -6,14 +6,19 @@
 # (attention without tensor cores, each GEMM kernel forced, the layers on aphrodite's GEMMs), the
 # Python benchmarks on the GPU and the C++ benchmark binaries, all within a time budget
 # (GPU_CHECK_BUDGET_S, default 520 s), and prints one compact table on any exit. Logs go to $OUT (or build/gpu-check).
-# Usage: bash tools/gpu_check.sh [--quick]   (quick: tests only)
+# Usage: bash tools/gpu_check.sh [--quick | --kernels]
+#   --quick: tests only; --kernels: the kernels' CUDA tests (attention, linear, projector,
+#   preprocessing, layer ops, the model) and the attention and projector benchmarks, about two
+#   minutes: for iterating on a kernel within one device session.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-build/gpu-check}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 quick=0
+kernels=0
 [ "${1:-}" = "--quick" ] && quick=1
+[ "${1:-}" = "--kernels" ] && kernels=1
 export PYTHONUNBUFFERED=1
 declare -a rows
 row() { rows+=("$(printf '%-34s %-8s %s' "$1" "$2" "$3")"); }
@@ -94,11 +99,19 @@ if [ -n "$missing" ]; then
     --deselect tests/python/test_benchmarks.py::test_serving_benchmark_against_a_server)
   row "server tests" "NOT RUN" "missing here: $missing"
 fi
-limited 240 "$py" -m pytest tests/python -q $(timeout_opt 120) -p no:cacheprovider -rfEs \
+selection=(tests/python)
+if [ $kernels = 1 ]; then
+  selection=(-k cuda tests/python/test_attention.py tests/python/test_linear.py
+    tests/python/test_projector.py tests/python/test_image_preprocess.py
+    tests/python/test_layer_ops.py tests/python/test_llava_model.py)
+fi
+limited 240 "$py" -m pytest "${selection[@]}" -q $(timeout_opt 120) -p no:cacheprovider -rfEs \
   "${ignore[@]}" --continue-on-collection-errors --junitxml="$out/pytest.xml" \
   >"$out/pytest.log" 2>&1
 rc=$?
-row "pytest (all, cpu+cuda)" "$(status_of $rc)" "$(tail -n 1 "$out/pytest.log")"
+label="pytest (all, cpu+cuda)"
+[ $kernels = 1 ] && label="pytest (kernels, cuda)"
+row "$label" "$(status_of $rc)" "$(tail -n 1 "$out/pytest.log")"
 [ -f "$out/pytest.xml" ] && "$py" - "$out/pytest.xml" >"$out/pytest-cuda.txt" <<'PYEOF'
 import sys
 import xml.etree.ElementTree as ET
@@ -144,8 +157,8 @@ cuda_pass "pytest GEMM=wgmma (cuda)" gemm-wgmma 90 APHRODITE_CUDA_GEMM=wgmma \
   tests/python/test_linear.py tests/python/test_projector.py
 cuda_pass "pytest GEMM=mma (cuda)" gemm-mma 90 APHRODITE_CUDA_GEMM=mma \
   tests/python/test_linear.py tests/python/test_projector.py
-cuda_pass "pytest GEMM=auto, layers (cuda)" gemm-auto 150 APHRODITE_CUDA_GEMM=auto \
-  tests/python/test_llava_model.py tests/python/test_cuda_graphs.py
+[ $kernels = 1 ] || cuda_pass "pytest GEMM=auto, layers (cuda)" gemm-auto 150 \
+  APHRODITE_CUDA_GEMM=auto tests/python/test_llava_model.py tests/python/test_cuda_graphs.py
 
 # 3. Benchmarks: ours against torch / HF on the GPU in the same process, then the host CPU's.
 bench() {  # name, time limit, command...
@@ -161,6 +174,7 @@ if [ $quick = 0 ]; then
   # The GPU's own figures first (the issues' targets), the host CPU's last.
   bench bench_attention_cuda 180 "$py" benchmarks/bench_attention.py --device cuda
   bench bench_projector_cuda 120 "$py" benchmarks/bench_projector.py --device cuda
+  [ $kernels = 1 ] && exit 0
   bench bench_projector_cuda_gemm_mma 120 env APHRODITE_CUDA_GEMM=mma \
     "$py" benchmarks/bench_projector.py --device cuda
   bench offline_throughput_cuda 240 "$py" benchmarks/offline_throughput.py --device cuda \
