@@ -474,13 +474,12 @@ CudaGemm choose_gemm(const LinearCudaArgs& a, bool tiled) {
     throw ValueError("APHRODITE_CUDA_GEMM must be 'mma', 'auto' or 'wgmma', got '" + wanted + "'");
   }
   if (!tiled || a.k == 0) return CudaGemm::kTiled;
+  if (wanted == "auto" && a.m <= kSkinnyMaxRows) return CudaGemm::kSkinny;
   std::string why;
   const bool wgmma = wgmma_supported(a.device, &why);
-  if (wanted == "wgmma") {
-    if (!wgmma) throw DeviceError("APHRODITE_CUDA_GEMM=wgmma cannot run here (" + why + ")");
-    return CudaGemm::kWgmma;
+  if (wanted == "wgmma" && !wgmma) {
+    throw DeviceError("APHRODITE_CUDA_GEMM=wgmma cannot run here (" + why + ")");
   }
-  if (a.m <= kSkinnyMaxRows) return CudaGemm::kSkinny;
   return wgmma ? CudaGemm::kWgmma : CudaGemm::kTiled;
 }
 

@@ -8,7 +8,7 @@
 # (GPU_CHECK_BUDGET_S, default 520 s), and prints one compact table on any exit. Logs go to $OUT (or build/gpu-check).
 # Usage: bash tools/gpu_check.sh [--quick | --kernels]
 #   --quick: tests only; --kernels: the kernels' CUDA tests (attention, linear, projector,
-#   preprocessing, layer ops, the model) and the attention and projector benchmarks, about two
+#   preprocessing, layer ops, the model) and the attention and projector benchmarks, under five
 #   minutes: for iterating on a kernel within one device session.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -255,8 +255,9 @@ def test_clip_preprocess_numpy_inputs() -> None:
     """Numpy images go through the same conversion as HF's processor. A one-channel image is
     repeated to RGB (some transformers versions reject it; it is then compared with its RGB
     repetition only); an RGBA one is compared with HF, or where this transformers version
-    rejects four-channel arrays (the GPU machine's did), with HF on the image PIL converts to
-    RGB (alpha dropped, what the versions that take it do)."""
+    rejects four-channel arrays (the GPU machine's did), with HF on the PIL RGBA image of the
+    same pixels (HF's convert_to_rgb then decides how transparency is flattened, as it does
+    for our op)."""
     rng = fresh_rng()
     gray = rng.integers(0, 256, (40, 30, 1), dtype=np.uint8)
     rgba = rng.integers(0, 256, (40, 30, 4), dtype=np.uint8)
@@ -267,7 +268,7 @@ def test_clip_preprocess_numpy_inputs() -> None:
     try:
         want = torch.from_numpy(proc(images=[rgba], return_tensors="np")["pixel_values"])
     except ValueError:
-        want = hf_pixels(proc, [Image.fromarray(rgba).convert("RGB")])
+        want = hf_pixels(proc, [Image.fromarray(rgba)])
     assert_same_as_hf(ops.clip_preprocess([rgba], config), want)
     try:
         want = torch.from_numpy(proc(images=[gray], return_tensors="np")["pixel_values"])

@@ -120,7 +120,8 @@ def test_linear_matches_float64(
 
 # Shapes large enough that the CUDA kernels pick each of their tilings (mma.sync: 128 x 256,
 # 192 x 128, 128 x 128 and 64 x 128; wgmma: 128 x 256, 192 x 128, 192 x 96 and 128 x 128; chosen
-# from the tile count and the SM count) on GPUs with 46 to 132 SMs: rows, odd and even features
+# from the tile count and the SM count, so which shape meets which tiling depends on the GPU:
+# 192 x 96 needs about 132 SMs, an H100 PCIe's 114 never picks it): rows, odd and even features
 # and K off every tile edge, K from fewer tiles than pipeline stages (72) to many (520).
 TILING_SHAPES = [
     (385, 5633, 72),
