@@ -4,12 +4,13 @@ CUDA (bfloat16). Also the single linear layers, with prepacked weights on the CP
 per call over back-to-back calls, ours and torch's alike (see time_cuda_calls).
 
 Usage: python benchmarks/bench_projector.py [--repeats N] [--device cpu|cuda|all] [--threads N]
-       [--clock wall|cpu]
+       [--clock wall|cpu] [--tilings]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Callable
 
@@ -108,6 +109,17 @@ def bench_shape(
             lambda: F.gelu(F.linear(x, w1, b1)),
         ),
     ]
+    if device == "cuda":
+        # The second GEMM alone (K = hidden): the plain GEMM, where cuBLAS is the peer.
+        hidden = F.gelu(F.linear(x, w1, b1))
+        rows.append(
+            (
+                "linear2",
+                2.0 * t * h * d_out,
+                lambda: ops.linear(hidden, w2, b2),
+                lambda: F.linear(hidden, w2, b2),
+            )
+        )
     if device == "cpu":
         packed = ops.pack_linear_weight(w1)
         rows.append(
@@ -167,12 +179,49 @@ def bench_device(device: str, repeats: int) -> None:
         bench_decode_linear(device, dtype, repeats)
 
 
+# The wgmma kernel's tilings (APHRODITE_CUDA_WGMMA_TILING), each forced in turn at the large
+# projector shapes: the figures the tiling cost model's relative rates should come from.
+WGMMA_TILINGS = ["auto", "128x256", "192x128", "192x96", "128x128"]
+
+
+def wgmma_runs_here() -> bool:
+    """An sm_90 device and a build with sm_90a code (where the wgmma kernel runs)."""
+    cuda = next(b for b in _C.backends_info() if b["name"] == "cuda")
+    built = any(arch.startswith("90a") for arch in cuda["archs"])
+    return built and torch.cuda.get_device_capability() == (9, 0)
+
+
+def bench_tilings(repeats: int) -> None:
+    if not wgmma_runs_here():
+        print("\n(the wgmma kernel cannot run here: tiling sweep skipped)")
+        return
+    print(f"\n== cuda (torch.bfloat16) wgmma tilings, best of {repeats}; GFLOP/s; ours/torch")
+    print(f"{'shape (T, Din -> H -> D)':<28}{'op':<24}{'ours':>9}{'torch':>9}{'ratio':>8}")
+    saved = os.environ.get("APHRODITE_CUDA_WGMMA_TILING")
+    try:
+        for shape in SHAPES[:3]:
+            for tiling in WGMMA_TILINGS:
+                os.environ["APHRODITE_CUDA_WGMMA_TILING"] = tiling
+                print(f"-- tiling {tiling}")
+                bench_shape("cuda", torch.bfloat16, shape, repeats)
+    finally:
+        if saved is None:
+            os.environ.pop("APHRODITE_CUDA_WGMMA_TILING", None)
+        else:
+            os.environ["APHRODITE_CUDA_WGMMA_TILING"] = saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for both (0: default)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    parser.add_argument(
+        "--tilings",
+        action="store_true",
+        help="CUDA: instead of the usual table, each wgmma tiling forced at the large shapes",
+    )
     args = parser.parse_args()
     global CLOCK
     if args.clock == "cpu":
@@ -190,7 +239,10 @@ def main() -> None:
     if args.device in ("cuda", "all"):
         if torch.cuda.is_available() and _C.cuda_compiled():
             print(f"cuda device: {torch.cuda.get_device_name()}")
-            bench_device("cuda", args.repeats)
+            if args.tilings:
+                bench_tilings(args.repeats)
+            else:
+                bench_device("cuda", args.repeats)
         elif args.device == "cuda":
             raise SystemExit("no usable CUDA device (or this build has no CUDA backend)")
         else:

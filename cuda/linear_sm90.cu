@@ -498,9 +498,27 @@ void launch_wgmma(const LinearCudaArgs& a, cudaStream_t stream) {
   check_launch("linear_wgmma_kernel");
 }
 
-template <typename T>
-void dispatch(const LinearCudaArgs& a) {
-  cudaStream_t stream = to_cuda_stream(a.stream);
+enum class WgmmaChoice { kAuto, kWide, kTall, kTallNarrow, kSquare };
+
+// APHRODITE_CUDA_WGMMA_TILING: unset, empty or "auto" lets the cost model choose; "128x256",
+// "192x128", "192x96" or "128x128" forces that tiling for every shape (for measuring each
+// tiling against the model's choice: bench_projector.py --tilings).
+WgmmaChoice forced_tiling() {
+  const char* env = std::getenv("APHRODITE_CUDA_WGMMA_TILING");
+  const std::string wanted = env == nullptr ? "" : env;
+  if (wanted.empty() || wanted == "auto") return WgmmaChoice::kAuto;
+  if (wanted == "128x256") return WgmmaChoice::kWide;
+  if (wanted == "192x128") return WgmmaChoice::kTall;
+  if (wanted == "192x96") return WgmmaChoice::kTallNarrow;
+  if (wanted == "128x128") return WgmmaChoice::kSquare;
+  throw ValueError(
+      "APHRODITE_CUDA_WGMMA_TILING must be 'auto', '128x256', '192x128', '192x96' or "
+      "'128x128', got '" +
+      wanted + "'");
+}
+
+// The cost model's choice (relative rates are estimates of each tiling's speed per SM).
+WgmmaChoice modelled_tiling(const LinearCudaArgs& a) {
   int sms = 0;
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.device),
              "cudaDeviceGetAttribute(multiProcessorCount)");
@@ -509,14 +527,30 @@ void dispatch(const LinearCudaArgs& a) {
   const double narrow = linear_kernels::tiling_cost<WgmmaTallNarrow>(a.m, a.n, sms, 0.9);
   const double square = linear_kernels::tiling_cost<WgmmaSquare>(a.m, a.n, sms, 0.85);
   const double best = std::min({wide, tall, narrow, square});
-  if (wide == best) {
-    launch_wgmma<T, WgmmaWide>(a, stream);
-  } else if (tall == best) {
-    launch_wgmma<T, WgmmaTall>(a, stream);
-  } else if (narrow == best) {
-    launch_wgmma<T, WgmmaTallNarrow>(a, stream);
-  } else {
-    launch_wgmma<T, WgmmaSquare>(a, stream);
+  if (wide == best) return WgmmaChoice::kWide;
+  if (tall == best) return WgmmaChoice::kTall;
+  if (narrow == best) return WgmmaChoice::kTallNarrow;
+  return WgmmaChoice::kSquare;
+}
+
+template <typename T>
+void dispatch(const LinearCudaArgs& a) {
+  cudaStream_t stream = to_cuda_stream(a.stream);
+  WgmmaChoice choice = forced_tiling();
+  if (choice == WgmmaChoice::kAuto) choice = modelled_tiling(a);
+  switch (choice) {
+    case WgmmaChoice::kWide:
+      launch_wgmma<T, WgmmaWide>(a, stream);
+      break;
+    case WgmmaChoice::kTall:
+      launch_wgmma<T, WgmmaTall>(a, stream);
+      break;
+    case WgmmaChoice::kTallNarrow:
+      launch_wgmma<T, WgmmaTallNarrow>(a, stream);
+      break;
+    default:
+      launch_wgmma<T, WgmmaSquare>(a, stream);
+      break;
   }
 }
 

@@ -174,6 +174,9 @@ if [ $quick = 0 ]; then
   # The GPU's own figures first (the issues' targets), the host CPU's last.
   bench bench_attention_cuda 180 "$py" benchmarks/bench_attention.py --device cuda
   bench bench_projector_cuda 120 "$py" benchmarks/bench_projector.py --device cuda
+  # Each wgmma tiling forced at the large projector shapes (the tiling model's calibration).
+  [ $kernels = 1 ] && bench bench_projector_tilings 120 "$py" benchmarks/bench_projector.py \
+    --device cuda --tilings --repeats 5
   [ $kernels = 1 ] && exit 0
   bench bench_projector_cuda_gemm_mma 120 env APHRODITE_CUDA_GEMM=mma \
     "$py" benchmarks/bench_projector.py --device cuda

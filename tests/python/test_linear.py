@@ -296,6 +296,11 @@ def test_linear_rejects_bad_arguments(device: str) -> None:
             ops.linear(x, w.cpu())
 
 
+def wgmma_runs_here() -> bool:
+    cuda_archs = next(b["archs"] for b in _C.backends_info() if b["name"] == "cuda")
+    return torch.cuda.get_device_capability() == (9, 0) and any("90a" in a for a in cuda_archs)
+
+
 @pytest.mark.skipif(not CUDA_USABLE, reason="no usable CUDA device")
 def test_cuda_gemm_choice_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     """APHRODITE_CUDA_GEMM: an unknown value is refused, and asking for wgmma where it cannot
@@ -306,13 +311,35 @@ def test_cuda_gemm_choice_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="APHRODITE_CUDA_GEMM must be"):
         ops.linear(x, w)
     monkeypatch.setenv("APHRODITE_CUDA_GEMM", "wgmma")
-    cuda_archs = next(b["archs"] for b in _C.backends_info() if b["name"] == "cuda")
-    if torch.cuda.get_device_capability() != (9, 0) or not any("90a" in a for a in cuda_archs):
+    if not wgmma_runs_here():
         with pytest.raises(RuntimeError, match="cannot run here"):
             ops.linear(x, w)
     else:
         ref = reference(x, w, None, "none")
         assert rel_err(ops.linear(x, w), ref) < tolerance(torch.bfloat16)
+
+
+@pytest.mark.skipif(not CUDA_USABLE, reason="no usable CUDA device")
+@pytest.mark.parametrize("tiling", ["128x256", "192x128", "192x96", "128x128"])
+def test_cuda_wgmma_forced_tiling(monkeypatch: pytest.MonkeyPatch, tiling: str) -> None:
+    """APHRODITE_CUDA_WGMMA_TILING forces one wgmma tiling (for measuring them): each is exact
+    on shapes off its tile edges, whatever the cost model would pick; an unknown one is
+    refused."""
+    if not wgmma_runs_here():
+        pytest.skip("the wgmma kernel needs an sm_90 device and an sm_90a build")
+    monkeypatch.setenv("APHRODITE_CUDA_GEMM", "wgmma")
+    monkeypatch.setenv("APHRODITE_CUDA_WGMMA_TILING", tiling)
+    gen = case_generator(sum(map(ord, tiling)))
+    for m, n, k in [(17, 200, 72), (577, 1031, 264), (200, 4100, 136)]:
+        x = make((m, k), torch.bfloat16, "cuda", gen)
+        w = make((n, k), torch.bfloat16, "cuda", gen) / math.sqrt(k)
+        b = make((n,), torch.bfloat16, "cuda", gen)
+        y = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        ops.linear(x, w, b, "gelu", out=y)
+        assert rel_err(y, reference(x, w, b, "gelu")) < tolerance(torch.bfloat16), (m, n, k)
+    monkeypatch.setenv("APHRODITE_CUDA_WGMMA_TILING", "256x256")
+    with pytest.raises(ValueError, match="APHRODITE_CUDA_WGMMA_TILING must be"):
+        ops.linear(x, w)
 
 
 def test_every_kernel_set_on_random_shapes(cpu_isa: str) -> None:
