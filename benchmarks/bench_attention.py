@@ -4,8 +4,8 @@ CPU (float32): prefill against torch's scaled_dot_product_attention (causal, con
 decode against SDPA over contiguous K/V. CUDA (bfloat16, when a GPU is usable): decode at batch
 64, context 2048 against the device's copy bandwidth (torch copy_, read + write bytes), and prefill
 against torch's flash SDPA. K/V for torch are contiguous and GQA-expanded outside the timed region,
-so torch reads no block table and does no gather. CUDA times are per call over back-to-back calls
-(ours and the peer alike; see time_cuda).
+so torch reads no block table and does no gather. CUDA times are device time per call (ours and
+the peer alike; see time_cuda).
 
 Usage: python benchmarks/bench_attention.py [--iterations N] [--device all|cpu|cuda]
 The last line is a one-line summary of the ratios.
@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import device_seconds_per_call
 
 from aphrodite import _C, ops
 
@@ -37,26 +38,11 @@ def time_cpu(fn, iterations: int) -> float:
     return min(times)
 
 
-CUDA_CALLS_PER_SAMPLE = 10
-
-
 def time_cuda(fn, iterations: int) -> float:
-    """Median over `iterations` samples of the time per call of CUDA_CALLS_PER_SAMPLE calls
-    queued back to back between two events: the host-side cost of one call (Python, argument
-    checks, launches) overlaps the previous call's kernels, as in a serving loop, instead of
-    being counted as device time."""
+    """Median over `iterations` samples of the device time per call (cuda_timing.py: calls
+    queued behind a spinning kernel, so neither side's host-side launch cost is counted)."""
     fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iterations):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(CUDA_CALLS_PER_SAMPLE):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / CUDA_CALLS_PER_SAMPLE)
-    return statistics.median(times)
+    return statistics.median(device_seconds_per_call(fn) for _ in range(iterations))
 
 
 class Case:

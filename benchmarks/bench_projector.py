@@ -1,7 +1,8 @@
 """LLaVA projector throughput: aphrodite.ops.llava_projector against torch
 (F.linear + F.gelu + F.linear) in the same process, on the CPU (float32) and, when present, on
 CUDA (bfloat16). Also the single linear layers, with prepacked weights on the CPU. CUDA times are
-per call over back-to-back calls, ours and torch's alike (see time_cuda_calls).
+device time per call, ours and torch's alike (calls queued behind a spinning kernel, so the
+host's launch costs are hidden for both: see cuda_timing.py).
 
 Usage: python benchmarks/bench_projector.py [--repeats N] [--device cpu|cuda|all] [--threads N]
        [--clock wall|cpu] [--tilings]
@@ -16,6 +17,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import device_seconds_per_call
 
 from aphrodite import _C, ops
 
@@ -57,31 +59,13 @@ def timed_pair(
     for _ in range(repeats):
         for i, fn in enumerate(fns):
             if device == "cuda":
-                best[i] = min(best[i], time_cuda_calls(fn))
+                best[i] = min(best[i], device_seconds_per_call(fn))
                 continue
             for _ in range(CALLS_PER_TURN):
                 t0 = CLOCK()
                 fn()
                 best[i] = min(best[i], CLOCK() - t0)
     return best[0], best[1]
-
-
-CUDA_CALLS_PER_SAMPLE = 10
-
-
-def time_cuda_calls(fn: Callable[[], object]) -> float:
-    """Seconds per call of CUDA_CALLS_PER_SAMPLE calls queued back to back between two CUDA
-    events (as benchmarks/bench_attention.py times both sides): one call's host-side cost
-    (Python, argument checks, launches) overlaps the previous call's kernels, as in a model's
-    forward pass, instead of a synchronisation per call being counted as device time."""
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(CUDA_CALLS_PER_SAMPLE):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / CUDA_CALLS_PER_SAMPLE
 
 
 def bench_shape(
