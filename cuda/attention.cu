@@ -673,11 +673,13 @@ __device__ __forceinline__ void prefill_rows(const PagedAttentionParams p, unsig
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) prefill_mma_kernel(const PagedAttentionParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  // Heavy (late, causal) windows first: the grid's tail is then made of light ones.
-  const int window = static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x);
+  // Blocks start in the order of their linear index, x fastest: heads along x and windows along
+  // y from the last to the first, so every head's heavy (late, causal) windows run first and the
+  // grid's tail is made of light ones.
+  const int head = static_cast<int>(blockIdx.x);
+  const int window = static_cast<int>(gridDim.y) - 1 - static_cast<int>(blockIdx.y);
   const int w0 = window * kMmaRows;
   const int w1 = min(w0 + kMmaRows, p.num_tokens);
-  const int head = blockIdx.y;
   const std::int32_t* qsl = p.query_start_loc;
   bool first = true;
   // Sequences before sequence_of(w0) end at or before w0.
@@ -1580,8 +1582,9 @@ void launch_attention(PagedAttentionParams p, const Geometry& g, float* part_acc
                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem_bytes)),
                  "cudaFuncSetAttribute(prefill_mma_kernel)");
-      const dim3 mma_grid(static_cast<unsigned>((p.num_tokens + kMmaRows - 1) / kMmaRows),
-                          static_cast<unsigned>(p.num_heads));
+      // One block per (head, window); see the kernel for the order.
+      const int windows = (p.num_tokens + kMmaRows - 1) / kMmaRows;  // <= 65535: checked above
+      const dim3 mma_grid(static_cast<unsigned>(p.num_heads), static_cast<unsigned>(windows));
       prefill_mma_kernel<T, D><<<mma_grid, kThreads, smem_bytes, stream>>>(p);
       check_launch("prefill_mma_kernel");
     }
@@ -1656,6 +1659,11 @@ void paged_attention_cuda(const PagedAttentionParams& p, void* workspace,
   DeviceGuard guard(device);
   if (!aligned16(p.key_cache) || !aligned16(p.value_cache)) {
     throw ValueError("CUDA paged attention needs 16-byte aligned key_cache and value_cache");
+  }
+  // The tensor-core prefill grid has a 128-token window per block along y (at most 65535).
+  if (p.num_tokens > 65535LL * kMmaRows) {
+    throw ValueError("CUDA paged attention takes at most " + std::to_string(65535 * kMmaRows) +
+                     " query tokens per call");
   }
   const std::int64_t max_context = static_cast<std::int64_t>(p.max_blocks_per_seq) * p.block_size;
   Geometry g = make_geometry(p.num_tokens, p.num_seqs, p.num_heads, p.num_kv_heads, max_context,
