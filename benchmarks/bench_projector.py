@@ -165,7 +165,19 @@ def bench_device(device: str, repeats: int) -> None:
 
 # The wgmma kernel's tilings (APHRODITE_CUDA_WGMMA_TILING), each forced in turn at the large
 # projector shapes: the figures the tiling cost model's relative rates should come from.
-WGMMA_TILINGS = ["auto", "128x256", "192x128", "192x96", "128x128"]
+WGMMA_TILINGS = [
+    "auto",
+    "128x256",
+    "192x128",
+    "192x96",
+    "128x128",
+    "64x96",
+    "64x128",
+    "192x96c2n",
+    "192x128c2n",
+    "128x256c2m",
+    "64x128c2m",
+]
 
 
 def wgmma_runs_here() -> bool:
@@ -183,7 +195,7 @@ def bench_tilings(repeats: int) -> None:
     print(f"{'shape (T, Din -> H -> D)':<28}{'op':<24}{'ours':>9}{'torch':>9}{'ratio':>8}")
     saved = os.environ.get("APHRODITE_CUDA_WGMMA_TILING")
     try:
-        for shape in SHAPES[:3]:
+        for shape in SHAPES[:4]:
             for tiling in WGMMA_TILINGS:
                 os.environ["APHRODITE_CUDA_WGMMA_TILING"] = tiling
                 print(f"-- tiling {tiling}")

@@ -13,6 +13,13 @@
 // as TMA needs; linear.cu checks that before choosing this kernel). The epilogue (bias,
 // activation, one rounding) is the mma.sync kernel's, from the accumulator registers.
 //
+// Tilings: 64 x Consumers rows by BN columns, chosen per shape by a cost model of SM use (or
+// forced: APHRODITE_CUDA_WGMMA_TILING). Opt-in ones run blocks in clusters of two that share one
+// operand's tile: each block copies half of it and TMA multicasts the half into both blocks'
+// buffers, so the shared operand crosses L2 once per pair; a buffer's empty barrier then counts
+// both blocks' consumers, and each producer, before its block exits, waits for the last
+// releases its peer's consumers send it.
+//
 // Both operands are K-major ("TN": x is [M, K] and w is [N, K], row-major), the layout wgmma takes
 // without transposes. Device code exists only in the sm_90a build (wgmma is an sm_90a feature);
 // the host side runs it only on compute capability 9.0 devices of a build that has that code.
@@ -44,15 +51,27 @@ namespace {
 using linear_kernels::KernelArgs;
 using linear_kernels::TypeTraits;
 
+// Which operand a pair of blocks (a thread block cluster of 2) shares: none; x, for two blocks
+// of adjacent column tiles (the cluster runs along N); or w, for two blocks of adjacent row
+// tiles (along M). Each block of the pair copies half of the shared tile and TMA multicasts it
+// into both blocks' shared memory, so that operand crosses L2 once for two blocks.
+enum class Multicast { kNone, kX, kW };
+
 // A tiling: Consumers warpgroups of 64 rows each, BN columns, K in 64-element slices (one
-// 128-byte swizzle row of 2-byte elements) through Stages buffers.
-template <int Consumers, int BN, int Stages>
+// 128-byte swizzle row of 2-byte elements) through Stages buffers, and the operand shared with a
+// cluster peer.
+template <int Consumers, int BN, int Stages, Multicast Share = Multicast::kNone>
 struct WgmmaTiling {
   static constexpr int kConsumers = Consumers;
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = BN;
   static constexpr int kBlockK = 64;
   static constexpr int kStages = Stages;
+  static constexpr Multicast kShare = Share;
+  static constexpr int kCluster = Share == Multicast::kNone ? 1 : 2;
+  // Rows of each TMA box: a shared tile is copied in halves, one by each block of the pair.
+  static constexpr int kBoxRowsX = Share == Multicast::kX ? kBlockM / 2 : kBlockM;
+  static constexpr int kBoxRowsW = Share == Multicast::kW ? kBlockN / 2 : kBlockN;
   static constexpr int kThreads = 128 * kConsumers + 32;  // the consumers, then the producer warp
   static constexpr int kTileXBytes = kBlockM * kBlockK * 2;
   static constexpr int kTileWBytes = kBlockN * kBlockK * 2;
@@ -66,6 +85,10 @@ struct WgmmaTiling {
   static_assert(kTileXBytes % 1024 == 0 && kTileWBytes % 1024 == 0,
                 "every tile starts on a swizzle period");
   static_assert(BN % 8 == 0 && BN <= 256 && kBlockM <= 256, "TMA boxes hold at most 256 rows");
+  static_assert(kSmemBytes <= 227 * 1024, "an sm_90 block holds at most 227 KiB of shared memory");
+  // A half tile starts on a swizzle period (8 rows of 128 bytes), so both halves land in the
+  // layout one whole-tile copy writes.
+  static_assert(kBoxRowsX % 8 == 0 && kBoxRowsW % 8 == 0, "half tiles are whole swizzle periods");
 };
 
 // 128 x 256: the most reuse per loaded byte, for large grids.
@@ -78,6 +101,19 @@ using WgmmaTall = WgmmaTiling<3, 128, 5>;
 using WgmmaTallNarrow = WgmmaTiling<3, 96, 6>;
 // 128 x 128: more, smaller tiles for small grids.
 using WgmmaSquare = WgmmaTiling<2, 128, 6>;
+// Clusters of two (chosen only when forced, until measured): 192 x 96 and 192 x 128 sharing the
+// x tile (192 rows x 64 of K: twice or 1.5 times a w tile's bytes) between two column tiles, and
+// 128 x 256 sharing the w tile between two row tiles.
+using WgmmaTallNarrowPairN = WgmmaTiling<3, 96, 6, Multicast::kX>;
+using WgmmaTallPairN = WgmmaTiling<3, 128, 5, Multicast::kX>;
+using WgmmaWidePairM = WgmmaTiling<2, 256, 4, Multicast::kW>;
+// 64-row tiles (one consumer warpgroup) for inputs of a few hundred rows, where the tilings above
+// leave most SMs idle (144 x 4096 is 43 tiles of 192 x 96, 129 of 64 x 96); more stages, since
+// each k tile is less work to hide the copies behind. The clustered one shares the w tile
+// between two row tiles, as cuBLAS does at such shapes.
+using WgmmaThinNarrow = WgmmaTiling<1, 96, 10>;
+using WgmmaThin = WgmmaTiling<1, 128, 9>;
+using WgmmaThinPairM = WgmmaTiling<1, 128, 9, Multicast::kW>;
 
 #ifdef APHRODITE_WGMMA_DEVICE_CODE
 
@@ -139,6 +175,48 @@ __device__ __forceinline__ void tma_load_2d(std::uint32_t dst, const CUtensorMap
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
       " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
       "l"(reinterpret_cast<std::uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+
+// As tma_load_2d, and the same box also lands at dst's offset in the shared memory of every
+// block of the cluster named in cta_mask, completing the transaction count of the mbarrier at
+// bar's offset in each of them.
+__device__ __forceinline__ void tma_load_2d_multicast(std::uint32_t dst, const CUtensorMap* map,
+                                                      std::uint32_t bar, int c0, int c1,
+                                                      std::uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+      "l"(reinterpret_cast<std::uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(cta_mask)
+      : "memory");
+}
+
+__device__ __forceinline__ std::uint32_t cluster_rank() {
+  std::uint32_t rank = 0;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  return rank;
+}
+
+// Every thread of every block of the cluster: what each wrote before is visible to all after.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile(
+      "barrier.cluster.arrive.release;\n"
+      "barrier.cluster.wait.acquire;\n" ::
+          : "memory");
+}
+
+// One arrival on the mbarrier at offset `bar` of the cluster's block `rank` (this block's own
+// included). It releases a buffer whose reads (wgmma's) completed at a wgmma wait, which needs
+// no memory fence: the default (.cta) semantics, as CUTLASS's cluster barrier uses; the
+// .release.cluster form costs a MEMBAR.ALL.GPU per arrival.
+__device__ __forceinline__ void mbar_arrive_cluster(std::uint32_t bar, std::uint32_t rank) {
+  asm volatile(
+      "{\n"
+      ".reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n"
+      "}\n" ::"r"(bar),
+      "r"(rank)
       : "memory");
 }
 
@@ -346,28 +424,60 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int n0 = static_cast<int>(blockIdx.x) * kBlockN;
   const int k_tiles = static_cast<int>((args.k + Cfg::kBlockK - 1) / Cfg::kBlockK);
 
+  constexpr bool kPaired = Cfg::kCluster > 1;
+  // This block's half of a shared tile (0 or 1), its peer's rank being the other.
+  const std::uint32_t rank = kPaired ? cluster_rank() : 0;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(full + 8 * s, 1);                 // the producer's arrive.expect_tx
-      mbar_init(empty + 8 * s, Cfg::kConsumers);  // one arrival per consumer warpgroup
+      mbar_init(full + 8 * s, 1);  // the producer's arrive.expect_tx
+      // One arrival per consumer warpgroup of each block whose copies write into this buffer
+      // (with a shared tile, the peer's multicast half lands here too).
+      mbar_init(empty + 8 * s, Cfg::kConsumers * Cfg::kCluster);
     }
     // Make the initialised barriers visible to the copy engine (the async proxy) too.
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+  // Neither block of a pair copies into, or arrives on, the other before its barriers exist.
+  if constexpr (kPaired) cluster_sync();
 
   if (warp == 4 * Cfg::kConsumers) {
     // Producer. Use u of buffer s (k tile u * kStages + s) waits for the consumers' release of
     // use u - 1, the empty barrier's phase u - 1; for u = 0 the wait on parity 1 returns at once.
+    // Paired, the empty barrier counts both blocks' consumers: this block's multicast half is
+    // written into the peer's buffer too. The full barrier expects the whole stage either way
+    // (a peer's half may land before this expect_tx: the count then goes negative meanwhile,
+    // and the phase cannot complete before this thread's arrival).
     if (lane == 0) {
+      constexpr std::uint16_t kBoth = 0x3;
       for (int kt = 0; kt < k_tiles; ++kt) {
         const int s = kt % kStages;
         const std::uint32_t use = static_cast<std::uint32_t>(kt / kStages);
         mbar_wait(empty + 8 * s, (use & 1u) ^ 1u);
         const std::uint32_t stage = tiles + s * Cfg::kStageBytes;
-        mbar_arrive_expect_tx(full + 8 * s, Cfg::kStageBytes);
-        tma_load_2d(stage, &x_map, full + 8 * s, kt * Cfg::kBlockK, m0);
-        tma_load_2d(stage + Cfg::kTileXBytes, &w_map, full + 8 * s, kt * Cfg::kBlockK, n0);
+        const std::uint32_t bar = full + 8 * s;
+        const int k0 = kt * Cfg::kBlockK;
+        mbar_arrive_expect_tx(bar, Cfg::kStageBytes);
+        if constexpr (Cfg::kShare == Multicast::kX) {
+          const int half = static_cast<int>(rank) * Cfg::kBoxRowsX;
+          tma_load_2d_multicast(stage + half * 128, &x_map, bar, k0, m0 + half, kBoth);
+        } else {
+          tma_load_2d(stage, &x_map, bar, k0, m0);
+        }
+        if constexpr (Cfg::kShare == Multicast::kW) {
+          const int half = static_cast<int>(rank) * Cfg::kBoxRowsW;
+          tma_load_2d_multicast(stage + Cfg::kTileXBytes + half * 128, &w_map, bar, k0, n0 + half,
+                                kBoth);
+        } else {
+          tma_load_2d(stage + Cfg::kTileXBytes, &w_map, bar, k0, n0);
+        }
+      }
+      if constexpr (kPaired) {
+        // The peer's consumers arrive on this block's empty barriers until they are done: wait
+        // for every buffer's last release before this block may exit.
+        for (int s = 0; s < kStages && s < k_tiles; ++s) {
+          mbar_wait(empty + 8 * s, static_cast<std::uint32_t>((k_tiles - 1 - s) / kStages) & 1u);
+        }
       }
     }
     return;
@@ -394,7 +504,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // One group stays in flight, so this tile's multiplies overlap the wait for the next: once
     // the previous tile's group is complete (its shared-memory reads too), release its buffer.
     wgmma_wait_one();
-    if (kt > 0 && threadIdx.x % 128 == 0) mbar_arrive(empty + 8 * ((kt - 1) % kStages));
+    if (kt > 0 && threadIdx.x % 128 == 0) {
+      const std::uint32_t bar = empty + 8 * ((kt - 1) % kStages);
+      if constexpr (kPaired) {
+        mbar_arrive_cluster(bar, 0);
+        mbar_arrive_cluster(bar, 1);
+      } else {
+        mbar_arrive(bar);
+      }
+    }
   }
   wgmma_wait_all();
 
@@ -421,6 +539,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       linear_kernels::store_pair(out + row * args.ldo + col, acc[4 * j + 2 * half],
                                  acc[4 * j + 2 * half + 1], bias0, bias1, args.act, second,
                                  args.pair_stores != 0);
+    }
+  }
+  if constexpr (kPaired) {
+    // The last buffer's release too (its reads completed at the wait above; released only
+    // now, since an arrival between that wait and the epilogue makes ptxas serialise the
+    // wgmma pipeline): both producers wait for it before their blocks exit.
+    if (k_tiles > 0 && threadIdx.x % 128 == 0) {
+      const std::uint32_t bar = empty + 8 * ((k_tiles - 1) % kStages);
+      mbar_arrive_cluster(bar, 0);
+      mbar_arrive_cluster(bar, 1);
     }
   }
 #else
@@ -489,32 +617,89 @@ void launch_wgmma(const LinearCudaArgs& a, cudaStream_t stream) {
   linear_kernels::allow_dynamic_smem(
       kernel, Cfg::kSmemBytes, a.device, opted_in,
       "cudaFuncSetAttribute(linear_wgmma_kernel, maxDynamicSharedMemorySize)");
-  const CUtensorMap x_map = tile_map(a.x, a.m, a.k, a.ldx, Cfg::kBlockM, a.dtype, "x");
-  const CUtensorMap w_map = tile_map(a.w, a.n, a.k, a.ldw, Cfg::kBlockN, a.dtype, "weight");
-  const dim3 grid(static_cast<unsigned>((a.n + Cfg::kBlockN - 1) / Cfg::kBlockN),
-                  static_cast<unsigned>((a.m + Cfg::kBlockM - 1) / Cfg::kBlockM));
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(x_map, w_map,
-                                                           linear_kernels::kernel_args(a));
+  const CUtensorMap x_map = tile_map(a.x, a.m, a.k, a.ldx, Cfg::kBoxRowsX, a.dtype, "x");
+  const CUtensorMap w_map = tile_map(a.w, a.n, a.k, a.ldw, Cfg::kBoxRowsW, a.dtype, "weight");
+  long long col_tiles = (a.n + Cfg::kBlockN - 1) / Cfg::kBlockN;
+  long long row_tiles = (a.m + Cfg::kBlockM - 1) / Cfg::kBlockM;
+  // A pair spans two column (x shared) or row (w shared) tiles: the grid rounds up to pairs, the
+  // extra block's copies past the edge are zeros and its epilogue stores nothing.
+  if (Cfg::kShare == Multicast::kX) col_tiles += col_tiles % 2;
+  if (Cfg::kShare == Multicast::kW) row_tiles += row_tiles % 2;
+  if (row_tiles > 65535) {
+    throw ValueError("linear: " + std::to_string(a.m) +
+                     " rows are more row tiles than this wgmma tiling's grid holds");
+  }
+  const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles));
+  if constexpr (Cfg::kCluster == 1) {
+    kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(x_map, w_map,
+                                                             linear_kernels::kernel_args(a));
+  } else {
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid;
+    config.blockDim = dim3(Cfg::kThreads);
+    config.dynamicSmemBytes = Cfg::kSmemBytes;
+    config.stream = stream;
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = Cfg::kShare == Multicast::kX ? 2 : 1;
+    cluster.val.clusterDim.y = Cfg::kShare == Multicast::kW ? 2 : 1;
+    cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+    check_cuda(cudaLaunchKernelEx(&config, kernel, x_map, w_map, linear_kernels::kernel_args(a)),
+               "cudaLaunchKernelEx(linear_wgmma_kernel, cluster of 2)");
+  }
   check_launch("linear_wgmma_kernel");
 }
 
-enum class WgmmaChoice { kAuto, kWide, kTall, kTallNarrow, kSquare };
+enum class WgmmaChoice {
+  kAuto,
+  kWide,
+  kTall,
+  kTallNarrow,
+  kSquare,
+  kThinNarrow,
+  kThin,
+  kTallNarrowPairN,
+  kTallPairN,
+  kWidePairM,
+  kThinPairM
+};
 
-// APHRODITE_CUDA_WGMMA_TILING: unset, empty or "auto" lets the cost model choose; "128x256",
-// "192x128", "192x96" or "128x128" forces that tiling for every shape (for measuring each
-// tiling against the model's choice: bench_projector.py --tilings).
+struct NamedTiling {
+  const char* name;
+  WgmmaChoice choice;
+};
+
+// The names APHRODITE_CUDA_WGMMA_TILING takes: rows x columns of a block's tile, "c2n" / "c2m"
+// for clusters of two blocks along N (sharing x) / along M (sharing w).
+constexpr NamedTiling kNamedTilings[] = {
+    {"128x256", WgmmaChoice::kWide},
+    {"192x128", WgmmaChoice::kTall},
+    {"192x96", WgmmaChoice::kTallNarrow},
+    {"128x128", WgmmaChoice::kSquare},
+    {"64x96", WgmmaChoice::kThinNarrow},
+    {"64x128", WgmmaChoice::kThin},
+    {"192x96c2n", WgmmaChoice::kTallNarrowPairN},
+    {"192x128c2n", WgmmaChoice::kTallPairN},
+    {"128x256c2m", WgmmaChoice::kWidePairM},
+    {"64x128c2m", WgmmaChoice::kThinPairM},
+};
+
+// APHRODITE_CUDA_WGMMA_TILING: unset, empty or "auto" lets the cost model choose; a name above
+// forces that tiling for every shape (for measuring each against the model's choice:
+// bench_projector.py --tilings).
 WgmmaChoice forced_tiling() {
   const char* env = std::getenv("APHRODITE_CUDA_WGMMA_TILING");
   const std::string wanted = env == nullptr ? "" : env;
   if (wanted.empty() || wanted == "auto") return WgmmaChoice::kAuto;
-  if (wanted == "128x256") return WgmmaChoice::kWide;
-  if (wanted == "192x128") return WgmmaChoice::kTall;
-  if (wanted == "192x96") return WgmmaChoice::kTallNarrow;
-  if (wanted == "128x128") return WgmmaChoice::kSquare;
-  throw ValueError(
-      "APHRODITE_CUDA_WGMMA_TILING must be 'auto', '128x256', '192x128', '192x96' or "
-      "'128x128', got '" +
-      wanted + "'");
+  std::string names = "'auto'";
+  for (const NamedTiling& t : kNamedTilings) {
+    if (wanted == t.name) return t.choice;
+    names += std::string(", '") + t.name + "'";
+  }
+  throw ValueError("APHRODITE_CUDA_WGMMA_TILING must be one of " + names + ", got '" + wanted +
+                   "'");
 }
 
 // The cost model's choice (relative rates are estimates of each tiling's speed per SM).
@@ -526,11 +711,17 @@ WgmmaChoice modelled_tiling(const LinearCudaArgs& a) {
   const double tall = linear_kernels::tiling_cost<WgmmaTall>(a.m, a.n, sms, 0.95);
   const double narrow = linear_kernels::tiling_cost<WgmmaTallNarrow>(a.m, a.n, sms, 0.9);
   const double square = linear_kernels::tiling_cost<WgmmaSquare>(a.m, a.n, sms, 0.85);
-  const double best = std::min({wide, tall, narrow, square});
+  // A 64-row tile moves about 1.7 times the bytes per multiply of a 192-row one (both operands
+  // cross L2 once per 64 rows instead of w once per 192): at these sizes L2 bandwidth bounds it.
+  const double thin_narrow = linear_kernels::tiling_cost<WgmmaThinNarrow>(a.m, a.n, sms, 0.54);
+  const double thin = linear_kernels::tiling_cost<WgmmaThin>(a.m, a.n, sms, 0.6);
+  const double best = std::min({wide, tall, narrow, square, thin_narrow, thin});
   if (wide == best) return WgmmaChoice::kWide;
   if (tall == best) return WgmmaChoice::kTall;
   if (narrow == best) return WgmmaChoice::kTallNarrow;
-  return WgmmaChoice::kSquare;
+  if (square == best) return WgmmaChoice::kSquare;
+  if (thin_narrow == best) return WgmmaChoice::kThinNarrow;
+  return WgmmaChoice::kThin;
 }
 
 template <typename T>
@@ -547,6 +738,24 @@ void dispatch(const LinearCudaArgs& a) {
       break;
     case WgmmaChoice::kTallNarrow:
       launch_wgmma<T, WgmmaTallNarrow>(a, stream);
+      break;
+    case WgmmaChoice::kTallNarrowPairN:
+      launch_wgmma<T, WgmmaTallNarrowPairN>(a, stream);
+      break;
+    case WgmmaChoice::kTallPairN:
+      launch_wgmma<T, WgmmaTallPairN>(a, stream);
+      break;
+    case WgmmaChoice::kWidePairM:
+      launch_wgmma<T, WgmmaWidePairM>(a, stream);
+      break;
+    case WgmmaChoice::kThinNarrow:
+      launch_wgmma<T, WgmmaThinNarrow>(a, stream);
+      break;
+    case WgmmaChoice::kThin:
+      launch_wgmma<T, WgmmaThin>(a, stream);
+      break;
+    case WgmmaChoice::kThinPairM:
+      launch_wgmma<T, WgmmaThinPairM>(a, stream);
       break;
     default:
       launch_wgmma<T, WgmmaSquare>(a, stream);

@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${1:-/work/venvs/py312/bin/python}
 rm -rf build/gpu-wheel
+mkdir -p build
 "$py" -m pip wheel -v --no-build-isolation --no-deps . -w build/gpu-wheel \
   -Ccmake.define.APHRODITE_CUDA=ON -Ccmake.define.APHRODITE_CUDA_ARCHS=90a-real \
   -Ccmake.define.APHRODITE_BUILD_BENCHMARKS=ON -Ccmake.define.APHRODITE_WERROR=ON \

@@ -105,8 +105,11 @@ if [ $kernels = 1 ]; then
     tests/python/test_projector.py tests/python/test_image_preprocess.py
     tests/python/test_layer_ops.py tests/python/test_llava_model.py)
 fi
+# The forced wgmma tilings run in a process of their own below (a clustered one that traps would
+# take this process's CUDA context, and every later test, down with it).
+forced=tests/python/test_linear.py::test_cuda_wgmma_forced_tiling
 limited 240 "$py" -m pytest "${selection[@]}" -q $(timeout_opt 120) -p no:cacheprovider -rfEs \
-  "${ignore[@]}" --continue-on-collection-errors --junitxml="$out/pytest.xml" \
+  "${ignore[@]}" --deselect "$forced" --continue-on-collection-errors --junitxml="$out/pytest.xml" \
   >"$out/pytest.log" 2>&1
 rc=$?
 label="pytest (all, cpu+cuda)"
@@ -157,6 +160,8 @@ cuda_pass "pytest GEMM=wgmma (cuda)" gemm-wgmma 90 APHRODITE_CUDA_GEMM=wgmma \
   tests/python/test_linear.py tests/python/test_projector.py
 cuda_pass "pytest GEMM=mma (cuda)" gemm-mma 90 APHRODITE_CUDA_GEMM=mma \
   tests/python/test_linear.py tests/python/test_projector.py
+# Each wgmma tiling forced (the clustered ones included), off its tile edges.
+cuda_pass "pytest wgmma tilings forced" wgmma-tilings 90 APHRODITE_CUDA_GEMM=wgmma "$forced"
 [ $kernels = 1 ] || cuda_pass "pytest GEMM=auto, layers (cuda)" gemm-auto 150 \
   APHRODITE_CUDA_GEMM=auto tests/python/test_llava_model.py tests/python/test_cuda_graphs.py
 

@@ -320,17 +320,33 @@ def test_cuda_gemm_choice_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.skipif(not CUDA_USABLE, reason="no usable CUDA device")
-@pytest.mark.parametrize("tiling", ["128x256", "192x128", "192x96", "128x128"])
+@pytest.mark.parametrize(
+    "tiling",
+    [
+        "128x256",
+        "192x128",
+        "192x96",
+        "128x128",
+        "64x96",
+        "64x128",
+        "192x96c2n",
+        "192x128c2n",
+        "128x256c2m",
+        "64x128c2m",
+    ],
+)
 def test_cuda_wgmma_forced_tiling(monkeypatch: pytest.MonkeyPatch, tiling: str) -> None:
     """APHRODITE_CUDA_WGMMA_TILING forces one wgmma tiling (for measuring them): each is exact
     on shapes off its tile edges, whatever the cost model would pick; an unknown one is
-    refused."""
+    refused. The clustered ones (c2n / c2m: pairs of blocks sharing a multicast tile) meet an
+    odd number of column / row tiles (the pair's extra block reads past every edge), K in fewer
+    tiles than pipeline stages and in many more (each buffer reused across barrier phases)."""
     if not wgmma_runs_here():
         pytest.skip("the wgmma kernel needs an sm_90 device and an sm_90a build")
     monkeypatch.setenv("APHRODITE_CUDA_GEMM", "wgmma")
     monkeypatch.setenv("APHRODITE_CUDA_WGMMA_TILING", tiling)
     gen = case_generator(sum(map(ord, tiling)))
-    for m, n, k in [(17, 200, 72), (577, 1031, 264), (200, 4100, 136)]:
+    for m, n, k in [(17, 200, 72), (577, 1031, 264), (200, 4100, 136), (130, 700, 1000)]:
         x = make((m, k), torch.bfloat16, "cuda", gen)
         w = make((n, k), torch.bfloat16, "cuda", gen) / math.sqrt(k)
         b = make((n,), torch.bfloat16, "cuda", gen)
