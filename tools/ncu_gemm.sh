@@ -4,7 +4,8 @@
 # the tiling the cost model picks and with the tilings named in NCU_TILINGS. For a GPU machine
 # whose runtime lets ncu read the hardware counters (Firecracker: see the device library's
 # KINDS.md); installs the wheel carried in build/gpu-wheel like tools/gpu_check.sh.
-# Usage: bash tools/ncu_gemm.sh   (report text in $OUT/ncu.txt, or build/ncu/ncu.txt)
+# Usage: [NCU_TILINGS=192x96c2n,...] [NCU_SET=full] bash tools/ncu_gemm.sh
+# (report text in $OUT/ncu.txt, or build/ncu/ncu.txt; a summary of it on stdout)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-build/ncu}
@@ -54,12 +55,18 @@ torch.cuda.synchronize()
 torch.cuda.profiler.stop()
 print("profiled, in order:", "; ".join(order), file=sys.stderr)
 PYEOF
-"$ncu" --clock-control none --profile-from-start off --target-processes all \
-  --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-  --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
+# NCU_SET=full: every section with its details (warp stall reasons, pipe utilisation, source
+# counters), several times slower; by default the summary sections only.
+if [ "${NCU_SET:-}" = full ]; then
+  what=(--set full --print-details all)
+else
+  what=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
+    --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats)
+fi
+"$ncu" --clock-control none --profile-from-start off --target-processes all "${what[@]}" \
   "$py" "$out/gemm_calls.py" >"$out/ncu.txt" 2>&1
 rc=$?
 # The figures that say where the time goes, kernel by kernel.
-grep -E "profiled, in order|^  [a-zA-Z_].*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|DRAM Throughput|L1/TEX Cache Throughput|Executed Ipc Active|Issue Slots Busy|Grid Size|Block Size|Registers Per|Cluster Size|Achieved Occupancy|No Eligible|Warp Cycles Per Issued|Dynamic Shared|Shared Memory Configuration|SM Busy|Mem Busy|Max Bandwidth|Stall" \
+grep -E "profiled, in order|^  [a-zA-Z_].*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Cache Throughput|DRAM Throughput|L1/TEX Cache Throughput|Executed Ipc Active|Issue Slots Busy|Grid Size|Block Size|Registers Per|Cluster Size|Achieved Occupancy|No Eligible|Warp Cycles Per Issued|Dynamic Shared|Shared Memory Configuration|SM Busy|Mem Busy|Max Bandwidth|Stall|[Tt]ensor|Pipe" \
   "$out/ncu.txt" | cut -c1-150
 exit $rc
