@@ -1,24 +1,25 @@
 // CUDA linear on Hopper (sm_90a): out = act(x @ w^T + bias), as linear.cu computes it, with the
 // warpgroup tensor-core instructions (wgmma) fed by the bulk tensor copy engine (TMA).
 //
-// One block computes a BM x BN tile of out, BM = 64 x Consumers. Warpgroups 0 .. Consumers-1
-// (four warps each) are the consumers: each owns 64 rows of the tile and issues m64nBNk16 wgmma
-// instructions whose operands the tensor cores read straight from shared memory, accumulating in
-// float32 registers. The last warp is the producer: one of its threads issues the TMA copies of
-// x's and w's 64-wide K slices into a ring of Stages shared-memory buffers. Each buffer has two
-// mbarriers: `full` completes when the copies have landed (TMA counts the bytes it wrote) and
-// `empty` when every consumer warpgroup has finished reading it. TMA writes each tile in the
-// 128-byte swizzled layout that the wgmma descriptors name, and fills the parts of a box past the
-// edges of x and w with zeros, so any M, N and K work (K a multiple of 8 and 16-byte aligned rows,
-// as TMA needs; linear.cu checks that before choosing this kernel). The epilogue (bias,
-// activation, one rounding) is the mma.sync kernel's, from the accumulator registers.
+// One block computes a BM x BN tile of out. Warpgroups 0 .. Consumers-1 (four warps each) are
+// the consumers: each owns 64 rows of the tile (or, in column-split tilings, all its rows and a
+// share of its columns) and issues m64nNk16 wgmma instructions whose operands the tensor cores
+// read straight from shared memory, accumulating in float32 registers. The last warp is the
+// producer: one of its threads issues the TMA copies of x's and w's 64-wide K slices into a ring of
+// Stages shared-memory buffers. Each buffer has two mbarriers: `full` completes when the copies
+// have landed (TMA counts the bytes it wrote) and `empty` when every consumer warpgroup has
+// finished reading it. TMA writes each tile in the 128-byte swizzled layout that the wgmma
+// descriptors name, and fills the parts of a box past the edges of x and w with zeros, so any M, N
+// and K work (K a multiple of 8 and 16-byte aligned rows, as TMA needs; linear.cu checks that
+// before choosing this kernel). The epilogue (bias, activation, one rounding) is the mma.sync
+// kernel's, from the accumulator registers.
 //
-// Tilings: 64 x Consumers rows by BN columns, chosen per shape by a cost model of SM use (or
-// forced: APHRODITE_CUDA_WGMMA_TILING). Opt-in ones run blocks in clusters of two that share one
-// operand's tile: each block copies half of it and TMA multicasts the half into both blocks'
-// buffers, so the shared operand crosses L2 once per pair; a buffer's empty barrier then counts
-// both blocks' consumers, and each producer, before its block exits, waits for the last
-// releases its peer's consumers send it.
+// Tilings: BM x BN tiles split among the consumer warpgroups by rows or by columns, chosen per
+// shape by a cost model of SM use (or forced: APHRODITE_CUDA_WGMMA_TILING). Opt-in ones run blocks
+// in clusters of two that share one operand's tile: each block copies half of it and TMA multicasts
+// the half into both blocks' buffers, so the shared operand crosses L2 once per pair; a buffer's
+// empty barrier then counts both blocks' consumers, and each producer, before its block exits,
+// waits for the last releases its peer's consumers send it.
 //
 // Both operands are K-major ("TN": x is [M, K] and w is [N, K], row-major), the layout wgmma takes
 // without transposes. Device code exists only in the sm_90a build (wgmma is an sm_90a feature);
@@ -57,14 +58,23 @@ using linear_kernels::TypeTraits;
 // into both blocks' shared memory, so that operand crosses L2 once for two blocks.
 enum class Multicast { kNone, kX, kW };
 
-// A tiling: Consumers warpgroups of 64 rows each, BN columns, K in 64-element slices (one
+// A tiling: a BM x BN tile of out per block, Consumers warpgroups, K in 64-element slices (one
 // 128-byte swizzle row of 2-byte elements) through Stages buffers, and the operand shared with a
-// cluster peer.
-template <int Consumers, int BN, int Stages, Multicast Share = Multicast::kNone>
+// cluster peer. The consumers split the tile by rows, 64 each, when BM = 64 x Consumers (the
+// default), and by columns otherwise: each takes all BM rows (BM / 64 independent m64
+// accumulators) and BN / Consumers columns.
+template <int Consumers, int BN, int Stages, Multicast Share = Multicast::kNone,
+          int BM = 64 * Consumers>
 struct WgmmaTiling {
   static constexpr int kConsumers = Consumers;
-  static constexpr int kBlockM = 64 * kConsumers;
+  static constexpr int kBlockM = BM;
   static constexpr int kBlockN = BN;
+  static constexpr bool kSplitRows = BM == 64 * Consumers;
+  // Each consumer warpgroup's part: kRowBlocks blocks of 64 rows by kWgCols columns.
+  static constexpr int kRowBlocks = kSplitRows ? 1 : BM / 64;
+  static constexpr int kWgCols = kSplitRows ? BN : BN / Consumers;
+  static_assert(kSplitRows || (BM % 64 == 0 && BN % (8 * Consumers) == 0),
+                "a column split gives each warpgroup whole m64 blocks and 8-column groups");
   static constexpr int kBlockK = 64;
   static constexpr int kStages = Stages;
   static constexpr Multicast kShare = Share;
@@ -114,6 +124,12 @@ using WgmmaWidePairM = WgmmaTiling<2, 256, 4, Multicast::kW>;
 using WgmmaThinNarrow = WgmmaTiling<1, 96, 10>;
 using WgmmaThin = WgmmaTiling<1, 128, 9>;
 using WgmmaThinPairM = WgmmaTiling<1, 128, 9, Multicast::kW>;
+// 192 x 96 with two consumer warpgroups splitting the columns (each 192 x 48: three m64n48
+// accumulators), plain and with the x tile shared along N: the shape of cuBLAS's kernel at
+// 576 x 4096 (nvjet_sm90_tst_192x96_64x5_1x2: 384 threads, 5 stages, a cluster of two). Opt-in
+// until measured.
+using WgmmaTallNarrowSplit = WgmmaTiling<2, 96, 6, Multicast::kNone, 192>;
+using WgmmaTallNarrowSplitPairN = WgmmaTiling<2, 96, 5, Multicast::kX, 192>;
 
 #ifdef APHRODITE_WGMMA_DEVICE_CODE
 
@@ -255,6 +271,25 @@ __device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], std::uint64_t de
 
 // The m64nNk16 instruction for element type ptx_type ("bf16" or "f16"), on the operands of
 // wgmma_m64k16 (scale_d as a predicate, A and B scaled by 1, neither transposed: K-major).
+#define APHRODITE_WGMMA_M64N48K16(ptx_type)                                                        \
+  asm volatile(                                                                                    \
+      "{\n"                                                                                        \
+      ".reg .pred p;\n"                                                                            \
+      "setp.ne.b32 p, %26, 0;\n"                                                                   \
+      "wgmma.mma_async.sync.aligned.m64n48k16.f32." ptx_type "." ptx_type                          \
+      " "                                                                                          \
+      "{%0, %1, %2, %3, %4, %5, %6, %7,"                                                           \
+      " %8, %9, %10, %11, %12, %13, %14, %15,"                                                     \
+      " %16, %17, %18, %19, %20, %21, %22, %23},"                                                  \
+      " %24, %25, p, 1, 1, 0, 0;\n"                                                                \
+      "}\n"                                                                                        \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),        \
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),    \
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), \
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23])                                                      \
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d)                                                     \
+      : "memory")
+
 #define APHRODITE_WGMMA_M64N96K16(ptx_type)                                                        \
   asm volatile(                                                                                    \
       "{\n"                                                                                        \
@@ -358,6 +393,19 @@ __device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], std::uint64_t de
       : "memory")
 
 template <>
+__device__ __forceinline__ void wgmma_m64k16<__nv_bfloat16, 48>(float (&d)[24],
+                                                                std::uint64_t desc_a,
+                                                                std::uint64_t desc_b, int scale_d) {
+  APHRODITE_WGMMA_M64N48K16("bf16");
+}
+
+template <>
+__device__ __forceinline__ void wgmma_m64k16<__half, 48>(float (&d)[24], std::uint64_t desc_a,
+                                                         std::uint64_t desc_b, int scale_d) {
+  APHRODITE_WGMMA_M64N48K16("f16");
+}
+
+template <>
 __device__ __forceinline__ void wgmma_m64k16<__nv_bfloat16, 96>(float (&d)[48],
                                                                 std::uint64_t desc_a,
                                                                 std::uint64_t desc_b, int scale_d) {
@@ -398,6 +446,7 @@ __device__ __forceinline__ void wgmma_m64k16<__half, 256>(float (&d)[128], std::
   APHRODITE_WGMMA_M64N256K16("f16");
 }
 
+#undef APHRODITE_WGMMA_M64N48K16
 #undef APHRODITE_WGMMA_M64N96K16
 #undef APHRODITE_WGMMA_M64N128K16
 #undef APHRODITE_WGMMA_M64N256K16
@@ -483,22 +532,35 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     return;
   }
 
-  // Consumers: warpgroup wg multiplies rows [wg * 64, wg * 64 + 64) of the tile.
+  // Consumers: warpgroup wg multiplies rows [wg_row0, wg_row0 + 64 * kRowBlocks) by columns
+  // [wg_col0, wg_col0 + kWgCols) of the tile (its rows, or its columns, by the tiling's split).
+  constexpr int kRowBlocks = Cfg::kRowBlocks;
+  constexpr int kWgCols = Cfg::kWgCols;
   const int wg = warp / 4;
-  float acc[kBlockN / 2];
+  const int wg_row0 = Cfg::kSplitRows ? wg * 64 : 0;
+  const int wg_col0 = Cfg::kSplitRows ? 0 : wg * kWgCols;
+  float acc[kRowBlocks][kWgCols / 2];
 #pragma unroll
-  for (int i = 0; i < kBlockN / 2; ++i) acc[i] = 0.0f;
+  for (int r = 0; r < kRowBlocks; ++r) {
+#pragma unroll
+    for (int i = 0; i < kWgCols / 2; ++i) acc[r][i] = 0.0f;
+  }
   for (int kt = 0; kt < k_tiles; ++kt) {
     const int s = kt % kStages;
     mbar_wait(full + 8 * s, static_cast<std::uint32_t>(kt / kStages) & 1u);
-    const std::uint32_t tile_x = tiles + s * Cfg::kStageBytes + wg * 64 * 128;
-    const std::uint32_t tile_w = tiles + s * Cfg::kStageBytes + Cfg::kTileXBytes;
+    // Row offsets of 64 (x) and of a multiple of 8 (w) rows are whole swizzle periods.
+    const std::uint32_t tile_x = tiles + s * Cfg::kStageBytes + wg_row0 * 128;
+    const std::uint32_t tile_w = tiles + s * Cfg::kStageBytes + Cfg::kTileXBytes + wg_col0 * 128;
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < Cfg::kBlockK / 16; ++kk) {
-      // 16 elements of K are 32 bytes along the (swizzled) 128-byte rows.
-      wgmma_m64k16<T, kBlockN>(acc, smem_descriptor(tile_x + kk * 32),
-                               smem_descriptor(tile_w + kk * 32), 1);
+      // 16 elements of K are 32 bytes along the (swizzled) 128-byte rows; the row blocks'
+      // accumulators are independent, so their multiplies can overlap in the tensor pipe.
+#pragma unroll
+      for (int r = 0; r < kRowBlocks; ++r) {
+        wgmma_m64k16<T, kWgCols>(acc[r], smem_descriptor(tile_x + r * 64 * 128 + kk * 32),
+                                 smem_descriptor(tile_w + kk * 32), 1);
+      }
     }
     wgmma_commit();
     // One group stays in flight, so this tile's multiplies overlap the wait for the next: once
@@ -516,15 +578,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
   wgmma_wait_all();
 
-  // Epilogue. Accumulators 4j .. 4j+3 of a thread hold the 8-column block j at rows r and r + 8
-  // (r = 16 * warp-in-warpgroup + lane / 4), columns c and c + 1 (c = 8j + 2 * (lane % 4)): the
-  // mma.sync C-fragment layout, repeated along N.
+  // Epilogue. Accumulators 4j .. 4j+3 of a thread's row block hold its 8-column block j at rows
+  // q and q + 8 (q = 16 * warp-in-warpgroup + lane / 4), columns c and c + 1
+  // (c = 8j + 2 * (lane % 4)): the mma.sync C-fragment layout, repeated along N.
   T* out = static_cast<T*>(args.out);
   const T* bias = static_cast<const T*>(args.bias);
-  const long long row0 = m0 + wg * 64 + (warp % 4) * 16 + lane / 4;
+  const long long row0 = m0 + wg_row0 + (warp % 4) * 16 + lane / 4;
 #pragma unroll
-  for (int j = 0; j < kBlockN / 8; ++j) {
-    const long long col = n0 + j * 8 + (lane % 4) * 2;
+  for (int j = 0; j < kWgCols / 8; ++j) {
+    const long long col = n0 + wg_col0 + j * 8 + (lane % 4) * 2;
     if (col >= args.n) continue;
     const bool second = col + 1 < args.n;
     float bias0 = 0.0f, bias1 = 0.0f;
@@ -533,12 +595,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       if (second) bias1 = TypeTraits<T>::to_float(bias[col + 1]);
     }
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const long long row = row0 + half * 8;
-      if (row >= args.m) continue;
-      linear_kernels::store_pair(out + row * args.ldo + col, acc[4 * j + 2 * half],
-                                 acc[4 * j + 2 * half + 1], bias0, bias1, args.act, second,
-                                 args.pair_stores != 0);
+    for (int r = 0; r < kRowBlocks; ++r) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const long long row = row0 + r * 64 + half * 8;
+        if (row >= args.m) continue;
+        linear_kernels::store_pair(out + row * args.ldo + col, acc[r][4 * j + 2 * half],
+                                   acc[r][4 * j + 2 * half + 1], bias0, bias1, args.act, second,
+                                   args.pair_stores != 0);
+      }
     }
   }
   if constexpr (kPaired) {
@@ -663,7 +728,9 @@ enum class WgmmaChoice {
   kTallNarrowPairN,
   kTallPairN,
   kWidePairM,
-  kThinPairM
+  kThinPairM,
+  kTallNarrowSplit,
+  kTallNarrowSplitPairN
 };
 
 struct NamedTiling {
@@ -671,8 +738,9 @@ struct NamedTiling {
   WgmmaChoice choice;
 };
 
-// The names APHRODITE_CUDA_WGMMA_TILING takes: rows x columns of a block's tile, "c2n" / "c2m"
-// for clusters of two blocks along N (sharing x) / along M (sharing w).
+// The names APHRODITE_CUDA_WGMMA_TILING takes: rows x columns of a block's tile, "s2" for two
+// consumer warpgroups splitting its columns (rather than its rows), "c2n" / "c2m" for clusters
+// of two blocks along N (sharing x) / along M (sharing w).
 constexpr NamedTiling kNamedTilings[] = {
     {"128x256", WgmmaChoice::kWide},
     {"192x128", WgmmaChoice::kTall},
@@ -684,6 +752,8 @@ constexpr NamedTiling kNamedTilings[] = {
     {"192x128c2n", WgmmaChoice::kTallPairN},
     {"128x256c2m", WgmmaChoice::kWidePairM},
     {"64x128c2m", WgmmaChoice::kThinPairM},
+    {"192x96s2", WgmmaChoice::kTallNarrowSplit},
+    {"192x96s2c2n", WgmmaChoice::kTallNarrowSplitPairN},
 };
 
 // APHRODITE_CUDA_WGMMA_TILING: unset, empty or "auto" lets the cost model choose; a name above
@@ -756,6 +826,12 @@ void dispatch(const LinearCudaArgs& a) {
       break;
     case WgmmaChoice::kThinPairM:
       launch_wgmma<T, WgmmaThinPairM>(a, stream);
+      break;
+    case WgmmaChoice::kTallNarrowSplit:
+      launch_wgmma<T, WgmmaTallNarrowSplit>(a, stream);
+      break;
+    case WgmmaChoice::kTallNarrowSplitPairN:
+      launch_wgmma<T, WgmmaTallNarrowSplitPairN>(a, stream);
       break;
     default:
       launch_wgmma<T, WgmmaSquare>(a, stream);

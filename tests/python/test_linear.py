@@ -333,6 +333,8 @@ def test_cuda_gemm_choice_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
         "192x128c2n",
         "128x256c2m",
         "64x128c2m",
+        "192x96s2",
+        "192x96s2c2n",
     ],
 )
 def test_cuda_wgmma_forced_tiling(monkeypatch: pytest.MonkeyPatch, tiling: str) -> None:
@@ -340,19 +342,22 @@ def test_cuda_wgmma_forced_tiling(monkeypatch: pytest.MonkeyPatch, tiling: str) 
     on shapes off its tile edges, whatever the cost model would pick; an unknown one is
     refused. The clustered ones (c2n / c2m: pairs of blocks sharing a multicast tile) meet an
     odd number of column / row tiles (the pair's extra block reads past every edge), K in fewer
-    tiles than pipeline stages and in many more (each buffer reused across barrier phases)."""
+    tiles than pipeline stages and in many more (each buffer reused across barrier phases); the
+    column-split ones (s2) rows that end inside each warpgroup's second and third m64 block."""
     if not wgmma_runs_here():
         pytest.skip("the wgmma kernel needs an sm_90 device and an sm_90a build")
     monkeypatch.setenv("APHRODITE_CUDA_GEMM", "wgmma")
     monkeypatch.setenv("APHRODITE_CUDA_WGMMA_TILING", tiling)
     gen = case_generator(sum(map(ord, tiling)))
-    for m, n, k in [(17, 200, 72), (577, 1031, 264), (200, 4100, 136), (130, 700, 1000)]:
-        x = make((m, k), torch.bfloat16, "cuda", gen)
-        w = make((n, k), torch.bfloat16, "cuda", gen) / math.sqrt(k)
-        b = make((n,), torch.bfloat16, "cuda", gen)
-        y = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    shapes = [(17, 200, 72), (577, 1031, 264), (200, 4100, 136), (130, 700, 1000), (100, 300, 200)]
+    for index, (m, n, k) in enumerate(shapes):
+        dtype = torch.float16 if index % 2 else torch.bfloat16  # each has its own instructions
+        x = make((m, k), dtype, "cuda", gen)
+        w = make((n, k), dtype, "cuda", gen) / math.sqrt(k)
+        b = make((n,), dtype, "cuda", gen)
+        y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
         ops.linear(x, w, b, "gelu", out=y)
-        assert rel_err(y, reference(x, w, b, "gelu")) < tolerance(torch.bfloat16), (m, n, k)
+        assert rel_err(y, reference(x, w, b, "gelu")) < tolerance(dtype), (m, n, k, dtype)
     monkeypatch.setenv("APHRODITE_CUDA_WGMMA_TILING", "256x256")
     with pytest.raises(ValueError, match="APHRODITE_CUDA_WGMMA_TILING must be"):
         ops.linear(x, w)
