@@ -50,12 +50,16 @@ inline KernelArgs kernel_args(const LinearCudaArgs& a) {
 // SM works through ceil(tiles / SMs) tiles, at a rate that grows with how often the tile reuses
 // each loaded fragment (`relative_rate`, an estimate). This trades idle SMs and rows padded up to
 // the tile (576 rows are 4.5 tiles of 128 but 9 of 64) against the larger tiles' efficiency.
+inline double tiling_cost(long long m, long long n, int sms, int block_m, int block_n,
+                          double relative_rate) {
+  const long long tiles = ((m + block_m - 1) / block_m) * ((n + block_n - 1) / block_n);
+  const long long rounds = (tiles + sms - 1) / sms;
+  return static_cast<double>(rounds) * block_m * block_n / relative_rate;
+}
+
 template <typename Cfg>
 double tiling_cost(long long m, long long n, int sms, double relative_rate) {
-  const long long tiles =
-      ((m + Cfg::kBlockM - 1) / Cfg::kBlockM) * ((n + Cfg::kBlockN - 1) / Cfg::kBlockN);
-  const long long rounds = (tiles + sms - 1) / sms;
-  return static_cast<double>(rounds) * Cfg::kBlockM * Cfg::kBlockN / relative_rate;
+  return tiling_cost(m, n, sms, Cfg::kBlockM, Cfg::kBlockN, relative_rate);
 }
 
 // Over 48 KiB of dynamic shared memory needs an opt-in per kernel and device: done once per

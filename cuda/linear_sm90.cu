@@ -30,11 +30,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 
 #include "cuda_check.cuh"
@@ -75,6 +75,8 @@ struct WgmmaTiling {
   static constexpr int kWgCols = kSplitRows ? BN : BN / Consumers;
   static_assert(kSplitRows || (BM % 64 == 0 && BN % (8 * Consumers) == 0),
                 "a column split gives each warpgroup whole m64 blocks and 8-column groups");
+  static_assert(64 * kRowBlocks * kWgCols * Consumers == BM * BN,
+                "the warpgroups' parts cover the tile");
   static constexpr int kBlockK = 64;
   static constexpr int kStages = Stages;
   static constexpr Multicast kShare = Share;
@@ -111,9 +113,10 @@ using WgmmaTall = WgmmaTiling<3, 128, 5>;
 using WgmmaTallNarrow = WgmmaTiling<3, 96, 6>;
 // 128 x 128: more, smaller tiles for small grids.
 using WgmmaSquare = WgmmaTiling<2, 128, 6>;
-// Clusters of two (chosen only when forced, until measured): 192 x 96 and 192 x 128 sharing the
-// x tile (192 rows x 64 of K: twice or 1.5 times a w tile's bytes) between two column tiles, and
-// 128 x 256 sharing the w tile between two row tiles.
+// Clusters of two, chosen only when forced (on an H200 each was slower than its unclustered twin
+// at every projector shape: BENCHMARKS.md): 192 x 96 and 192 x 128 sharing the x tile (192 rows
+// x 64 of K: twice or 1.5 times a w tile's bytes) between two column tiles, and 128 x 256
+// sharing the w tile between two row tiles.
 using WgmmaTallNarrowPairN = WgmmaTiling<3, 96, 6, Multicast::kX>;
 using WgmmaTallPairN = WgmmaTiling<3, 128, 5, Multicast::kX>;
 using WgmmaWidePairM = WgmmaTiling<2, 256, 4, Multicast::kW>;
@@ -717,126 +720,77 @@ void launch_wgmma(const LinearCudaArgs& a, cudaStream_t stream) {
   check_launch("linear_wgmma_kernel");
 }
 
-enum class WgmmaChoice {
-  kAuto,
-  kWide,
-  kTall,
-  kTallNarrow,
-  kSquare,
-  kThinNarrow,
-  kThin,
-  kTallNarrowPairN,
-  kTallPairN,
-  kWidePairM,
-  kThinPairM,
-  kTallNarrowSplit,
-  kTallNarrowSplitPairN
-};
-
+// One wgmma tiling as the host sees it: the name APHRODITE_CUDA_WGMMA_TILING takes, its launch
+// for each element type, and the cost model's relative rate (0: opt-in, chosen only when forced).
 struct NamedTiling {
   const char* name;
-  WgmmaChoice choice;
+  void (*launch_bf16)(const LinearCudaArgs&, cudaStream_t);
+  void (*launch_f16)(const LinearCudaArgs&, cudaStream_t);
+  int block_m;
+  int block_n;
+  double rate;
 };
 
-// The names APHRODITE_CUDA_WGMMA_TILING takes: rows x columns of a block's tile, "s2" for two
-// consumer warpgroups splitting its columns (rather than its rows), "c2n" / "c2m" for clusters
-// of two blocks along N (sharing x) / along M (sharing w).
-constexpr NamedTiling kNamedTilings[] = {
-    {"128x256", WgmmaChoice::kWide},
-    {"192x128", WgmmaChoice::kTall},
-    {"192x96", WgmmaChoice::kTallNarrow},
-    {"128x128", WgmmaChoice::kSquare},
-    {"64x96", WgmmaChoice::kThinNarrow},
-    {"64x128", WgmmaChoice::kThin},
-    {"192x96c2n", WgmmaChoice::kTallNarrowPairN},
-    {"192x128c2n", WgmmaChoice::kTallPairN},
-    {"128x256c2m", WgmmaChoice::kWidePairM},
-    {"64x128c2m", WgmmaChoice::kThinPairM},
-    {"192x96s2", WgmmaChoice::kTallNarrowSplit},
-    {"192x96s2c2n", WgmmaChoice::kTallNarrowSplitPairN},
+template <typename Cfg>
+constexpr NamedTiling named(const char* name, double rate) {
+  return {
+      name, launch_wgmma<__nv_bfloat16, Cfg>, launch_wgmma<__half, Cfg>, Cfg::kBlockM, Cfg::kBlockN,
+      rate};
+}
+
+// Names: rows x columns of a block's tile, "s2" for two consumer warpgroups splitting its
+// columns (rather than its rows), "c2n" / "c2m" for clusters of two blocks along N (sharing x) /
+// along M (sharing w). Rates are estimates of each tiling's speed per SM (checked against
+// bench_projector.py --tilings); a 64-row tile moves about 1.7 times the bytes per multiply of a
+// 192-row one (both operands cross L2 once per 64 rows instead of w once per 192), and at the
+// sizes where it is chosen L2 bandwidth bounds it. On equal costs the earlier entry wins.
+constexpr NamedTiling kTilings[] = {
+    named<WgmmaWide>("128x256", 1.0),
+    named<WgmmaTall>("192x128", 0.95),
+    named<WgmmaTallNarrow>("192x96", 0.9),
+    named<WgmmaSquare>("128x128", 0.85),
+    named<WgmmaThinNarrow>("64x96", 0.54),
+    named<WgmmaThin>("64x128", 0.6),
+    named<WgmmaTallNarrowPairN>("192x96c2n", 0),
+    named<WgmmaTallPairN>("192x128c2n", 0),
+    named<WgmmaWidePairM>("128x256c2m", 0),
+    named<WgmmaThinPairM>("64x128c2m", 0),
+    named<WgmmaTallNarrowSplit>("192x96s2", 0),
+    named<WgmmaTallNarrowSplitPairN>("192x96s2c2n", 0),
 };
 
-// APHRODITE_CUDA_WGMMA_TILING: unset, empty or "auto" lets the cost model choose; a name above
-// forces that tiling for every shape (for measuring each against the model's choice:
+// APHRODITE_CUDA_WGMMA_TILING: unset, empty or "auto" lets the cost model choose (nullptr); a
+// name above forces that tiling for every shape (for measuring each against the model's choice:
 // bench_projector.py --tilings).
-WgmmaChoice forced_tiling() {
+const NamedTiling* forced_tiling() {
   const char* env = std::getenv("APHRODITE_CUDA_WGMMA_TILING");
   const std::string wanted = env == nullptr ? "" : env;
-  if (wanted.empty() || wanted == "auto") return WgmmaChoice::kAuto;
+  if (wanted.empty() || wanted == "auto") return nullptr;
   std::string names = "'auto'";
-  for (const NamedTiling& t : kNamedTilings) {
-    if (wanted == t.name) return t.choice;
+  for (const NamedTiling& t : kTilings) {
+    if (wanted == t.name) return &t;
     names += std::string(", '") + t.name + "'";
   }
   throw ValueError("APHRODITE_CUDA_WGMMA_TILING must be one of " + names + ", got '" + wanted +
                    "'");
 }
 
-// The cost model's choice (relative rates are estimates of each tiling's speed per SM).
-WgmmaChoice modelled_tiling(const LinearCudaArgs& a) {
+// The cost model's choice among the tilings with a rate.
+const NamedTiling& modelled_tiling(const LinearCudaArgs& a) {
   int sms = 0;
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.device),
              "cudaDeviceGetAttribute(multiProcessorCount)");
-  const double wide = linear_kernels::tiling_cost<WgmmaWide>(a.m, a.n, sms, 1.0);
-  const double tall = linear_kernels::tiling_cost<WgmmaTall>(a.m, a.n, sms, 0.95);
-  const double narrow = linear_kernels::tiling_cost<WgmmaTallNarrow>(a.m, a.n, sms, 0.9);
-  const double square = linear_kernels::tiling_cost<WgmmaSquare>(a.m, a.n, sms, 0.85);
-  // A 64-row tile moves about 1.7 times the bytes per multiply of a 192-row one (both operands
-  // cross L2 once per 64 rows instead of w once per 192): at these sizes L2 bandwidth bounds it.
-  const double thin_narrow = linear_kernels::tiling_cost<WgmmaThinNarrow>(a.m, a.n, sms, 0.54);
-  const double thin = linear_kernels::tiling_cost<WgmmaThin>(a.m, a.n, sms, 0.6);
-  const double best = std::min({wide, tall, narrow, square, thin_narrow, thin});
-  if (wide == best) return WgmmaChoice::kWide;
-  if (tall == best) return WgmmaChoice::kTall;
-  if (narrow == best) return WgmmaChoice::kTallNarrow;
-  if (square == best) return WgmmaChoice::kSquare;
-  if (thin_narrow == best) return WgmmaChoice::kThinNarrow;
-  return WgmmaChoice::kThin;
-}
-
-template <typename T>
-void dispatch(const LinearCudaArgs& a) {
-  cudaStream_t stream = to_cuda_stream(a.stream);
-  WgmmaChoice choice = forced_tiling();
-  if (choice == WgmmaChoice::kAuto) choice = modelled_tiling(a);
-  switch (choice) {
-    case WgmmaChoice::kWide:
-      launch_wgmma<T, WgmmaWide>(a, stream);
-      break;
-    case WgmmaChoice::kTall:
-      launch_wgmma<T, WgmmaTall>(a, stream);
-      break;
-    case WgmmaChoice::kTallNarrow:
-      launch_wgmma<T, WgmmaTallNarrow>(a, stream);
-      break;
-    case WgmmaChoice::kTallNarrowPairN:
-      launch_wgmma<T, WgmmaTallNarrowPairN>(a, stream);
-      break;
-    case WgmmaChoice::kTallPairN:
-      launch_wgmma<T, WgmmaTallPairN>(a, stream);
-      break;
-    case WgmmaChoice::kWidePairM:
-      launch_wgmma<T, WgmmaWidePairM>(a, stream);
-      break;
-    case WgmmaChoice::kThinNarrow:
-      launch_wgmma<T, WgmmaThinNarrow>(a, stream);
-      break;
-    case WgmmaChoice::kThin:
-      launch_wgmma<T, WgmmaThin>(a, stream);
-      break;
-    case WgmmaChoice::kThinPairM:
-      launch_wgmma<T, WgmmaThinPairM>(a, stream);
-      break;
-    case WgmmaChoice::kTallNarrowSplit:
-      launch_wgmma<T, WgmmaTallNarrowSplit>(a, stream);
-      break;
-    case WgmmaChoice::kTallNarrowSplitPairN:
-      launch_wgmma<T, WgmmaTallNarrowSplitPairN>(a, stream);
-      break;
-    default:
-      launch_wgmma<T, WgmmaSquare>(a, stream);
-      break;
+  const NamedTiling* best = &kTilings[0];
+  double best_cost = std::numeric_limits<double>::infinity();
+  for (const NamedTiling& t : kTilings) {
+    if (t.rate <= 0.0) continue;
+    const double cost = linear_kernels::tiling_cost(a.m, a.n, sms, t.block_m, t.block_n, t.rate);
+    if (cost < best_cost) {
+      best = &t;
+      best_cost = cost;
+    }
   }
+  return *best;
 }
 
 bool built_with_sm90a() { return std::strstr(APHRODITE_CUDA_ARCHS_STRING, "90a") != nullptr; }
@@ -858,10 +812,13 @@ bool wgmma_supported(int device, std::string* why) {
 }
 
 void linear_wgmma(const LinearCudaArgs& args) {
+  const NamedTiling* forced = forced_tiling();
+  const NamedTiling& tiling = forced != nullptr ? *forced : modelled_tiling(args);
+  const cudaStream_t stream = to_cuda_stream(args.stream);
   if (args.dtype == DType::kBFloat16) {
-    dispatch<__nv_bfloat16>(args);
+    tiling.launch_bf16(args, stream);
   } else {
-    dispatch<__half>(args);
+    tiling.launch_f16(args, stream);
   }
 }
 
