@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Nsight Compute profile of aphrodite's CUDA GEMM against torch's (cuBLAS) on the same inputs:
-# the second projector GEMM (plain, bf16) at the LLaVA-1.5-7B shape and at 144 tokens, ours with
+# the second projector GEMM (plain, bf16) at the LLaVA-1.5-7B shape, at 144 tokens and at the two
+# small projector shapes of bench_projector.py (or the M x N x K shapes in NCU_SHAPES), ours with
 # the tiling the cost model picks and with the tilings named in NCU_TILINGS. For a GPU machine
 # whose runtime lets ncu read the hardware counters (Firecracker: see the device library's
 # KINDS.md); installs the wheel carried in build/gpu-wheel like tools/gpu_check.sh.
-# Usage: [NCU_TILINGS=192x96c2n,...] [NCU_SET=full] bash tools/ncu_gemm.sh
+# Usage: [NCU_TILINGS=192x96c2n,...] [NCU_SHAPES=576x4096x4096,...] [NCU_SET=full] bash tools/ncu_gemm.sh
 # (report text in $OUT/ncu.txt, or build/ncu/ncu.txt; a summary of it on stdout)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,12 +32,14 @@ from aphrodite import ops
 tilings = ["auto"] + [t for t in os.environ.get("NCU_TILINGS", "").split(",") if t]
 os.environ["APHRODITE_CUDA_GEMM"] = "wgmma"
 cases = []
-for m, n, k in [(576, 4096, 4096), (144, 4096, 4096)]:
+shapes = os.environ.get("NCU_SHAPES") or "576x4096x4096,144x4096x4096,576x1024x1024,64x512x512"
+for shape in shapes.split(","):
+    m, n, k = (int(v) for v in shape.split("x"))
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     cases.append((m, n, k, x, w, b))
-for m, n, k, x, w, b in cases:  # warm-up: tensor-map encoders, cuBLAS heuristics
+for _m, _n, _k, x, w, b in cases:  # warm-up: tensor-map encoders, cuBLAS heuristics
     for tiling in tilings:
         os.environ["APHRODITE_CUDA_WGMMA_TILING"] = tiling
         ops.linear(x, w, b)
