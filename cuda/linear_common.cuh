@@ -102,6 +102,7 @@ __device__ __forceinline__ float activate(float v, int act) {
     const float y = 0.7978845608028654f * (v + 0.044715f * v * v * v);
     return 0.5f * v * (1.0f + tanhf(y));
   }
+  if (act == static_cast<int>(Activation::kQuickGelu)) return v / (1.0f + expf(-1.702f * v));
   return v;
 }
 

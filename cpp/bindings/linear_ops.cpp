@@ -73,7 +73,8 @@ void bind_linear_ops(py::module_& ops) {
       py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
       py::arg("activation") = "none", py::kw_only(), py::arg("stream") = 0,
       "out = act(x @ weight^T + bias). weight: a tensor [N, K] or a PackedLinearWeight (CPU). "
-      "activation: 'none', 'gelu' (erf), 'gelu_tanh' or 'swiglu' (CPU; out [M, N / 2]).");
+      "activation: 'none', 'gelu' (erf), 'gelu_tanh', 'quick_gelu' (x * sigmoid(1.702 x)) or "
+      "'swiglu' (CPU; out [M, N / 2]).");
 
   ops.def(
       "llava_projector",

@@ -25,6 +25,7 @@ std::vector<std::string> cpu_feature_names() {
   const detail::CpuFeatures& f = detail::cpu_features();
   if (f.avx2_fma) names.insert(names.end(), {"avx2", "fma"});
   if (f.avx512) names.emplace_back("avx512 (linear)");
+  if (f.amx_bf16) names.emplace_back("amx-bf16 (linear, prefill)");
   return names;
 }
 

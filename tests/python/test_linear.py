@@ -18,7 +18,7 @@ from conftest import CUDA_USABLE, case_generator
 
 from aphrodite import _C, ops
 
-ACTIVATIONS = ["none", "gelu", "gelu_tanh"]
+ACTIVATIONS = ["none", "gelu", "gelu_tanh", "quick_gelu"]
 # (rows, out_features, in_features): rows 1..300; N and K off the 16-wide panels, the 6-row
 # register tiles, the 256-deep K chunks (CPU) and the tiles of every CUDA kernel.
 SHAPES = [
@@ -60,6 +60,8 @@ def reference(
         y = F.gelu(y)
     elif activation == "gelu_tanh":
         y = F.gelu(y, approximate="tanh")
+    elif activation == "quick_gelu":
+        y = y * torch.sigmoid(1.702 * y)
     return y
 
 
@@ -71,7 +73,7 @@ def swiglu_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -
 def cpu_isas() -> list[str]:
     """The CPU kernel sets this machine runs, best first."""
     isas = []
-    for isa in ("avx512", "avx2", "scalar"):
+    for isa in ("amx", "avx512", "avx2", "scalar"):
         try:
             ops.set_linear_cpu_isa(isa)
         except ValueError:

@@ -29,9 +29,11 @@ enum class Activation : std::uint8_t {
   // any, likewise), and out[M, I] = silu(x @ Wg^T + bg) * (x @ Wu^T + bu), computed in one pass
   // over x. CPU only.
   kSwiGlu,
+  // CLIP's quick GELU: x * sigmoid(1.702 * x) (HF's "quick_gelu").
+  kQuickGelu,
 };
 
-// "none", "gelu", "gelu_tanh", "swiglu": the names the Python API uses.
+// "none", "gelu", "gelu_tanh", "swiglu", "quick_gelu": the names the Python API uses.
 const char* activation_name(Activation act);
 // Inverse of activation_name; throws ValueError naming the accepted names.
 Activation parse_activation(const char* name);

@@ -107,6 +107,7 @@ const AttentionCpuKernels& kernels() {
   static const AttentionCpuKernels avx512 =
       cpu_features().avx512 ? attention_cpu_kernels_avx512() : avx2;
   switch (active_cpu_isa()) {
+    case CpuIsa::kAmx:  // AMX is for the GEMM's prefill products: attention stays on AVX-512
     case CpuIsa::kAvx512:
       return avx512;
     case CpuIsa::kAvx2:

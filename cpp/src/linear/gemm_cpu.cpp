@@ -43,8 +43,13 @@ float gelu_tanh(float x) {
   return x / (1.0f + std::exp(-2.0f * y));
 }
 
+// x * sigmoid(1.702 x) as x / (1 + exp(-1.702 x)); exp overflowing to inf gives the correct -0.
+float quick_gelu(float x) { return x / (1.0f + std::exp(-1.702f * x)); }
+
 float activate(float v, int act) {
   switch (act) {
+    case kGemmActQuickGelu:
+      return quick_gelu(v);
     case kGemmActGeluErf:
       return gelu_erf(v);
     case kGemmActGeluTanh:
@@ -98,9 +103,10 @@ struct Kernels {
   SwigluFn swiglu;
 };
 
+// The kernels of `isa` (kAmx: AVX-512's; its AMX path is gemm_f32_amx below).
 Kernels kernels_for(CpuIsa isa) {
 #if defined(__x86_64__) || defined(_M_X64)
-  if (isa == CpuIsa::kAvx512) return {gemm_block_f32_avx512, pack_panel_f32_avx2, swiglu_f32_avx2};
+  if (isa >= CpuIsa::kAvx512) return {gemm_block_f32_avx512, pack_panel_f32_avx2, swiglu_f32_avx2};
   if (isa == CpuIsa::kAvx2) return {gemm_block_f32_avx2, pack_panel_f32_avx2, swiglu_f32_avx2};
 #endif
   (void)isa;
@@ -127,12 +133,33 @@ float silu(float v) { return v / (1.0f + std::exp(-v)); }
 
 CpuIsa detect_cpu_isa() {
   const detail::CpuFeatures& f = detail::cpu_features();
+#ifdef APHRODITE_HAVE_AMX_KERNELS
+  if (f.amx_bf16) return CpuIsa::kAmx;
+#endif
   if (f.avx512) return CpuIsa::kAvx512;
   return f.avx2_fma ? CpuIsa::kAvx2 : CpuIsa::kScalar;
 }
 
 // The override: -1 until the first call reads APHRODITE_CPU_ISA, then a CpuIsa value.
 std::atomic<int> g_active_isa{-1};
+
+// SwiGLU's pass over a task's scratch tile c (rows x num_panels panels from panel p0, gate and up
+// interleaved, row stride ldc): silu(gate + bg) * (up + bu) into C's rows from m0.
+void swiglu_rows(const GemmF32Args& args, const Kernels& kernels, const float* c, std::int64_t ldc,
+                 std::int64_t p0, std::int64_t num_panels, std::int64_t m0, std::int64_t rows) {
+  const std::int64_t half = args.n / 2;
+  for (std::int64_t q = 0; q < num_panels / 2; ++q) {
+    const std::int64_t col0 = (p0 / 2 + q) * kGemmNr;
+    const std::int64_t cols = std::min<std::int64_t>(kGemmNr, half - col0);
+    const float* bias_gate = args.bias != nullptr ? args.bias + col0 : nullptr;
+    const float* bias_up = args.bias != nullptr ? args.bias + half + col0 : nullptr;
+    for (std::int64_t i = 0; i < rows; ++i) {
+      const float* gate = c + i * ldc + 2 * q * kGemmNr;
+      kernels.swiglu(gate, gate + kGemmNr, bias_gate, bias_up, args.c + (m0 + i) * args.ldc + col0,
+                     cols);
+    }
+  }
+}
 
 }  // namespace
 
@@ -197,6 +224,8 @@ CpuIsa best_cpu_isa() {
 
 const char* cpu_isa_name(CpuIsa isa) {
   switch (isa) {
+    case CpuIsa::kAmx:
+      return "amx";
     case CpuIsa::kAvx512:
       return "avx512";
     case CpuIsa::kAvx2:
@@ -210,7 +239,7 @@ const char* cpu_isa_name(CpuIsa isa) {
 CpuIsa parse_cpu_isa(const char* name) {
   const std::string s = name;
   if (s == "auto") return best_cpu_isa();
-  for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+  for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512, CpuIsa::kAmx}) {
     if (s != cpu_isa_name(isa)) continue;
     if (isa > best_cpu_isa()) {
       throw ValueError("the CPU kernel set '" + s +
@@ -219,8 +248,8 @@ CpuIsa parse_cpu_isa(const char* name) {
     }
     return isa;
   }
-  throw ValueError("CPU kernel set must be one of 'avx512', 'avx2', 'scalar', 'auto', got '" + s +
-                   "'");
+  throw ValueError(
+      "CPU kernel set must be one of 'amx', 'avx512', 'avx2', 'scalar', 'auto', got '" + s + "'");
 }
 
 CpuIsa active_cpu_isa() {
@@ -239,11 +268,135 @@ std::int64_t packed_panels(std::int64_t n, bool gated) {
   return gated ? 2 * ceil_div(n / 2, kGemmNr) : ceil_div(n, kGemmNr);
 }
 
+#ifdef APHRODITE_HAVE_AMX_KERNELS
+namespace {
+
+struct U16FreeDeleter {
+  void operator()(std::uint16_t* p) const { std::free(p); }
+};
+
+// The operands' bfloat16 parts for one call, on the calling thread (grown to the largest call and
+// reused: a 2,048-row prefill of a 1,024 x 2,816 layer takes 12 MiB for x and 17 MiB for W).
+class PartsScratch {
+ public:
+  std::uint16_t* get(std::size_t elems) {
+    if (elems > capacity_) {
+      buffer_.reset();
+      const std::size_t bytes = (elems * sizeof(std::uint16_t) + 63) / 64 * 64;
+      buffer_.reset(static_cast<std::uint16_t*>(std::aligned_alloc(64, bytes)));
+      if (!buffer_) {
+        capacity_ = 0;
+        throw std::bad_alloc();
+      }
+      capacity_ = elems;
+    }
+    return buffer_.get();
+  }
+
+ private:
+  std::unique_ptr<std::uint16_t, U16FreeDeleter> buffer_;
+  std::size_t capacity_ = 0;
+};
+
+// An AMX task: up to 128 rows (whole 32-row blocks) by up to 16 panels (256 columns), found best
+// among 128-512 rows and 8-32 panels on this machine's 2 MiB L2 (BENCHMARKS.md).
+constexpr std::int64_t kAmxRowBlock = 128;
+constexpr std::int64_t kAmxSlabPanels = 16;
+
+// gemm_f32 on the AMX tiles, for a prepacked weight and at least kAmxMinRows rows: split x and W
+// into their bfloat16 parts once (both across the pool), then tasks of row blocks x column slabs
+// as in gemm_f32, chunk by chunk of K, with gemm_f32's SwiGLU pass for gated weights.
+void gemm_f32_amx(const GemmF32Args& args, const Kernels& kernels) {
+  const std::int64_t m = args.m, n = args.n, k = args.k;
+  const bool gated = args.act == Activation::kSwiGlu;
+  const std::int64_t n_panels = packed_panels(n, gated);
+  const std::int64_t padded_panels = amx_padded_panels(n_panels);
+  const std::int64_t groups = amx_groups(m);
+  thread_local PartsScratch a_scratch, w_scratch;
+  std::uint16_t* a_parts = a_scratch.get(static_cast<std::size_t>(amx_parts_elems(groups, k)));
+  std::uint16_t* w_parts =
+      w_scratch.get(static_cast<std::size_t>(amx_parts_elems(padded_panels, k)));
+  // The split: tasks of 16 panels of W, then of 16 groups of rows of x.
+  constexpr std::int64_t kSplitStep = 16;
+  const std::int64_t w_tasks = ceil_div(padded_panels, kSplitStep);
+  const std::int64_t a_tasks = ceil_div(groups, kSplitStep);
+  parallel_run(w_tasks + a_tasks, [&](std::int64_t task) {
+    if (task < w_tasks) {
+      const std::int64_t p0 = task * kSplitStep;
+      amx_split_w(args.packed_w, n_panels, k, padded_panels, p0,
+                  std::min(padded_panels, p0 + kSplitStep), w_parts);
+    } else {
+      const std::int64_t g0 = (task - w_tasks) * kSplitStep;
+      amx_split_a(args.a, args.lda, m, k, groups, g0, std::min(groups, g0 + kSplitStep), a_parts);
+    }
+  });
+
+  // Column slabs of whole panel pairs (gated: whole gate/up pairs too), then row blocks of whole
+  // 32-row blocks, at least two tasks per thread.
+  const std::int64_t threads = num_threads();
+  std::int64_t slab_panels = std::min(kAmxSlabPanels, padded_panels);
+  if (ceil_div(padded_panels, slab_panels) < threads) {
+    slab_panels = ceil_div(padded_panels, threads);
+  }
+  slab_panels = ceil_div(slab_panels, 2) * 2;
+  const std::int64_t n_slabs = ceil_div(n_panels, slab_panels);
+  std::int64_t m_blocks = std::max<std::int64_t>(1, ceil_div(2 * threads, n_slabs));
+  m_blocks = std::max(m_blocks, ceil_div(m, kAmxRowBlock));
+  const std::int64_t row_block = ceil_div(ceil_div(m, m_blocks), 32) * 32;
+  m_blocks = ceil_div(m, row_block);
+  const std::int64_t chunks = ceil_div(k, kAmxChunk);
+
+  parallel_run(n_slabs * m_blocks, [&](std::int64_t task) {
+    const std::int64_t slab = task % n_slabs;
+    const std::int64_t mb = task / n_slabs;
+    const std::int64_t p0 = slab * slab_panels;
+    const std::int64_t num_panels = std::min(slab_panels, n_panels - p0);
+    const std::int64_t m0 = mb * row_block;
+    const std::int64_t rows = std::min(row_block, m - m0);
+    AmxBlock block{};
+    block.a_parts = a_parts;
+    block.groups = groups;
+    block.group0 = m0 / 16;
+    block.rows = rows;
+    block.w_parts = w_parts;
+    block.padded_panels = padded_panels;
+    block.panel0 = p0;
+    block.panels = num_panels;
+    block.k = k;
+    block.c = args.c + m0 * args.ldc + p0 * kGemmNr;
+    block.ldc = args.ldc;
+    block.n = std::min(num_panels * kGemmNr, n - p0 * kGemmNr);
+    block.bias = args.bias != nullptr && !gated ? args.bias + p0 * kGemmNr : nullptr;
+    block.act = gated ? kGemmActNone : static_cast<int>(args.act);
+    if (gated) {
+      block.ldc = num_panels * kGemmNr;
+      block.n = block.ldc;
+      block.c = swiglu_scratch(static_cast<std::size_t>(rows * block.ldc));
+    }
+    for (std::int64_t c = 0; c < chunks; ++c) {
+      block.chunk = c;
+      block.accumulate = c > 0;
+      block.finish = c + 1 == chunks;
+      gemm_block_parts_amx(block);
+    }
+    if (gated) swiglu_rows(args, kernels, block.c, block.ldc, p0, num_panels, m0, rows);
+  });
+}
+
+}  // namespace
+#endif
+
 void gemm_f32(const GemmF32Args& args, CpuIsa isa) {
   const std::int64_t m = args.m, n = args.n, k = args.k;
   const bool gated = args.act == Activation::kSwiGlu;
   if (m == 0 || n == 0) return;
   const Kernels kernels = kernels_for(isa);
+#ifdef APHRODITE_HAVE_AMX_KERNELS
+  if (isa == CpuIsa::kAmx && args.packed_w != nullptr && m >= kAmxMinRows && k > 0) {
+    gemm_f32_amx(args, kernels);
+    return;
+  }
+#endif
   // Small products run on the calling thread: waking the pool costs more than they take.
   const bool inline_run = m * n * k < kMinParallelWork;
   const std::int64_t threads = inline_run ? 1 : num_threads();
@@ -342,20 +495,7 @@ void gemm_f32(const GemmF32Args& args, CpuIsa isa) {
       pc += kc;
     } while (pc < k);
 
-    if (gated) {
-      const std::int64_t half = n / 2;
-      for (std::int64_t q = 0; q < num_panels / 2; ++q) {
-        const std::int64_t col0 = (p0 / 2 + q) * kGemmNr;
-        const std::int64_t cols = std::min<std::int64_t>(kGemmNr, half - col0);
-        const float* bias_gate = args.bias != nullptr ? args.bias + col0 : nullptr;
-        const float* bias_up = args.bias != nullptr ? args.bias + half + col0 : nullptr;
-        for (std::int64_t i = 0; i < rows; ++i) {
-          const float* gate = c + i * ldc + 2 * q * kGemmNr;
-          kernels.swiglu(gate, gate + kGemmNr, bias_gate, bias_up,
-                         args.c + (m0 + i) * args.ldc + col0, cols);
-        }
-      }
-    }
+    if (gated) swiglu_rows(args, kernels, c, ldc, p0, num_panels, m0, rows);
   };
   if (inline_run) {
     for (std::int64_t task = 0; task < n_slabs * m_blocks; ++task) run_task(task);

@@ -20,8 +20,10 @@
 //
 // The kernels exist three times with one contract: *_scalar (portable, gemm_cpu.cpp), *_avx2
 // (AVX2/FMA, gemm_f32_avx2.cpp) and *_avx512 (gemm_f32_avx512.cpp; it reuses the AVX2 packing
-// and SwiGLU kernels, which are memory-bound). The structs here are plain data so that the AVX2
-// file needs no templates shared with the rest of the library.
+// and SwiGLU kernels, which are memory-bound); for prefill-sized products the block kernel also
+// exists as *_amx (gemm_f32_amx.cpp: AMX tiles, float32 accuracy from split bfloat16 parts). The
+// structs here are plain data so that the AVX2 file needs no templates shared with the rest of the
+// library.
 #pragma once
 
 #include <cstdint>
@@ -39,6 +41,7 @@ enum GemmActivation : int {
   kGemmActNone = static_cast<int>(Activation::kNone),
   kGemmActGeluErf = static_cast<int>(Activation::kGeluErf),
   kGemmActGeluTanh = static_cast<int>(Activation::kGeluTanh),
+  kGemmActQuickGelu = static_cast<int>(Activation::kQuickGelu),
 };
 
 // One K chunk of one task: rows [0, m) of `a` against columns [0, n) of the slab, which span
@@ -81,18 +84,69 @@ void swiglu_f32_avx2(const float* gate, const float* up, const float* bias_gate,
                      const float* bias_up, float* out, std::int64_t n);
 void gemm_block_f32_avx512(const GemmBlock& block);
 #endif
+#ifdef APHRODITE_HAVE_AMX_KERNELS
+// The AMX path (gemm_f32_amx.cpp): float32 products on the bfloat16 tiles, each operand split into
+// three bfloat16 parts. The driver splits x and the packed weight once per call into part tiles,
+// chunk by chunk of kAmxChunk values of K: for each chunk, three planes (one per part) of
+// [tile][kAmxSteps][16][32] bfloat16, where a tile is 16 rows of x (groups: amx_groups(m)) or one
+// panel of W (pair-interleaved along K; padded to an even count: amx_padded_panels). Zeros past
+// the rows, panels and K.
+constexpr std::int64_t kAmxChunk = 1024;
+constexpr std::int64_t kAmxSteps = kAmxChunk / 32;
+std::int64_t amx_groups(std::int64_t rows);
+std::int64_t amx_padded_panels(std::int64_t panels);
+// bfloat16 values of the parts of `tiles` groups or padded panels over all chunks of k.
+std::int64_t amx_parts_elems(std::int64_t tiles, std::int64_t k);
+// Splits groups [group0, group1) of x [m, k] (row stride lda) into parts (of `groups` groups).
+void amx_split_a(const float* a, std::int64_t lda, std::int64_t m, std::int64_t k,
+                 std::int64_t groups, std::int64_t group0, std::int64_t group1,
+                 std::uint16_t* parts);
+// Splits panels [panel0, panel1) of a packed weight (n_panels panels of k * kGemmNr floats) into
+// parts (of padded_panels panels).
+void amx_split_w(const float* packed, std::int64_t n_panels, std::int64_t k,
+                 std::int64_t padded_panels, std::int64_t panel0, std::int64_t panel1,
+                 std::uint16_t* parts);
+// One K chunk of one task: rows [16 * group0, + rows) of C by the slab of `panels` panels from
+// panel0 (n valid columns), from the split operands.
+struct AmxBlock {
+  const std::uint16_t* a_parts;
+  std::int64_t groups;  // of all of x (the parts' layout)
+  std::int64_t group0;  // the block's first group of 16 rows (even)
+  std::int64_t rows;
+  const std::uint16_t* w_parts;
+  std::int64_t padded_panels;  // of all of W (the parts' layout)
+  std::int64_t panel0;         // the slab's first panel (even)
+  std::int64_t panels;
+  std::int64_t n;      // valid columns from the slab's first one
+  std::int64_t k;      // all of K
+  std::int64_t chunk;  // which chunk of K
+  float* c;            // C at the block's first row and the slab's first column
+  std::int64_t ldc;
+  const float* bias;  // at the slab's first column, or nullptr
+  int accumulate;     // add to C (an earlier chunk wrote it)
+  int finish;         // last chunk: apply bias and activation
+  int act;            // GemmActivation
+};
+void gemm_block_parts_amx(const AmxBlock& block);
+#endif
 
-// Ordered: a CPU that runs one set runs all the ones before it.
-enum class CpuIsa { kScalar, kAvx2, kAvx512 };
+// Ordered: a CPU that runs one set runs all the ones before it. kAmx is kAvx512 with the AMX
+// kernel for products of at least kAmxMinRows rows (prefill-sized).
+enum class CpuIsa { kScalar, kAvx2, kAvx512, kAmx };
 
-// The best kernel set this CPU runs (AVX-512 F/BW/DQ/VL with FMA, else AVX2 and FMA, else
-// scalar).
+// Rows from which the kAmx set multiplies on the AMX tiles (with a prepacked weight): below,
+// splitting the weight into its bfloat16 parts costs more than the tiles gain over AVX-512.
+constexpr std::int64_t kAmxMinRows = 256;
+
+// The best kernel set this CPU runs (AMX-BF16 with the kernel's permission and the AMX kernels
+// built, else AVX-512 F/BW/DQ/VL with FMA, else AVX2 and FMA, else scalar).
 CpuIsa best_cpu_isa();
 // The set linear() uses: APHRODITE_CPU_ISA (read once) or set_linear_cpu_isa(), else the best.
 CpuIsa active_cpu_isa();
 void set_active_cpu_isa(CpuIsa isa);
 const char* cpu_isa_name(CpuIsa isa);
-// "avx512" / "avx2" / "scalar" / "auto"; ValueError for other names or sets this CPU lacks.
+// "amx" / "avx512" / "avx2" / "scalar" / "auto"; ValueError for other names or sets this CPU
+// lacks.
 CpuIsa parse_cpu_isa(const char* name);
 
 struct GemmF32Args {

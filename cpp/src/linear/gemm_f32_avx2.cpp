@@ -51,9 +51,16 @@ inline __m256 gelu_tanh_ps(__m256 x) {
   return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
 }
 
+// x * sigmoid(1.702 x) == x / (1 + exp(-1.702 x)).
+inline __m256 quick_gelu_ps(__m256 x) {
+  const __m256 e = exp_ps(_mm256_mul_ps(_mm256_set1_ps(-1.702f), x));
+  return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+
 inline __m256 activate_ps(__m256 v, int act) {
   if (act == kGemmActGeluErf) return gelu_erf_ps(v);
   if (act == kGemmActGeluTanh) return gelu_tanh_ps(v);
+  if (act == kGemmActQuickGelu) return quick_gelu_ps(v);
   return v;
 }
 

@@ -62,21 +62,25 @@ const char* activation_name(Activation act) {
       return "gelu_tanh";
     case Activation::kSwiGlu:
       return "swiglu";
+    case Activation::kQuickGelu:
+      return "quick_gelu";
   }
   return "unknown";
 }
 
 Activation parse_activation(const char* name) {
   if (name == nullptr) {
-    throw ValueError("activation must be one of 'none', 'gelu', 'gelu_tanh', 'swiglu', got null");
+    throw ValueError(
+        "activation must be one of 'none', 'gelu', 'gelu_tanh', 'swiglu', 'quick_gelu', got null");
   }
-  for (Activation act :
-       {Activation::kNone, Activation::kGeluErf, Activation::kGeluTanh, Activation::kSwiGlu}) {
+  for (Activation act : {Activation::kNone, Activation::kGeluErf, Activation::kGeluTanh,
+                         Activation::kSwiGlu, Activation::kQuickGelu}) {
     if (std::strcmp(name, activation_name(act)) == 0) return act;
   }
   throw ValueError(
-      std::string("activation must be one of 'none', 'gelu', 'gelu_tanh', 'swiglu', got '") + name +
-      "'");
+      std::string(
+          "activation must be one of 'none', 'gelu', 'gelu_tanh', 'swiglu', 'quick_gelu', got '") +
+      name + "'");
 }
 
 void set_linear_cpu_isa(const char* name) {

@@ -13,17 +13,19 @@ from torch import nn
 from aphrodite.config import VisionConfig
 from aphrodite.modeling.layers import LayerNorm, Linear, empty_param
 
-_FUSED_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+# HF's activation names -> the activation Linear applies in fc1's epilogue.
+_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "quick_gelu": "quick_gelu",
+}
 
 
-def _activation(name: str):
-    if name == "quick_gelu":
-        return lambda x: x * torch.sigmoid(1.702 * x)
-    if name == "gelu":
-        return F.gelu
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return lambda x: F.gelu(x, approximate="tanh")
-    raise ValueError(f"unsupported CLIP activation {name!r}")
+def _activation(name: str) -> str:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported CLIP activation {name!r}")
+    return _ACTIVATIONS[name]
 
 
 class CLIPEmbeddings(nn.Module):
@@ -83,18 +85,14 @@ class CLIPMLP(nn.Module):
         super().__init__()
         self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, True, dtype, device)
         self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, True, dtype, device)
-        self.act = _activation(cfg.hidden_act)
-        # The GELU variants ops.linear fuses into fc1's epilogue (quick_gelu stays separate).
-        self.fc1_activation = _FUSED_ACTIVATIONS.get(cfg.hidden_act)
+        self.fc1_activation = _activation(cfg.hidden_act)
 
     def pack(self) -> None:
         self.fc1.pack()
         self.fc2.pack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fc1_activation is not None:
-            return self.fc2(self.fc1(x, self.fc1_activation))
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.fc1(x, self.fc1_activation))
 
 
 class CLIPEncoderLayer(nn.Module):

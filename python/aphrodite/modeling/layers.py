@@ -60,8 +60,10 @@ class Linear(nn.Module):
         self.weight = None
 
     def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
-        """``act(x W^T + b)``; ``activation``: "none", "gelu" (erf) or "gelu_tanh", fused into
-        the GEMM's epilogue when the weight is packed or aphrodite's CUDA GEMMs are chosen."""
+        """``act(x W^T + b)``; ``activation``: "none", "gelu" (erf), "gelu_tanh" or "quick_gelu"
+        (CLIP's ``x * sigmoid(1.702 x)``), fused into the GEMM's epilogue when the weight is
+        packed or aphrodite's CUDA GEMMs are chosen, else applied after torch's ``F.linear`` as HF
+        applies it."""
         if self.packed is not None:
             return ops.linear(x, self.packed, self.bias, activation)
         if x.is_cuda and own_cuda_gemm():
@@ -71,6 +73,10 @@ class Linear(nn.Module):
             return F.gelu(y)
         if activation == "gelu_tanh":
             return F.gelu(y, approximate="tanh")
+        if activation == "quick_gelu":
+            return y * torch.sigmoid(1.702 * y)
+        if activation != "none":
+            raise ValueError(f"unknown activation {activation!r}")
         return y
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:

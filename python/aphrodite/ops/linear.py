@@ -1,7 +1,9 @@
 """Linear layers with a fused bias + activation epilogue, and the LLaVA multimodal projector.
 
-CPU: float32 (blocked GEMM with AVX-512 / AVX2 / scalar kernels chosen at run time; force one
-with ``APHRODITE_CPU_ISA`` or :func:`set_linear_cpu_isa`). CUDA: float16/bfloat16 on the tensor
+CPU: float32 (blocked GEMM with AVX-512 / AVX2 / scalar kernels chosen at run time, and on CPUs
+with AMX-BF16 products of 128 rows or more on the AMX tiles, each float32 operand split into three
+bfloat16 parts for float32 accuracy; force one set with ``APHRODITE_CPU_ISA`` or
+:func:`set_linear_cpu_isa`). CUDA: float16/bfloat16 on the tensor
 cores with float32 accumulation. Weights are in torch's layout ``[out_features, in_features]``.
 """
 
@@ -15,7 +17,7 @@ import torch
 from aphrodite import _C
 from aphrodite.ops._stream import capsule, optional_capsule, stream_of
 
-Activation = Literal["none", "gelu", "gelu_tanh", "swiglu"]
+Activation = Literal["none", "gelu", "gelu_tanh", "quick_gelu", "swiglu"]
 PackedLinearWeight = _C.ops.PackedLinearWeight
 
 
@@ -28,7 +30,7 @@ def pack_linear_weight(weight: torch.Tensor, gated: bool = False) -> PackedLinea
     return _C.ops.pack_linear_weight(weight, gated)
 
 
-def set_linear_cpu_isa(name: Literal["avx512", "avx2", "scalar", "auto"]) -> None:
+def set_linear_cpu_isa(name: Literal["amx", "avx512", "avx2", "scalar", "auto"]) -> None:
     """Forces the CPU kernel set (tests, benchmarks); ``"auto"``: the best this CPU runs.
 
     Raises ``ValueError`` for a set this CPU cannot run.
@@ -37,7 +39,8 @@ def set_linear_cpu_isa(name: Literal["avx512", "avx2", "scalar", "auto"]) -> Non
 
 
 def linear_cpu_isa() -> str:
-    """The CPU kernel set :func:`linear` uses now: ``"avx512"``, ``"avx2"`` or ``"scalar"``."""
+    """The CPU kernel set :func:`linear` uses now: ``"amx"``, ``"avx512"``, ``"avx2"`` or
+    ``"scalar"``."""
     return _C.ops.linear_cpu_isa()
 
 
@@ -50,7 +53,8 @@ def linear(
 ) -> torch.Tensor:
     """``act(x @ weight.T + bias)`` for ``x`` of shape ``[..., K]``; returns ``[..., N]``.
 
-    ``activation``: ``"none"``, ``"gelu"`` (exact erf), ``"gelu_tanh"``, or ``"swiglu"`` (CPU):
+    ``activation``: ``"none"``, ``"gelu"`` (exact erf), ``"gelu_tanh"``, ``"quick_gelu"``
+    (CLIP's ``x * sigmoid(1.702 x)``), or ``"swiglu"`` (CPU):
     ``weight`` stacks gate over up rows (packed with ``gated=True`` if packed) and the result
     ``silu(x @ Wg.T + bg) * (x @ Wu.T + bu)`` is ``[..., N / 2]``. ``out``, when given, receives
     the result (innermost dimension dense).
