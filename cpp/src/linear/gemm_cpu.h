@@ -136,7 +136,7 @@ enum class CpuIsa { kScalar, kAvx2, kAvx512, kAmx };
 
 // Rows from which the kAmx set multiplies on the AMX tiles (with a prepacked weight): below,
 // splitting the weight into its bfloat16 parts costs more than the tiles gain over AVX-512.
-constexpr std::int64_t kAmxMinRows = 256;
+constexpr std::int64_t kAmxMinRows = 128;
 
 // The best kernel set this CPU runs (AMX-BF16 with the kernel's permission and the AMX kernels
 // built, else AVX-512 F/BW/DQ/VL with FMA, else AVX2 and FMA, else scalar).
