@@ -60,40 +60,42 @@ float activate(float v, int act) {
 }
 
 struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
+  void operator()(void* p) const { std::free(p); }
 };
 
-// A per-thread buffer reused across calls (a fresh 256 KiB allocation per task would be an mmap
-// and page faults each time).
+// A per-thread buffer of T reused across calls (a fresh 256 KiB allocation per task would be an
+// mmap and page faults each time), 64-byte aligned.
+template <typename T>
 class ScratchBuffer {
  public:
-  float* get(std::size_t floats) {
-    if (floats > capacity_) {
-      const std::size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
-      buffer_.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+  T* get(std::size_t count) {
+    if (count > capacity_) {
+      buffer_.reset();
+      const std::size_t bytes = (count * sizeof(T) + 63) / 64 * 64;
+      buffer_.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
       if (!buffer_) {
         capacity_ = 0;
         throw std::bad_alloc();
       }
-      capacity_ = floats;
+      capacity_ = count;
     }
     return buffer_.get();
   }
 
  private:
-  std::unique_ptr<float, FreeDeleter> buffer_;
+  std::unique_ptr<T, FreeDeleter> buffer_;
   std::size_t capacity_ = 0;
 };
 
 // Slabs of W packed per call.
 float* packing_scratch(std::size_t floats) {
-  thread_local ScratchBuffer buffer;
+  thread_local ScratchBuffer<float> buffer;
   return buffer.get(floats);
 }
 
 // The tile a SwiGLU task computes gate and up into.
 float* swiglu_scratch(std::size_t floats) {
-  thread_local ScratchBuffer buffer;
+  thread_local ScratchBuffer<float> buffer;
   return buffer.get(floats);
 }
 
@@ -142,6 +144,20 @@ CpuIsa detect_cpu_isa() {
 
 // The override: -1 until the first call reads APHRODITE_CPU_ISA, then a CpuIsa value.
 std::atomic<int> g_active_isa{-1};
+
+// Task `task` of a split of C into column slabs of slab_panels panels (n_panels in all) times row
+// blocks of row_block rows (m in all), slabs varying fastest: its first panel, panels, first row
+// and rows.
+struct TaskTile {
+  std::int64_t p0, num_panels, m0, rows;
+};
+
+TaskTile task_tile(std::int64_t task, std::int64_t n_slabs, std::int64_t slab_panels,
+                   std::int64_t n_panels, std::int64_t row_block, std::int64_t m) {
+  const std::int64_t p0 = (task % n_slabs) * slab_panels;
+  const std::int64_t m0 = (task / n_slabs) * row_block;
+  return {p0, std::min(slab_panels, n_panels - p0), m0, std::min(row_block, m - m0)};
+}
 
 // SwiGLU's pass over a task's scratch tile c (rows x num_panels panels from panel p0, gate and up
 // interleaved, row stride ldc): silu(gate + bg) * (up + bu) into C's rows from m0.
@@ -271,33 +287,6 @@ std::int64_t packed_panels(std::int64_t n, bool gated) {
 #ifdef APHRODITE_HAVE_AMX_KERNELS
 namespace {
 
-struct U16FreeDeleter {
-  void operator()(std::uint16_t* p) const { std::free(p); }
-};
-
-// The operands' bfloat16 parts for one call, on the calling thread (grown to the largest call and
-// reused: a 2,048-row prefill of a 1,024 x 2,816 layer takes 12 MiB for x and 17 MiB for W).
-class PartsScratch {
- public:
-  std::uint16_t* get(std::size_t elems) {
-    if (elems > capacity_) {
-      buffer_.reset();
-      const std::size_t bytes = (elems * sizeof(std::uint16_t) + 63) / 64 * 64;
-      buffer_.reset(static_cast<std::uint16_t*>(std::aligned_alloc(64, bytes)));
-      if (!buffer_) {
-        capacity_ = 0;
-        throw std::bad_alloc();
-      }
-      capacity_ = elems;
-    }
-    return buffer_.get();
-  }
-
- private:
-  std::unique_ptr<std::uint16_t, U16FreeDeleter> buffer_;
-  std::size_t capacity_ = 0;
-};
-
 // An AMX task: up to 128 rows (whole 32-row blocks) by up to 16 panels (256 columns), found best
 // among 128-512 rows and 8-32 panels on this machine's 2 MiB L2 (BENCHMARKS.md).
 constexpr std::int64_t kAmxRowBlock = 128;
@@ -312,7 +301,9 @@ void gemm_f32_amx(const GemmF32Args& args, const Kernels& kernels) {
   const std::int64_t n_panels = packed_panels(n, gated);
   const std::int64_t padded_panels = amx_padded_panels(n_panels);
   const std::int64_t groups = amx_groups(m);
-  thread_local PartsScratch a_scratch, w_scratch;
+  // The operands' bfloat16 parts for this call, on the calling thread (grown to the largest call
+  // and reused: a 2,048-row prefill of a 1,024 x 2,816 layer takes 12 MiB for x, 17 MiB for W).
+  thread_local ScratchBuffer<std::uint16_t> a_scratch, w_scratch;
   std::uint16_t* a_parts = a_scratch.get(static_cast<std::size_t>(amx_parts_elems(groups, k)));
   std::uint16_t* w_parts =
       w_scratch.get(static_cast<std::size_t>(amx_parts_elems(padded_panels, k)));
@@ -347,12 +338,8 @@ void gemm_f32_amx(const GemmF32Args& args, const Kernels& kernels) {
   const std::int64_t chunks = ceil_div(k, kAmxChunk);
 
   parallel_run(n_slabs * m_blocks, [&](std::int64_t task) {
-    const std::int64_t slab = task % n_slabs;
-    const std::int64_t mb = task / n_slabs;
-    const std::int64_t p0 = slab * slab_panels;
-    const std::int64_t num_panels = std::min(slab_panels, n_panels - p0);
-    const std::int64_t m0 = mb * row_block;
-    const std::int64_t rows = std::min(row_block, m - m0);
+    const auto [p0, num_panels, m0, rows] =
+        task_tile(task, n_slabs, slab_panels, n_panels, row_block, m);
     AmxBlock block{};
     block.a_parts = a_parts;
     block.groups = groups;
@@ -432,12 +419,8 @@ void gemm_f32(const GemmF32Args& args, CpuIsa isa) {
   const int act = gated ? kGemmActNone : static_cast<int>(args.act);
 
   const auto run_task = [&](std::int64_t task) {
-    const std::int64_t slab = task % n_slabs;
-    const std::int64_t mb = task / n_slabs;
-    const std::int64_t p0 = slab * slab_panels;
-    const std::int64_t num_panels = std::min(slab_panels, n_panels - p0);
-    const std::int64_t m0 = mb * row_block;
-    const std::int64_t rows = std::min(row_block, m - m0);
+    const auto [p0, num_panels, m0, rows] =
+        task_tile(task, n_slabs, slab_panels, n_panels, row_block, m);
     float* scratch =
         prepacked ? nullptr
                   : packing_scratch(static_cast<std::size_t>(
