@@ -151,14 +151,14 @@ std::vector<Case> cases() {
       {3, 1000, 400},
       {64, 96, 200},
       {40, 200, 160},
-      // From kAmxMinRows (128) rows and with a prepacked weight, the AMX set runs its tile
+      // From kAmxMinRows (256) rows and with a prepacked weight, the AMX set runs its tile
       // kernel: rows off its 32-row blocks and 16-row tiles, N off its 32-column blocks, K off its
       // 32-deep steps and over one 1,024-deep chunk, SwiGLU, row blocks split across the pool.
       {256, 40, 600},
       {260, 33, 1100},
       {290, 66, 0},
       {400, 100, 70},
-      {161, 18, 31},
+      {321, 18, 31},
       {300, 520, 300}};
   std::vector<Case> out;
   int i = 0;

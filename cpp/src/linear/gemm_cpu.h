@@ -135,8 +135,10 @@ void gemm_block_parts_amx(const AmxBlock& block);
 enum class CpuIsa { kScalar, kAvx2, kAvx512, kAmx };
 
 // Rows from which the kAmx set multiplies on the AMX tiles (with a prepacked weight): below,
-// splitting the weight into its bfloat16 parts costs more than the tiles gain over AVX-512.
-constexpr std::int64_t kAmxMinRows = 128;
+// splitting the weight into its bfloat16 parts costs about what the tiles gain over AVX-512 (at
+// 128 rows AMX was 0.8-1.1x the AVX-512 GEMM with the weight in cache, 1.0-1.15x streaming it; at
+// 256 rows 1.1-1.45x).
+constexpr std::int64_t kAmxMinRows = 256;
 
 // The best kernel set this CPU runs (AMX-BF16 with the kernel's permission and the AMX kernels
 // built, else AVX-512 F/BW/DQ/VL with FMA, else AVX2 and FMA, else scalar).

@@ -1,7 +1,7 @@
 """Linear layers with a fused bias + activation epilogue, and the LLaVA multimodal projector.
 
 CPU: float32 (blocked GEMM with AVX-512 / AVX2 / scalar kernels chosen at run time, and on CPUs
-with AMX-BF16 products of 128 rows or more on the AMX tiles, each float32 operand split into three
+with AMX-BF16 products of 256 rows or more on the AMX tiles, each float32 operand split into three
 bfloat16 parts for float32 accuracy; force one set with ``APHRODITE_CPU_ISA`` or
 :func:`set_linear_cpu_isa`). CUDA: float16/bfloat16 on the tensor
 cores with float32 accumulation. Weights are in torch's layout ``[out_features, in_features]``.
