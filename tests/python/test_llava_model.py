@@ -156,9 +156,7 @@ def test_cpu_float32_linears_run_packed(checkpoints, name):
         assert model.lm_head.weight is None
 
 
-@pytest.mark.parametrize("name", list(CHECKPOINTS))
-def test_greedy_matches_hf(checkpoints, name):
-    path = checkpoints[name]
+def _greedy_matches_hf(path, name: str, chunk: int | None = None) -> None:
     processor, model = hf_llava_processor(path), hf_llava_model(path)
     image = _image(seed=len(name))
     ref = hf_greedy(model, processor, PROMPT, [image], MAX_NEW_TOKENS)
@@ -167,8 +165,9 @@ def test_greedy_matches_hf(checkpoints, name):
     cfg = runner.model_config
     spans = image_spans(ref.prompt_ids, cfg.image_token_id)
     assert spans == [(spans[0][0], cfg.num_image_tokens)]
-    # Chunks of 3 tokens put chunk boundaries inside the image (and, at 576 tokens, many).
-    chunk = 3 if cfg.num_image_tokens < 100 else 250
+    if chunk is None:
+        # Chunks of 3 tokens put chunk boundaries inside the image (and, at 576 tokens, many).
+        chunk = 3 if cfg.num_image_tokens < 100 else 250
     planner = Planner(block_size=16, blocks_per_request=48, chunk=chunk)
     planner.add("r0", ref.prompt_ids, spans)
     array = np.asarray(image)
@@ -176,6 +175,18 @@ def test_greedy_matches_hf(checkpoints, name):
     logprobs = _run(runner, planner, lambda rid, idx: array, steps)
     _assert_matches(planner.generated("r0"), logprobs["r0"], ref)
     assert runner.encoder_cache == {}  # freed once the image was fully merged
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_greedy_matches_hf(checkpoints, name):
+    _greedy_matches_hf(checkpoints[name], name)
+
+
+def test_greedy_matches_hf_with_whole_prompt_prefill(checkpoints):
+    """The 576-image-token checkpoint's whole prompt (about 600 tokens) in one step: every
+    projection of the prefill has hundreds of rows, which on CPUs with AMX-BF16 run on the AMX
+    kernel set (float32 products from three bfloat16 parts per operand), the tower's too."""
+    _greedy_matches_hf(checkpoints["llava336"], "llava336", chunk=1024)
 
 
 def test_batch_of_requests_with_and_without_images(checkpoints):
