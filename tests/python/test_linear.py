@@ -365,6 +365,29 @@ def test_cuda_wgmma_forced_tiling(monkeypatch: pytest.MonkeyPatch, tiling: str) 
         ops.linear(x, w)
 
 
+@pytest.mark.parametrize("rows", [8, 300])  # the AVX/scalar kernels; from 256 rows AMX's too
+def test_activations_over_a_wide_range_match_torch(cpu_isa: str, rows: int) -> None:
+    """Each epilogue activation on pre-activations from -60 to 60 (an identity weight makes the
+    product exact): far tails included, where GELU's erfc is below float32's normal range. The
+    GELU references are 0.5 x erfc(-x / sqrt 2) and x sigmoid(2y) in float64 (torch's 1 + erf
+    and 1 + tanh forms cancel to 0 from x = -8.7 and -7.7 on, even in float64); far in the tail
+    float32's rounding of x / sqrt 2 alone moves erfc by up to 2 u^2 ulp (about 1e-5 relative at
+    x = -10), hence the tolerance."""
+    k = 32
+    x = torch.linspace(-60.0, 60.0, rows * k).reshape(rows, k)
+    eye = ops.pack_linear_weight(torch.eye(k))
+    x64 = x.double()
+    for activation in ACTIVATIONS:
+        y = ops.linear(x, eye, None, activation)
+        if activation == "gelu":
+            ref = 0.5 * x64 * torch.special.erfc(-x64 / math.sqrt(2.0))
+        elif activation == "gelu_tanh":  # 0.5 x (1 + tanh y) without the cancellation
+            ref = x64 * torch.sigmoid(2.0 * math.sqrt(2.0 / math.pi) * (x64 + 0.044715 * x64**3))
+        else:
+            ref = reference(x, torch.eye(k), None, activation)
+        torch.testing.assert_close(y.double(), ref, rtol=5e-5, atol=1e-30, msg=activation)
+
+
 def test_every_kernel_set_on_random_shapes(cpu_isa: str) -> None:
     """Rows 1..300 (the decode path up to 64 rows with packed weights, the blocked one above),
     odd K and N, with and without bias, every activation, packed and unpacked weights."""
