@@ -64,6 +64,12 @@ void configure_tiles() {
 
 std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 
+// The 32-deep steps chunk c of K holds (the last chunk may hold fewer than kAmxSteps; the parts'
+// layout keeps room for kAmxSteps, and the steps past these are neither written nor read).
+std::int64_t chunk_steps(std::int64_t k, std::int64_t c) {
+  return ceil_div(std::min(k - c * kAmxChunk, kAmxChunk), kTileK);
+}
+
 // 16 bfloat16 values (as bits) to float32.
 inline __m512 widen(__m256i bits) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
@@ -136,14 +142,15 @@ void amx_split_a(const float* a, std::int64_t lda, std::int64_t m, std::int64_t 
   const std::int64_t plane = groups * kAmxSteps * kTileElems;
   for (std::int64_t c = 0; c * kAmxChunk < k; ++c) {
     std::uint16_t* chunk = parts + c * kParts * plane;
+    const std::int64_t steps = chunk_steps(k, c);
     for (std::int64_t g = group0; g < group1; ++g) {
       for (int r = 0; r < kTileRows; ++r) {
         const std::int64_t row = g * kTileRows + r;
-        for (std::int64_t s = 0; s < kAmxSteps; ++s) {
+        for (std::int64_t s = 0; s < steps; ++s) {
           const std::int64_t k0 = c * kAmxChunk + s * kTileK;
           __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
           if (row < m) {
-            const float* src = a + row * lda + std::min(k0, k);
+            const float* src = a + row * lda + k0;
             lo = _mm512_maskz_loadu_ps(column_mask(k - k0), src);
             hi = _mm512_maskz_loadu_ps(column_mask(k - k0 - 16), src + 16);
           }
@@ -167,9 +174,10 @@ void amx_split_w(const float* packed, std::int64_t n_panels, std::int64_t k,
   const std::int64_t plane = padded_panels * kAmxSteps * kTileElems;
   for (std::int64_t c = 0; c * kAmxChunk < k; ++c) {
     std::uint16_t* chunk = parts + c * kParts * plane;
+    const std::int64_t steps = chunk_steps(k, c);
     for (std::int64_t q = panel0; q < panel1; ++q) {
       const float* panel = q < n_panels ? packed + q * k * kGemmNr : nullptr;
-      for (std::int64_t s = 0; s < kAmxSteps; ++s) {
+      for (std::int64_t s = 0; s < steps; ++s) {
         for (int r = 0; r < kTileRows; ++r) {
           const std::int64_t kk = c * kAmxChunk + s * kTileK + 2 * r;
           __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
@@ -196,7 +204,7 @@ void gemm_block_parts_amx(const AmxBlock& b) {
   if (b.rows <= 0 || b.n <= 0) return;
   const std::int64_t a_plane = b.groups * kAmxSteps * kTileElems;
   const std::int64_t w_plane = b.padded_panels * kAmxSteps * kTileElems;
-  const std::int64_t steps = ceil_div(std::min(b.k - b.chunk * kAmxChunk, kAmxChunk), kTileK);
+  const std::int64_t steps = chunk_steps(b.k, b.chunk);
   const std::uint16_t* a_chunk = b.a_parts + b.chunk * kParts * a_plane;
   const std::uint16_t* w_chunk = b.w_parts + b.chunk * kParts * w_plane;
   // Tile offsets, in bfloat16 values: the next group of 16 rows of A, the next panel of W.
