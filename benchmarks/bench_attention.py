@@ -25,6 +25,8 @@ from cuda_timing import device_seconds_per_call
 from aphrodite import _C, ops
 
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 32, 8, 128, 16
+# The offline benchmark model's decoder (benchmark_dataset.py): heads 16/8, head 64.
+SMALL_HEADS = (16, 8, 64)
 
 
 def time_cpu(fn, iterations: int) -> float:
@@ -49,37 +51,47 @@ class Case:
     """A batch of `batch` sequences of `context` tokens, the last `q_len` of them queried, with
     the paged cache and the same K/V laid out contiguously for torch."""
 
-    def __init__(self, batch: int, context: int, q_len: int, dtype: torch.dtype, device: str):
+    def __init__(
+        self,
+        batch: int,
+        context: int,
+        q_len: int,
+        dtype: torch.dtype,
+        device: str,
+        heads: tuple[int, int, int] = (HEADS, KV_HEADS, HEAD_SIZE),
+    ):
+        num_heads, kv_heads, head_size = heads
+        self.kv_heads = kv_heads
         gen = torch.Generator().manual_seed(0)
         blocks_per_seq = math.ceil(context / BLOCK)
         num_blocks = batch * blocks_per_seq
         perm = torch.randperm(num_blocks, generator=gen)
         self.block_tables = perm.view(batch, blocks_per_seq).to(torch.int32).to(device)
-        k = torch.randn(batch, context, KV_HEADS, HEAD_SIZE, generator=gen).to(dtype)
-        v = torch.randn(batch, context, KV_HEADS, HEAD_SIZE, generator=gen).to(dtype)
-        self.key_cache = torch.zeros(num_blocks, BLOCK, KV_HEADS, HEAD_SIZE, dtype=dtype)
+        k = torch.randn(batch, context, kv_heads, head_size, generator=gen).to(dtype)
+        v = torch.randn(batch, context, kv_heads, head_size, generator=gen).to(dtype)
+        self.key_cache = torch.zeros(num_blocks, BLOCK, kv_heads, head_size, dtype=dtype)
         self.value_cache = torch.zeros_like(self.key_cache)
         pos = torch.arange(context)
         for s in range(batch):
             slot = perm.view(batch, -1)[s, pos // BLOCK] * BLOCK + pos % BLOCK
-            self.key_cache.view(-1, KV_HEADS, HEAD_SIZE)[slot] = k[s]
-            self.value_cache.view(-1, KV_HEADS, HEAD_SIZE)[slot] = v[s]
+            self.key_cache.view(-1, kv_heads, head_size)[slot] = k[s]
+            self.value_cache.view(-1, kv_heads, head_size)[slot] = v[s]
         self.key_cache = self.key_cache.to(device)
         self.value_cache = self.value_cache.to(device)
-        self.query = torch.randn(batch * q_len, HEADS, HEAD_SIZE, generator=gen)
+        self.query = torch.randn(batch * q_len, num_heads, head_size, generator=gen)
         self.query = self.query.to(dtype).to(device)
         self.out = torch.empty_like(self.query)
         self.seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
         self.qsl = torch.arange(0, batch * q_len + 1, q_len, dtype=torch.int32, device=device)
-        self.group = HEADS // KV_HEADS
+        self.group = num_heads // kv_heads
         # torch's layout: [batch, heads, tokens, head_size]; K/V keep their KV heads (torch
         # reads each once: GQA, not K/V copied out to every query head, which would make it
         # read 4x the bytes ours does).
-        self.t_q = self.query.view(batch, q_len, HEADS, HEAD_SIZE).transpose(1, 2).contiguous()
+        self.t_q = self.query.view(batch, q_len, num_heads, head_size).transpose(1, 2).contiguous()
         self.t_k = k.transpose(1, 2).contiguous().to(device)
         self.t_v = v.transpose(1, 2).contiguous().to(device)
-        self.scale = 1.0 / math.sqrt(HEAD_SIZE)
-        self.kv_bytes = 2 * batch * context * KV_HEADS * HEAD_SIZE * k.element_size()
+        self.scale = 1.0 / math.sqrt(head_size)
+        self.kv_bytes = 2 * batch * context * kv_heads * head_size * k.element_size()
         self.q_len = q_len
 
     def ours(self) -> None:
@@ -100,10 +112,10 @@ class Case:
         its query heads of one KV head go in as that head's query rows, torch's fastest form
         of GQA decode. A full prefill is causal, with SDPA's own GQA."""
         if self.q_len == 1:
-            batch = self.t_q.shape[0]
-            q = self.t_q.view(batch, KV_HEADS, self.group, HEAD_SIZE)
+            batch, heads, _, head_size = self.t_q.shape
+            q = self.t_q.view(batch, self.kv_heads, self.group, head_size)
             out = F.scaled_dot_product_attention(q, self.t_k, self.t_v, scale=self.scale)
-            return out.reshape(batch, HEADS, 1, HEAD_SIZE)
+            return out.reshape(batch, heads, 1, head_size)
         return F.scaled_dot_product_attention(
             self.t_q, self.t_k, self.t_v, is_causal=True, scale=self.scale, enable_gqa=True
         )
@@ -135,15 +147,20 @@ def bench_cpu(iterations: int) -> list[str]:
         ours, peer = time_cpu(case.ours, iterations), time_cpu(case.torch_sdpa, iterations)
         row(f"prefill {batch} x {context} tokens (causal)", ours, peer, f"max rel diff {err:.1e}")
         summary.append(f"cpu prefill {batch}x{context} {peer / ours:.2f}x sdpa")
-    case = Case(32, 1024, 1, torch.float32, "cpu")
-    err = case.check()
-    ours = time_cpu(case.ours, iterations)
-    row(
-        "decode 32 x 1 token, context 1024",
-        ours,
-        time_cpu(case.torch_sdpa, iterations),
-        f"max rel diff {err:.1e}, K/V read {case.kv_bytes / ours / 1e9:.2f} GB/s",
-    )
+    # Decode at this table's heads, and at the offline benchmark model's (16 sequences of a
+    # few hundred tokens: short context, small heads, so per-block costs weigh more).
+    for batch, context, heads in ((32, 1024, None), (16, 320, SMALL_HEADS)):
+        case = Case(batch, context, 1, torch.float32, "cpu", *([heads] if heads else []))
+        err = case.check()
+        ours = time_cpu(case.ours, iterations)
+        peer = time_cpu(case.torch_sdpa, iterations)
+        name = f"decode {batch} x 1 token, context {context}"
+        if heads:
+            name = f"decode {batch} x 1, context {context}, heads {heads[0]}/{heads[1]}"
+            name += f" x {heads[2]}"
+        gbs = case.kv_bytes / ours / 1e9
+        row(name, ours, peer, f"max rel diff {err:.1e}, K/V read {gbs:.2f} GB/s")
+        summary.append(f"cpu decode {batch}x{context} {peer / ours:.2f}x sdpa ({gbs:.1f} GB/s)")
     return summary
 
 
