@@ -62,21 +62,28 @@ enum class Multicast { kNone, kX, kW };
 // 128-byte swizzle row of 2-byte elements) through Stages buffers, and the operand shared with a
 // cluster peer. The consumers split the tile by rows, 64 each, when BM = 64 x Consumers (the
 // default), and by columns otherwise: each takes all BM rows (BM / 64 independent m64
-// accumulators) and BN / Consumers columns.
+// accumulators) and BN / Consumers columns. With SplitK the two consumers of a 64-row tile split
+// K instead: each takes every other k tile of the whole tile, and the second adds its
+// accumulators into the first's through shared memory before the epilogue.
 template <int Consumers, int BN, int Stages, Multicast Share = Multicast::kNone,
-          int BM = 64 * Consumers>
+          int BM = 64 * Consumers, bool SplitK = false>
 struct WgmmaTiling {
   static constexpr int kConsumers = Consumers;
   static constexpr int kBlockM = BM;
   static constexpr int kBlockN = BN;
-  static constexpr bool kSplitRows = BM == 64 * Consumers;
+  static constexpr bool kSplitK = SplitK;
+  static constexpr bool kSplitRows = !SplitK && BM == 64 * Consumers;
   // Each consumer warpgroup's part: kRowBlocks blocks of 64 rows by kWgCols columns.
-  static constexpr int kRowBlocks = kSplitRows ? 1 : BM / 64;
-  static constexpr int kWgCols = kSplitRows ? BN : BN / Consumers;
-  static_assert(kSplitRows || (BM % 64 == 0 && BN % (8 * Consumers) == 0),
+  static constexpr int kRowBlocks = kSplitRows || SplitK ? 1 : BM / 64;
+  static constexpr int kWgCols = kSplitRows || SplitK ? BN : BN / Consumers;
+  // The warpgroups that read each k tile: with SplitK the one whose tile it is, else all.
+  static constexpr int kReaders = SplitK ? 1 : Consumers;
+  static_assert(kSplitRows || SplitK || (BM % 64 == 0 && BN % (8 * Consumers) == 0),
                 "a column split gives each warpgroup whole m64 blocks and 8-column groups");
-  static_assert(64 * kRowBlocks * kWgCols * Consumers == BM * BN,
+  static_assert(64 * kRowBlocks * kWgCols * (SplitK ? 1 : Consumers) == BM * BN,
                 "the warpgroups' parts cover the tile");
+  static_assert(!SplitK || (Consumers == 2 && BM == 64 && Share == Multicast::kNone),
+                "a K split is two warpgroups on one 64-row tile, unclustered");
   static constexpr int kBlockK = 64;
   static constexpr int kStages = Stages;
   static constexpr Multicast kShare = Share;
@@ -98,6 +105,16 @@ struct WgmmaTiling {
                 "every tile starts on a swizzle period");
   static_assert(BN % 8 == 0 && BN <= 256 && kBlockM <= 256, "TMA boxes hold at most 256 rows");
   static_assert(kSmemBytes <= 227 * 1024, "an sm_90 block holds at most 227 KiB of shared memory");
+  // A K split's second warpgroup hands its accumulators over in the (then idle) stage buffers.
+  // Its stage count is even, so that each buffer always holds the same warpgroup's k tiles: a
+  // consumer's full-barrier wait names a phase only by its parity, which is unambiguous only
+  // when the waiter has waited on every phase before it (with an odd count a buffer alternates,
+  // and a warpgroup could pass its wait on the other's still-landing tile). Four buffers or more
+  // let both warpgroups keep a tile in flight while the one before it is refilled.
+  static_assert(!SplitK ||
+                    (64 * BN * 4 <= kStages * kStageBytes && kStages % 2 == 0 && kStages >= 4),
+                "a K split's hand-over fits the stages, an even number of two or more per "
+                "warpgroup");
   // A half tile starts on a swizzle period (8 rows of 128 bytes), so both halves land in the
   // layout one whole-tile copy writes.
   static_assert(kBoxRowsX % 8 == 0 && kBoxRowsW % 8 == 0, "half tiles are whole swizzle periods");
@@ -133,6 +150,11 @@ using WgmmaThinPairM = WgmmaTiling<1, 128, 9, Multicast::kW>;
 // until measured.
 using WgmmaTallNarrowSplit = WgmmaTiling<2, 96, 6, Multicast::kNone, 192>;
 using WgmmaTallNarrowSplitPairN = WgmmaTiling<2, 96, 5, Multicast::kX, 192>;
+// 64 x 96 and 64 x 128 with two consumer warpgroups splitting K: the 64-row tilings' grid and L2
+// traffic, with two warpgroups issuing multiplies on each SM instead of one (at 144 x 4096 x
+// 4096 the one-warpgroup 64 x 96 tiling ran at about half cuBLAS's speed). Opt-in until measured.
+using WgmmaThinNarrowSplitK = WgmmaTiling<2, 96, 10, Multicast::kNone, 64, true>;
+using WgmmaThinSplitK = WgmmaTiling<2, 128, 8, Multicast::kNone, 64, true>;
 
 #ifdef APHRODITE_WGMMA_DEVICE_CODE
 
@@ -248,6 +270,17 @@ __device__ __forceinline__ std::uint64_t smem_descriptor(std::uint32_t address) 
   desc |= std::uint64_t{1024 >> 4} << 32;
   desc |= std::uint64_t{1} << 62;
   return desc;
+}
+
+// Waits until `threads` threads (whole warps) of the block have arrived at named barrier `id`.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Orders this thread's generic-proxy accesses to shared memory after the async proxy's (TMA,
+// wgmma) ones before it.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
 __device__ __forceinline__ void wgmma_fence() {
@@ -482,9 +515,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(full + 8 * s, 1);  // the producer's arrive.expect_tx
-      // One arrival per consumer warpgroup of each block whose copies write into this buffer
-      // (with a shared tile, the peer's multicast half lands here too).
-      mbar_init(empty + 8 * s, Cfg::kConsumers * Cfg::kCluster);
+      // One arrival per consumer warpgroup that reads it (all, or with a K split the one whose k
+      // tile it holds), of each block whose copies write into this buffer (with a shared tile,
+      // the peer's multicast half lands here too).
+      mbar_init(empty + 8 * s, Cfg::kReaders * Cfg::kCluster);
     }
     // Make the initialised barriers visible to the copy engine (the async proxy) too.
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -536,19 +570,22 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
 
   // Consumers: warpgroup wg multiplies rows [wg_row0, wg_row0 + 64 * kRowBlocks) by columns
-  // [wg_col0, wg_col0 + kWgCols) of the tile (its rows, or its columns, by the tiling's split).
+  // [wg_col0, wg_col0 + kWgCols) of the tile (its rows, or its columns, by the tiling's split),
+  // over every k tile, or with a K split over the k tiles kt = wg, wg + 2, ...
   constexpr int kRowBlocks = Cfg::kRowBlocks;
   constexpr int kWgCols = Cfg::kWgCols;
+  constexpr int kKStride = Cfg::kSplitK ? Cfg::kConsumers : 1;
   const int wg = warp / 4;
   const int wg_row0 = Cfg::kSplitRows ? wg * 64 : 0;
-  const int wg_col0 = Cfg::kSplitRows ? 0 : wg * kWgCols;
+  const int wg_col0 = Cfg::kSplitRows || Cfg::kSplitK ? 0 : wg * kWgCols;
+  const int kt_first = Cfg::kSplitK ? wg : 0;
   float acc[kRowBlocks][kWgCols / 2];
 #pragma unroll
   for (int r = 0; r < kRowBlocks; ++r) {
 #pragma unroll
     for (int i = 0; i < kWgCols / 2; ++i) acc[r][i] = 0.0f;
   }
-  for (int kt = 0; kt < k_tiles; ++kt) {
+  for (int kt = kt_first; kt < k_tiles; kt += kKStride) {
     const int s = kt % kStages;
     mbar_wait(full + 8 * s, static_cast<std::uint32_t>(kt / kStages) & 1u);
     // Row offsets of 64 (x) and of a multiple of 8 (w) rows are whole swizzle periods.
@@ -569,8 +606,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // One group stays in flight, so this tile's multiplies overlap the wait for the next: once
     // the previous tile's group is complete (its shared-memory reads too), release its buffer.
     wgmma_wait_one();
-    if (kt > 0 && threadIdx.x % 128 == 0) {
-      const std::uint32_t bar = empty + 8 * ((kt - 1) % kStages);
+    if (kt > kt_first && threadIdx.x % 128 == 0) {
+      const std::uint32_t bar = empty + 8 * ((kt - kKStride) % kStages);
       if constexpr (kPaired) {
         mbar_arrive_cluster(bar, 0);
         mbar_arrive_cluster(bar, 1);
@@ -580,6 +617,26 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     }
   }
   wgmma_wait_all();
+  if constexpr (Cfg::kSplitK) {
+    // The second warpgroup's sums go to the first through the stage buffers, idle now: both
+    // warpgroups' multiplies have completed (named barrier 1 joins the 256 consumer threads;
+    // the producer warp has left), and every copy into them landed before its tile was read.
+    // Element i of thread t at i * 128 + t: a warp's 32 stores hit 32 banks.
+    constexpr int kConsumerThreads = 128 * Cfg::kConsumers;
+    float* handover = reinterpret_cast<float*>(smem_raw + (tiles - raw));
+    const int t = static_cast<int>(threadIdx.x) % 128;
+    named_barrier_sync(1, kConsumerThreads);
+    if (wg == 1) {
+      // The buffers were last written by TMA and read by wgmma (the async proxy).
+      fence_proxy_async_shared();
+#pragma unroll
+      for (int i = 0; i < kWgCols / 2; ++i) handover[i * 128 + t] = acc[0][i];
+    }
+    named_barrier_sync(1, kConsumerThreads);
+    if (wg == 1) return;
+#pragma unroll
+    for (int i = 0; i < kWgCols / 2; ++i) acc[0][i] += handover[i * 128 + t];
+  }
 
   // Epilogue. Accumulators 4j .. 4j+3 of a thread's row block hold its 8-column block j at rows
   // q and q + 8 (q = 16 * warp-in-warpgroup + lane / 4), columns c and c + 1
@@ -739,11 +796,12 @@ constexpr NamedTiling named(const char* name, double rate) {
 }
 
 // Names: rows x columns of a block's tile, "s2" for two consumer warpgroups splitting its
-// columns (rather than its rows), "c2n" / "c2m" for clusters of two blocks along N (sharing x) /
-// along M (sharing w). Rates are estimates of each tiling's speed per SM (checked against
-// bench_projector.py --tilings); a 64-row tile moves about 1.7 times the bytes per multiply of a
-// 192-row one (both operands cross L2 once per 64 rows instead of w once per 192), and at the
-// sizes where it is chosen L2 bandwidth bounds it. On equal costs the earlier entry wins.
+// columns (rather than its rows), "k2" for two splitting K, "c2n" / "c2m" for clusters of two
+// blocks along N (sharing x) / along M (sharing w). Rates are estimates of each tiling's speed per
+// SM (checked against bench_projector.py --tilings); a 64-row tile moves about 1.7 times the bytes
+// per multiply of a 192-row one (both operands cross L2 once per 64 rows instead of w once per
+// 192), and at the sizes where it is chosen L2 bandwidth bounds it. On equal costs the earlier
+// entry wins.
 constexpr NamedTiling kTilings[] = {
     named<WgmmaWide>("128x256", 1.0),
     named<WgmmaTall>("192x128", 0.95),
@@ -757,6 +815,8 @@ constexpr NamedTiling kTilings[] = {
     named<WgmmaThinPairM>("64x128c2m", 0),
     named<WgmmaTallNarrowSplit>("192x96s2", 0),
     named<WgmmaTallNarrowSplitPairN>("192x96s2c2n", 0),
+    named<WgmmaThinNarrowSplitK>("64x96k2", 0),
+    named<WgmmaThinSplitK>("64x128k2", 0),
 };
 
 // APHRODITE_CUDA_WGMMA_TILING: unset, empty or "auto" lets the cost model choose (nullptr); a

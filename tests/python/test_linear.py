@@ -337,6 +337,8 @@ def test_cuda_gemm_choice_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
         "64x128c2m",
         "192x96s2",
         "192x96s2c2n",
+        "64x96k2",
+        "64x128k2",
     ],
 )
 def test_cuda_wgmma_forced_tiling(monkeypatch: pytest.MonkeyPatch, tiling: str) -> None:
@@ -345,13 +347,22 @@ def test_cuda_wgmma_forced_tiling(monkeypatch: pytest.MonkeyPatch, tiling: str) 
     refused. The clustered ones (c2n / c2m: pairs of blocks sharing a multicast tile) meet an
     odd number of column / row tiles (the pair's extra block reads past every edge), K in fewer
     tiles than pipeline stages and in many more (each buffer reused across barrier phases); the
-    column-split ones (s2) rows that end inside each warpgroup's second and third m64 block."""
+    column-split ones (s2) rows that end inside each warpgroup's second and third m64 block; the
+    K-split ones (k2) an odd number of k tiles (one warpgroup takes one more) and a single one
+    (the other warpgroup adds zeros)."""
     if not wgmma_runs_here():
         pytest.skip("the wgmma kernel needs an sm_90 device and an sm_90a build")
     monkeypatch.setenv("APHRODITE_CUDA_GEMM", "wgmma")
     monkeypatch.setenv("APHRODITE_CUDA_WGMMA_TILING", tiling)
     gen = case_generator(sum(map(ord, tiling)))
-    shapes = [(17, 200, 72), (577, 1031, 264), (200, 4100, 136), (130, 700, 1000), (100, 300, 200)]
+    shapes = [
+        (17, 200, 72),
+        (577, 1031, 264),
+        (200, 4100, 136),
+        (130, 700, 1000),
+        (100, 300, 200),
+        (70, 90, 40),
+    ]
     for index, (m, n, k) in enumerate(shapes):
         dtype = torch.float16 if index % 2 else torch.bfloat16  # each has its own instructions
         x = make((m, k), dtype, "cuda", gen)
