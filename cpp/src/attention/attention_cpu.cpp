@@ -253,10 +253,17 @@ void run_item(const PagedAttentionParams& p, const AttentionCpuKernels& kern, co
   const std::int64_t key_stride = static_cast<std::int64_t>(p.num_kv_heads) * D;  // elements
   const std::int64_t run_bytes =
       static_cast<std::int64_t>(heads) * D * static_cast<std::int64_t>(esize);
-  // Few rows (decode) read each block once and wait on memory: prefetch ahead. Prefill chunks
-  // spend far longer on a block than it takes to load, and their context is shared by the
-  // chunks before them, so it is mostly cached: the prefetches would only cost issue slots.
-  const bool prefetch = head_rows < kPrefetchMaxRows;
+  // Few rows (decode) read each block once and wait on memory: prefetch ahead, one block per
+  // step. Prefill chunks spend far longer on a block than it takes to load, and their context is
+  // shared by the chunks before them, so it is mostly cached: the prefetches would only cost
+  // issue slots. Decode with short head rows (up to 256 bytes, e.g. 64 float32) is the
+  // exception: there a step's fixed costs outweigh the prefetch's gain, and whole steps of
+  // kKeysPerStep keys without prefetches were 1.25x faster (BENCHMARKS.md, 16/8 heads of 64),
+  // where at 128 floats one block per step with prefetches was 1.25x faster (32/8 heads of 128).
+  const bool few_rows = head_rows < kPrefetchMaxRows;
+  const bool short_head_rows =
+      static_cast<std::int64_t>(D) * static_cast<std::int64_t>(esize) <= 256;
+  const bool prefetch = few_rows && !short_head_rows;
   auto prefetch_block = [&](std::int64_t bi) {
     const std::int64_t first =
         (static_cast<std::int64_t>(table[bi]) * bs * p.num_kv_heads + item.kv_head_begin) * D;
